@@ -1,0 +1,106 @@
+"""Keep-masks over query heads and FFN channels, and the hooks that apply them in training.
+
+A masked unit's output is zeroed at the input of o_proj / down_proj, so the masked model computes
+exactly what the physically sliced model will compute.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+
+from loraprune.errors import LoraPruneError
+from loraprune.groups import LayerShape, kv_heads_kept
+from loraprune.models import ArchSpec, decoder_layers
+
+
+@dataclass
+class LayerMask:
+    """Which query heads and FFN channels of one decoder layer are kept."""
+
+    heads: torch.Tensor  # (num_heads,) bool
+    ffn: torch.Tensor  # (intermediate_size,) bool
+
+    def kv_heads(self, shape: LayerShape) -> torch.Tensor:
+        """Kept key/value heads: those still read by a kept query head."""
+        return kv_heads_kept(self.heads, shape)
+
+
+@dataclass
+class ModelMasks:
+    """Keep-masks for every decoder layer of a model."""
+
+    layers: list[LayerMask]
+    _hooks: list = field(default_factory=list, repr=False, compare=False)
+
+    @classmethod
+    def full(cls, shape: LayerShape, num_layers: int) -> "ModelMasks":
+        """Masks that keep everything."""
+        return cls([
+            LayerMask(torch.ones(shape.num_heads, dtype=torch.bool),
+                      torch.ones(shape.intermediate_size, dtype=torch.bool))
+            for _ in range(num_layers)
+        ])
+
+    def kept_counts(self) -> list[dict[str, int]]:
+        """Per layer: kept query heads and kept FFN channels."""
+        return [{"heads": int(m.heads.sum()), "ffn": int(m.ffn.sum())} for m in self.layers]
+
+    def attach(self, model: nn.Module, spec: ArchSpec) -> None:
+        """Register forward pre-hooks that zero masked units' outputs (idempotent)."""
+        self.detach()
+        for layer, mask in zip(decoder_layers(model, spec), self.layers):
+            o_proj = getattr(getattr(layer, spec.attention), spec.o_proj)
+            down_proj = getattr(getattr(layer, spec.mlp), spec.down_proj)
+            head_dim = o_proj.in_features // mask.heads.numel()
+            self._hooks.append(o_proj.register_forward_pre_hook(_input_mask_hook(mask, "heads", head_dim)))
+            self._hooks.append(down_proj.register_forward_pre_hook(_input_mask_hook(mask, "ffn", 1)))
+
+    def detach(self) -> None:
+        """Remove the hooks from the model."""
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Flat tensors for safetensors."""
+        tensors = {}
+        for i, m in enumerate(self.layers):
+            tensors[f"layers.{i}.heads"] = m.heads.to(torch.uint8)
+            tensors[f"layers.{i}.ffn"] = m.ffn.to(torch.uint8)
+        return tensors
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Copy kept-masks in place (hooks read them live), checking shapes match."""
+        for i, m in enumerate(self.layers):
+            heads, ffn = tensors.get(f"layers.{i}.heads"), tensors.get(f"layers.{i}.ffn")
+            if heads is None or ffn is None or heads.shape != m.heads.shape or ffn.shape != m.ffn.shape:
+                raise LoraPruneError("saved masks do not match this model's shape; "
+                                     "resume or export with the model the run was started from")
+            m.heads.copy_(heads.bool())
+            m.ffn.copy_(ffn.bool())
+
+    def save(self, path: Path) -> None:
+        """Write the masks as safetensors."""
+        save_file(self.state_dict(), str(path))
+
+    @classmethod
+    def load(cls, path: Path, shape: LayerShape, num_layers: int) -> "ModelMasks":
+        """Read masks written by :meth:`save` for a model of the given shape."""
+        masks = cls.full(shape, num_layers)
+        masks.load_state_dict(load_file(str(path)))
+        return masks
+
+
+def _input_mask_hook(mask: LayerMask, attribute: str, repeat: int):
+    def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...]):
+        keep = getattr(mask, attribute)
+        if bool(keep.all()):
+            return None
+        scale = keep.repeat_interleave(repeat).to(inputs[0].dtype)
+        return (inputs[0] * scale,) + inputs[1:]
+    return hook
