@@ -104,3 +104,17 @@ def _input_mask_hook(mask: LayerMask, attribute: str, repeat: int):
         scale = keep.repeat_interleave(repeat).to(inputs[0].dtype)
         return (inputs[0] * scale,) + inputs[1:]
     return hook
+
+
+def removed_parameters(masks: ModelMasks, shape: LayerShape, attention_bias: bool, mlp_bias: bool) -> int:
+    """Parameters the sliced model will have lost, counted from the masks."""
+    hidden, hd = shape.hidden_size, shape.head_dim
+    query_head = 2 * hd * hidden + (hd if attention_bias else 0)
+    kv_head = 2 * (hd * hidden + (hd if attention_bias else 0))
+    ffn_channel = 3 * hidden + (2 if mlp_bias else 0)
+    removed = 0
+    for mask in masks.layers:
+        removed += int((~mask.heads).sum()) * query_head
+        removed += int((~mask.kv_heads(shape)).sum()) * kv_head
+        removed += int((~mask.ffn).sum()) * ffn_channel
+    return removed

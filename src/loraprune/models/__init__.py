@@ -70,3 +70,8 @@ def unwrap(model: nn.Module) -> nn.Module:
 def decoder_layers(model: nn.Module, spec: ArchSpec) -> nn.ModuleList:
     """The model's list of decoder layers, looked up through any PEFT wrapper."""
     return unwrap(model).get_submodule(spec.layers_path)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Parameters of the transformers model, tied embeddings counted once, adapters excluded."""
+    return sum(p.numel() for name, p in unwrap(model).named_parameters() if "lora_" not in name)

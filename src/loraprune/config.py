@@ -1,0 +1,123 @@
+"""Every knob of a pruning run, with defaults from the LoRAPrune paper.
+
+One dataclass per concern; ``PruneConfig`` gathers them and is what a run folder records.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Literal
+
+from loraprune.errors import LoraPruneError
+
+Criterion = Literal["lora", "grad", "magnitude", "random"]
+CRITERIA: tuple[str, ...] = ("lora", "grad", "magnitude", "random")
+
+
+@dataclass
+class LoraSettings:
+    """The LoRA adapters fine-tuned while pruning (paper: rank 8 on every projection)."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.05
+    target_modules: tuple[str, ...] = (
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class PruneConfig:
+    """A whole pruning run: what to prune, how much, by which criterion and schedule."""
+
+    model: str = "smollm2-135m"
+    data: str = "pydoc"
+    dtype: str = "float32"
+
+    # Target: fraction of the whole model's parameters (embeddings included) to remove.
+    sparsity: float = 0.5
+    attention_unit: Literal["kv_group", "query_head"] = "kv_group"
+    attention_fraction: float | None = None  # share of attention units removed; None balances
+    skip_first_layers: int = 0
+    skip_last_layers: int = 0
+    round_to: int = 1  # kept FFN width is a multiple of this
+
+    # Importance (paper Eqs. 8-11).
+    criterion: Criterion = "lora"
+    score_power: Literal["square", "abs"] = "square"
+    normalise_scores: bool = True
+    ema: float = 0.9
+
+    # Schedule (paper Sec. 3.3: cubic ramp, masks updated every k steps, then recovery).
+    steps: int = 200
+    warmup_fraction: float = 0.1
+    cooldown_fraction: float = 0.1
+    prune_every: int = 10
+
+    # Optimisation.
+    lr: float = 1e-4
+    lr_schedule: Literal["linear", "cosine", "constant"] = "linear"
+    weight_decay: float = 0.0
+    batch_size: int = 1
+    grad_accumulation: int = 1
+    seq_len: int = 256
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    lora: LoraSettings = field(default_factory=LoraSettings)
+
+    # Bookkeeping (does not change the result).
+    eval_tokens: int = 16384
+    eval_seq_len: int = 512
+    save_every: int = 50
+
+    def validate(self) -> None:
+        """Raise LoraPruneError for any value that cannot work, naming the flag to fix."""
+        if not 0.0 < self.sparsity < 1.0:
+            raise LoraPruneError(f"--sparsity must be between 0 and 1 (exclusive), got {self.sparsity}")
+        if self.criterion not in CRITERIA:
+            raise LoraPruneError(f"--criterion must be one of {', '.join(CRITERIA)}, got '{self.criterion}'")
+        if self.attention_unit not in ("kv_group", "query_head"):
+            raise LoraPruneError("--attention-unit must be kv_group or query_head")
+        if self.attention_fraction is not None and not 0.0 <= self.attention_fraction < 1.0:
+            raise LoraPruneError("--attention-fraction must be in [0, 1)")
+        positive = {"steps": self.steps, "prune-every": self.prune_every, "batch-size": self.batch_size,
+                    "grad-accumulation": self.grad_accumulation, "seq-len": self.seq_len,
+                    "round-to": self.round_to, "eval-tokens": self.eval_tokens,
+                    "eval-seq-len": self.eval_seq_len, "save-every": self.save_every, "lora-rank": self.lora.rank}
+        for flag, value in positive.items():
+            if value <= 0:
+                raise LoraPruneError(f"--{flag} must be a positive integer, got {value}")
+        if self.skip_first_layers < 0 or self.skip_last_layers < 0:
+            raise LoraPruneError("--skip-first and --skip-last must be ≥ 0")
+        if not 0.0 <= self.ema < 1.0:
+            raise LoraPruneError(f"--ema must be in [0, 1), got {self.ema}")
+        if not (0.0 <= self.warmup_fraction < 1.0 and 0.0 <= self.cooldown_fraction < 1.0
+                and self.warmup_fraction + self.cooldown_fraction < 1.0):
+            raise LoraPruneError("--warmup and --cooldown must be ≥ 0 with warmup + cooldown < 1")
+        if self.lr <= 0:
+            raise LoraPruneError(f"--lr must be positive, got {self.lr}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready dict."""
+        d = asdict(self)
+        d["lora"]["target_modules"] = list(self.lora.target_modules)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "PruneConfig":
+        """Inverse of :meth:`to_dict`; unknown keys are an error."""
+        d = dict(d)
+        lora = dict(d.pop("lora", {}))
+        if "target_modules" in lora:
+            lora["target_modules"] = tuple(lora["target_modules"])
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise LoraPruneError(f"unknown config keys {sorted(unknown)}; the run was written by "
+                                 "another loraprune version")
+        return cls(**d, lora=LoraSettings(**lora))
+
+    def result_changing_differences(self, other: "PruneConfig") -> list[str]:
+        """Names of settings that differ and would change the pruned model."""
+        harmless = {"eval_tokens", "eval_seq_len", "save_every"}
+        mine, theirs = self.to_dict(), other.to_dict()
+        return sorted(k for k in mine if k not in harmless and mine[k] != theirs[k])
