@@ -11,13 +11,16 @@ import os
 import re
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from transformers import PreTrainedTokenizerBase
 
 from loraprune.cache import cache_root
 from loraprune.errors import LoraPruneError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 SPLITS = ("train", "validation")
 AUSTEN_TRAIN = ("emma", "mansfieldpark", "prideandprejudice", "senseandsensibility")

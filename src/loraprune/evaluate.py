@@ -9,15 +9,18 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from loraprune.data import check_packing_args, load_text, token_blocks
 from loraprune.errors import LoraPruneError
 from loraprune.loading import BUILTIN_MODEL, load_model, parse_dtype
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
 @dataclass

