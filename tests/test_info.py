@@ -1,0 +1,38 @@
+"""`checkpoint_info` describes any checkpoint folder from its config and safetensors headers.
+
+Parameter counts must equal what transformers counts after loading.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from loraprune.errors import LoraPruneError
+from loraprune.info import checkpoint_info, format_info
+
+
+def test_info_counts_parameters_and_widths_like_transformers(tmp_path):
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                         intermediate_size=96, num_hidden_layers=2, vocab_size=128,
+                         tie_word_embeddings=True)
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(tmp_path)
+    (tmp_path / "loraprune.json").write_text(json.dumps(
+        {"model": "tiny", "export": {"parameters_before": 200000, "parameters_after": 100000}}))
+    info = checkpoint_info(tmp_path)
+    assert info["parameters"] == model.num_parameters()
+    assert info["architecture"] == "LlamaForCausalLM"
+    assert info["layers"] == [{"heads": 4, "kv_heads": 2, "head_dim": 16, "intermediate_size": 96}] * 2
+    assert info["loraprune"]["parameters"] == "200,000 -> 100,000"
+    text = format_info(info)
+    assert "0-1" in text and "LlamaForCausalLM" in text
+
+
+def test_info_on_a_folder_without_config_names_the_fix(tmp_path):
+    with pytest.raises(LoraPruneError, match="no config.json"):
+        checkpoint_info(tmp_path / "missing")
