@@ -76,6 +76,18 @@ def number_tokenizer() -> PreTrainedTokenizerFast:
 
 
 @pytest.fixture(autouse=True)
+def one_thread_for_tiny_models(request):
+    """Tiny models run faster on one thread (thread hand-offs cost more than their matmuls)."""
+    if request.node.get_closest_marker("slow") is not None:
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
 def private_cache(tmp_path_factory, monkeypatch, request):
     """Fast tests cache into a temporary folder; slow tests share the user's cache (conversion)."""
     if request.node.get_closest_marker("slow") is None:

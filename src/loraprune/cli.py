@@ -96,12 +96,114 @@ def run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+# Options of `loraprune prune` that map one-to-one onto PruneConfig fields (lora_* onto its LoRA part).
+PRUNE_SETTINGS = (
+    "model", "data", "austen_dir", "dtype", "sparsity", "attention_unit", "attention_fraction",
+    "skip_first_layers", "skip_last_layers", "round_to", "criterion", "score_power", "ema", "steps",
+    "warmup_fraction", "cooldown_fraction", "prune_every", "lr", "lr_schedule", "batch_size",
+    "grad_accumulation", "seq_len", "seed", "lora_rank", "lora_alpha", "lora_dropout", "eval_tokens",
+    "eval_seq_len", "save_every",
+)
+
+
+def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of `loraprune prune`; defaults come from PruneConfig."""
+    from loraprune.config import CRITERIA, PruneConfig
+
+    d = PruneConfig()
+    parser.add_argument("--model", default=None, help=f"model to prune, any form eval takes (default: {d.model})")
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                        help=f"weight dtype (default: {d.dtype})")
+    parser.add_argument("--data", default=None, help=f"training/validation text, as for eval (default: {d.data})")
+    parser.add_argument("--austen-dir", default=None, help="folder with the Austen novels")
+    parser.add_argument("--out", default=None, help="folder the pruned checkpoint is written to")
+    parser.add_argument("--sparsity", type=float, default=None,
+                        help=f"fraction of ALL parameters (embeddings included) to remove (default: {d.sparsity})")
+    parser.add_argument("--criterion", default=None, choices=CRITERIA,
+                        help=f"importance criterion; lora is LoRAPrune's (default: {d.criterion})")
+    parser.add_argument("--score", dest="score_power", default=None, choices=["square", "abs"],
+                        help="element score (G*W)^2 as in the paper, or |G*W| as in its code")
+    parser.add_argument("--no-normalise", action="store_true",
+                        help="do not L2-normalise each matrix's group scores before summing")
+    parser.add_argument("--attention-unit", default=None, choices=["kv_group", "query_head"],
+                        help="remove whole KV groups, or query heads inside each KV group")
+    parser.add_argument("--attention-fraction", type=float, default=None,
+                        help="share of attention units to remove (default: balanced with the FFN)")
+    parser.add_argument("--skip-first", dest="skip_first_layers", type=int, default=None,
+                        help="leave the first N layers unpruned (needs --no-export)")
+    parser.add_argument("--skip-last", dest="skip_last_layers", type=int, default=None,
+                        help="leave the last N layers unpruned (needs --no-export)")
+    parser.add_argument("--round-to", type=int, default=None, help="kept FFN width is a multiple of N")
+    parser.add_argument("--steps", type=int, default=None, help=f"optimizer steps (default: {d.steps})")
+    parser.add_argument("--warmup", dest="warmup_fraction", type=float, default=None,
+                        help="fraction of steps before pruning starts")
+    parser.add_argument("--cooldown", dest="cooldown_fraction", type=float, default=None,
+                        help="fraction of steps after the target is reached (masks frozen)")
+    parser.add_argument("--prune-every", type=int, default=None, help="steps between mask updates")
+    parser.add_argument("--ema", type=float, default=None, help="moving-average decay of scores")
+    parser.add_argument("--lr", type=float, default=None, help=f"peak learning rate (default: {d.lr})")
+    parser.add_argument("--lr-schedule", default=None, choices=["linear", "cosine", "constant"])
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--grad-accumulation", type=int, default=None)
+    parser.add_argument("--seq-len", type=int, default=None, help="training block length in tokens")
+    parser.add_argument("--lora-rank", type=int, default=None)
+    parser.add_argument("--lora-alpha", type=float, default=None)
+    parser.add_argument("--lora-dropout", type=float, default=None)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--eval-tokens", type=int, default=None,
+                        help="validation tokens for perplexity before and after")
+    parser.add_argument("--eval-seq-len", type=int, default=None, help="perplexity window length")
+    parser.add_argument("--save-every", type=int, default=None, help="checkpoint every N steps")
+    parser.add_argument("--resume", nargs="?", const=True, default=False, metavar="RUN_DIR",
+                        help="continue an interrupted run (its RUN_DIR, or the --out it was writing)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    parser.add_argument("--no-export", action="store_true", help="keep only the run folder (masks, adapter)")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def run_prune(args: argparse.Namespace) -> int:
+    """Prune while fine-tuning LoRA, export, and print perplexity before and after."""
+    from loraprune.config import PruneConfig
+    from loraprune.run import prune, saved_run_config
+
+    overrides = {name: getattr(args, name) for name in PRUNE_SETTINGS if getattr(args, name) is not None}
+    overrides["normalise_scores"] = False if args.no_normalise else None
+    base = saved_run_config(args.resume if isinstance(args.resume, str) else args.out) if args.resume else PruneConfig()
+    config = base.with_overrides({k: v for k, v in overrides.items() if v is not None})
+    result = prune(config, args.out, resume=args.resume, overwrite=args.overwrite,
+                   export=not args.no_export, progress=not args.no_progress)
+    before, after = result.dense_perplexity, result.pruned_perplexity
+    print(f"achieved whole-model sparsity {result.achieved_sparsity:.4f} (target {result.report['target_sparsity']})")
+    print(f"perplexity on {before.data} ({before.split}), {before.n_windows} windows of {before.seq_len} tokens, "
+          f"{before.n_tokens} tokens: dense {before.ppl:.3f} -> pruned {after.ppl:.3f}")
+    if not args.no_export:
+        print(f"pruned model written to {result.output_dir}")
+    return 0
+
+
+def add_export_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of `loraprune export`."""
+    parser.add_argument("run", metavar="RUN_DIR", help="a finished --out folder or an interrupted run folder")
+    parser.add_argument("--out", required=True, help="folder the standard checkpoint is written to")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+
+
+def run_export(args: argparse.Namespace) -> int:
+    """Merge, slice and write the model of a saved run."""
+    from loraprune.run import export_run
+
+    print(f"pruned model written to {export_run(args.run, args.out, overwrite=args.overwrite)}")
+    return 0
+
+
 # name -> (help, add_arguments, run). Each new subcommand is one entry and two functions.
 COMMANDS: dict[
     str,
     tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]],
 ] = {
     "eval": ("measure perplexity on a text", add_eval_arguments, run_eval),
+    "prune": ("prune a model while fine-tuning LoRA, then export it", add_prune_arguments, run_prune),
+    "export": ("write a saved run's pruned model as a standard checkpoint", add_export_arguments, run_export),
 }
 
 
@@ -132,7 +234,7 @@ def _run(args: argparse.Namespace) -> int:
         return args.run(args)
     except LoraPruneError as e:
         print(f"loraprune: error: {e}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        return e.exit_code
     except KeyboardInterrupt:
         print("loraprune: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

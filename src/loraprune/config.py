@@ -31,6 +31,7 @@ class PruneConfig:
 
     model: str = "smollm2-135m"
     data: str = "pydoc"
+    austen_dir: str | None = None  # where the Austen novels are, when data is "austen"
     dtype: str = "float32"
 
     # Target: fraction of the whole model's parameters (embeddings included) to remove.
@@ -116,8 +117,18 @@ class PruneConfig:
                                  "another loraprune version")
         return cls(**d, lora=LoraSettings(**lora))
 
+    def with_overrides(self, overrides: dict[str, Any]) -> "PruneConfig":
+        """A copy with some settings replaced; ``lora_rank``/``lora_alpha``/``lora_dropout`` reach the LoRA part."""
+        d = self.to_dict()
+        for key, value in overrides.items():
+            if key.startswith("lora_"):
+                d["lora"][{"lora_rank": "rank"}.get(key, key[len("lora_"):])] = value
+            else:
+                d[key] = value
+        return PruneConfig.from_dict(d)
+
     def result_changing_differences(self, other: "PruneConfig") -> list[str]:
         """Names of settings that differ and would change the pruned model."""
-        harmless = {"eval_tokens", "eval_seq_len", "save_every"}
+        harmless = {"eval_tokens", "eval_seq_len", "save_every", "austen_dir"}
         mine, theirs = self.to_dict(), other.to_dict()
         return sorted(k for k in mine if k not in harmless and mine[k] != theirs[k])

@@ -42,6 +42,8 @@ LOG_FILE = "log.jsonl"
 class RunInterrupted(LoraPruneError):
     """Ctrl-C during a run: a checkpoint was written and the run can be resumed."""
 
+    exit_code = 130
+
 
 @dataclass
 class TrainingOutcome:
@@ -209,9 +211,10 @@ def train_and_prune(model: PreTrainedModel, train_blocks: torch.Tensor, config: 
                     accelerator.backward(loss)
                 step_loss += loss.item()
             grad_norm = accelerator.clip_grad_norm_(trainable, config.max_grad_norm)
-            scores.update(model_scores(layers, target.pruned_layers, spec, shape, target.attention_unit,
-                                       config.criterion, config.score_power, config.normalise_scores,
-                                       config.seed))
+            if step < schedule.end_step:  # masks are frozen afterwards; scores would go unused
+                scores.update(model_scores(layers, target.pruned_layers, spec, shape, target.attention_unit,
+                                           config.criterion, config.score_power, config.normalise_scores,
+                                           config.seed))
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)

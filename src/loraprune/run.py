@@ -74,8 +74,16 @@ def _checked_resume(run_dir: Path, config: PruneConfig | None) -> tuple[LoadedCh
     return checkpoint, saved
 
 
+def saved_run_config(run: str | Path | None) -> "PruneConfig":
+    """The settings recorded by the run that ``run`` (a run folder or its --out) refers to."""
+    if run is None:
+        raise LoraPruneError("--resume needs the run folder (or pass the --out the run was writing)")
+    _, run_dir = _run_folders(None, Path(run))
+    return PruneConfig.from_dict(load_checkpoint(run_dir).state.config)
+
+
 def _evaluate(model, tokenizer, config: PruneConfig, progress: bool) -> PerplexityResult:
-    text = load_text(config.data, "validation")
+    text = load_text(config.data, "validation", config.austen_dir)
     blocks = token_blocks(tokenizer, text, config.eval_seq_len, config.eval_tokens)
     result = perplexity(model, blocks, progress=progress)
     result.data, result.split = config.data, "validation"
@@ -110,8 +118,8 @@ def prune(config: PruneConfig | None = None, out: str | Path | None = None, *,
     _check_folders(out_path, run_dir, resuming, overwrite)
 
     # Everything that can fail on bad input happens before a folder is created.
-    train_text = load_text(config.data, "train")
-    load_text(config.data, "validation")
+    train_text = load_text(config.data, "train", config.austen_dir)
+    load_text(config.data, "validation", config.austen_dir)
     model, tokenizer = load_model(config.model, config.dtype)
     spec_for(model.config)
     solve_model_target(model, config)

@@ -1,0 +1,81 @@
+"""The whole prune-while-fine-tuning run on tiny models: target met, deterministic, exported."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from loraprune.config import PruneConfig
+from loraprune.errors import LoraPruneError
+from loraprune.run import prune
+from tests.conftest import build_tiny_model, build_word_tokenizer
+
+
+@pytest.fixture
+def tiny_run_inputs(tmp_path):
+    """A saved tiny LLaMA with a word tokenizer, and a text file of its words."""
+    words = [f"w{i}" for i in range(100)]
+    model_dir = tmp_path / "tiny-llama"
+    build_tiny_model("llama").save_pretrained(model_dir)
+    build_word_tokenizer(words).save_pretrained(model_dir)
+    rng = random.Random(0)
+    text = tmp_path / "corpus.txt"
+    text.write_text("\n".join(" ".join(rng.choice(words[:30]) for _ in range(40)) for _ in range(200)))
+    return model_dir, text
+
+
+def _config(model_dir, text, **overrides) -> PruneConfig:
+    settings = dict(model=str(model_dir), data=f"text:{text}", sparsity=0.3, steps=12, prune_every=2,
+                    seq_len=32, eval_seq_len=32, eval_tokens=640, save_every=5, lr=1e-3)
+    settings.update(overrides)
+    return PruneConfig(**settings)
+
+
+def test_prune_meets_the_target_and_exports_a_loadable_smaller_model(tiny_run_inputs, tmp_path):
+    model_dir, text = tiny_run_inputs
+    result = prune(_config(model_dir, text), tmp_path / "out", progress=False)
+    assert result.achieved_sparsity == pytest.approx(result.target.achieved_sparsity)
+    assert abs(result.achieved_sparsity - 0.3) < 0.02
+    report = json.loads((tmp_path / "out" / "loraprune.json").read_text())
+    assert report["achieved_sparsity"] == result.achieved_sparsity
+    assert report["perplexity_after"]["seq_len"] == 32
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    dense = AutoModelForCausalLM.from_pretrained(model_dir)
+    assert loaded.num_parameters() < dense.num_parameters()
+    assert not (tmp_path / "out.partial").exists()
+    assert (tmp_path / "out" / "run" / "checkpoint" / "masks.safetensors").is_file()
+    log = [json.loads(line) for line in (tmp_path / "out" / "run" / "log.jsonl").read_text().splitlines()]
+    assert [entry["step"] for entry in log] == list(range(1, 13))
+    assert all(torch.isfinite(torch.tensor(entry["loss"])) for entry in log)
+
+
+@pytest.mark.parametrize("criterion", ["lora", "grad", "magnitude", "random"])
+def test_same_seed_gives_the_same_masks(tiny_run_inputs, tmp_path, criterion):
+    model_dir, text = tiny_run_inputs
+    kept = []
+    for name in ("a", "b"):
+        result = prune(_config(model_dir, text, criterion=criterion), tmp_path / name, progress=False)
+        kept.append(result.report["kept_per_layer"])
+        masks = (tmp_path / name / "run" / "checkpoint" / "masks.safetensors").read_bytes()
+        kept.append(masks)
+    assert kept[0] == kept[2] and kept[1] == kept[3]
+
+
+def test_layer_exclusions_leave_those_layers_whole(tiny_run_inputs, tmp_path):
+    model_dir, text = tiny_run_inputs
+    result = prune(_config(model_dir, text, skip_first_layers=1, skip_last_layers=1, sparsity=0.2),
+                   tmp_path / "out", export=False, progress=False)
+    kept = result.report["kept_per_layer"]
+    assert kept[0] == {"heads": 4, "ffn": 128} and kept[3] == {"heads": 4, "ffn": 128}
+    assert kept[1] == kept[2] and kept[1] != kept[0]
+
+
+def test_layer_exclusions_cannot_be_exported_as_one_config(tiny_run_inputs, tmp_path):
+    model_dir, text = tiny_run_inputs
+    with pytest.raises(LoraPruneError, match="--no-export"):
+        prune(_config(model_dir, text, skip_first_layers=1), tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
