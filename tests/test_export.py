@@ -207,3 +207,49 @@ def test_failed_validation_keeps_the_old_folder_and_removes_the_temporary_one(tm
         export_checkpoint(tiny_model(config), None, masks, spec, {}, out, overwrite=True)
     assert (out / "old.txt").read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pruned"]
+
+
+GENERATE_SCRIPT = """
+import sys, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+folder = sys.argv[1]
+tokenizer = AutoTokenizer.from_pretrained(folder)
+model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+ids = tokenizer("The capital of France is", return_tensors="pt")
+out = model.generate(**ids, max_new_tokens=12, min_new_tokens=12, do_sample=False)
+text = tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+assert "loraprune" not in sys.modules
+print(text)
+"""
+
+
+@pytest.mark.slow
+def test_smollm2_export_without_a_kv_group_matches_and_generates(tmp_path):
+    from loraprune.loading import load_model
+
+    model, tokenizer = load_model("smollm2-135m")  # our own copy: export merges it in place
+    config = model.config
+    torch.manual_seed(0)
+    model = get_peft_model(model, LoraConfig(r=8, target_modules=PROJECTIONS, init_lora_weights=False))
+    with torch.no_grad():  # non-zero but small B, so merging matters and the model stays sane
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.mul_(0.01)
+    model.eval()
+    spec, shape = spec_for(config), LayerShape.from_config(config)
+    masks = uniform_masks(shape, config.num_hidden_layers, kv_groups=2, queries_per_group=3, ffn=1024)
+    input_ids = tokenizer("It is a truth universally acknowledged, that a single man",
+                          return_tensors="pt")["input_ids"]
+    expected = masked_logits(model, masks, spec, input_ids)
+
+    out = export_checkpoint(model, tokenizer, masks, spec, {"model": "smollm2-135m"}, tmp_path / "p")
+
+    written = json.loads((out / "config.json").read_text())
+    assert (written["num_attention_heads"], written["num_key_value_heads"]) == (6, 2)
+    assert written["intermediate_size"] == 1024
+    reloaded = reload_in_fresh_process(out, input_ids, tmp_path)
+    assert not reloaded["imported_loraprune"]
+    assert relative_difference(reloaded["logits"], expected) < 1e-4
+    generated = subprocess.run([sys.executable, "-c", GENERATE_SCRIPT, str(out)], check=True,
+                               capture_output=True, text=True).stdout
+    assert generated.strip()
