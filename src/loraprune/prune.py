@@ -20,7 +20,7 @@ from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, get_scheduler
 
-from loraprune.checkpoint import (LoadedCheckpoint, RngSnapshot, RunState, capture_rng, save_checkpoint)
+from loraprune.checkpoint import LoadedCheckpoint, RngSnapshot, RunState, capture_rng, save_checkpoint
 from loraprune.config import PruneConfig
 from loraprune.criteria import needs_weight_gradients
 from loraprune.errors import LoraPruneError
@@ -51,7 +51,7 @@ class TrainingOutcome:
 
     model: torch.nn.Module  # PEFT model with masks attached
     masks: ModelMasks
-    target: PruneTarget
+    target: PruneTarget | None  # None when masks were given, not solved
     achieved_sparsity: float
     steps: int
     seconds: float
@@ -143,21 +143,28 @@ def _truncate_log(run_dir: Path, last_step: int) -> None:
 
 def train_and_prune(model: PreTrainedModel, train_blocks: torch.Tensor, config: PruneConfig,
                     run_dir: Path, checkpoint: LoadedCheckpoint | None = None,
-                    progress: bool = True) -> TrainingOutcome:
-    """Fine-tune LoRA on ``train_blocks`` while masks shrink to the target; checkpoint as we go."""
+                    progress: bool = True, fixed_masks: ModelMasks | None = None) -> TrainingOutcome:
+    """Fine-tune LoRA on ``train_blocks`` while masks shrink to the target; checkpoint as we go.
+
+    With ``fixed_masks`` nothing is scored or pruned: LoRA only recovers the model under those
+    masks (one-shot pruning followed by recovery, or plain fine-tuning with full masks).
+    """
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     torch.manual_seed(config.seed)
     spec, shape = spec_for(model.config), LayerShape.from_config(model.config)
-    target = solve_model_target(model, config)
+    pruning = fixed_masks is None
+    target = solve_model_target(model, config) if pruning else None
     schedule = PruningSchedule.build(config.steps, config.warmup_fraction, config.cooldown_fraction,
-                                     config.prune_every)
+                                     config.prune_every) if pruning else None
     attention_bias = _has_attention_bias(model, spec)
     mlp_bias = bool(getattr(model.config, "mlp_bias", False))
     fingerprint = model_fingerprint(model)
-    accelerator.print(f"target: {target.describe(shape)}")
+    total_parameters = count_parameters(model)
+    if pruning:
+        accelerator.print(f"target: {target.describe(shape)}")
 
     peft_model = wrap_with_lora(model, config, spec)
-    masks = ModelMasks.full(shape, model.config.num_hidden_layers)
+    masks = fixed_masks if fixed_masks is not None else ModelMasks.full(shape, model.config.num_hidden_layers)
     masks.attach(peft_model, spec)
     scores = MovingAverageScores(config.ema)
     trainable = [p for n, p in peft_model.named_parameters() if "lora_" in n]
@@ -211,7 +218,7 @@ def train_and_prune(model: PreTrainedModel, train_blocks: torch.Tensor, config: 
                     accelerator.backward(loss)
                 step_loss += loss.item()
             grad_norm = accelerator.clip_grad_norm_(trainable, config.max_grad_norm)
-            if step < schedule.end_step:  # masks are frozen afterwards; scores would go unused
+            if pruning and step < schedule.end_step:  # masks freeze afterwards; scores would go unused
                 scores.update(model_scores(layers, target.pruned_layers, spec, shape, target.attention_unit,
                                            config.criterion, config.score_power, config.normalise_scores,
                                            config.seed))
@@ -228,9 +235,9 @@ def train_and_prune(model: PreTrainedModel, train_blocks: torch.Tensor, config: 
             raise
         step += 1
         loss_value = step_loss
-        if schedule.updates_masks(step):
+        if pruning and schedule.updates_masks(step):
             _update_masks(masks, scores, target, shape, schedule.fraction(step))
-        sparsity = removed_parameters(masks, shape, attention_bias, mlp_bias) / target.total_parameters
+        sparsity = removed_parameters(masks, shape, attention_bias, mlp_bias) / total_parameters
         lr = scheduler.get_last_lr()[0]
         bar.update(1)
         bar.set_postfix(loss=f"{loss_value:.3f}", sparsity=f"{sparsity:.3f}", lr=f"{lr:.2e}")
@@ -241,5 +248,5 @@ def train_and_prune(model: PreTrainedModel, train_blocks: torch.Tensor, config: 
                 checkpoint_now(step, stream.samples_seen, capture_rng())
     bar.close()
     accelerator.wait_for_everyone()
-    achieved = removed_parameters(masks, shape, attention_bias, mlp_bias) / target.total_parameters
+    achieved = removed_parameters(masks, shape, attention_bias, mlp_bias) / total_parameters
     return TrainingOutcome(inner, masks, target, achieved, step, time.perf_counter() - started, loss_value)
