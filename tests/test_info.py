@@ -36,3 +36,15 @@ def test_info_counts_parameters_and_widths_like_transformers(tmp_path):
 def test_info_on_a_folder_without_config_names_the_fix(tmp_path):
     with pytest.raises(LoraPruneError, match="no config.json"):
         checkpoint_info(tmp_path / "missing")
+
+
+def test_info_command_prints_widths_and_exits_2_on_a_bad_path(tmp_path, capsys):
+    from loraprune.cli import main
+
+    config = LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                         intermediate_size=96, num_hidden_layers=2, vocab_size=128)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "m")
+    assert main(["info", str(tmp_path / "m")]) == 0
+    assert "LlamaForCausalLM" in capsys.readouterr().out
+    assert main(["info", str(tmp_path / "missing")]) == 2
+    assert "no config.json" in capsys.readouterr().err

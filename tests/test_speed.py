@@ -52,3 +52,24 @@ def test_benchmark_compares_each_pruned_model_with_the_dense_one(tmp_path):
     assert comparison["prefill_ideal_flops"] > 1 and comparison["decode_ideal_bytes"] > 1
     assert result["machine"]["torch_threads"] == 1
     assert "| pruned |" in speed_table(result)
+
+
+def test_bench_speed_command_prints_the_table(tmp_path, capsys):
+    from loraprune.cli import main
+
+    tiny(4, 2, 96).save_pretrained(tmp_path / "dense")
+    tiny(2, 1, 48).save_pretrained(tmp_path / "pruned")
+    code = main(["bench", "speed", "--model", str(tmp_path / "dense"), "--pruned",
+                 str(tmp_path / "pruned"), "--prompt-tokens", "8", "--new-tokens", "3",
+                 "--repeats", "1", "--threads", "1"])
+    assert code == 0
+    assert "| pruned |" in capsys.readouterr().out
+
+
+def test_bench_speed_on_a_missing_folder_exits_2(tmp_path, capsys):
+    from loraprune.cli import main
+
+    tiny(4, 2, 96).save_pretrained(tmp_path / "dense")
+    code = main(["bench", "speed", "--model", str(tmp_path / "dense"), "--pruned", str(tmp_path / "x")])
+    assert code == 2
+    assert "no config.json" in capsys.readouterr().err

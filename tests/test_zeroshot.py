@@ -65,3 +65,16 @@ def test_missing_lm_eval_names_the_extra(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # makes `import lm_eval` fail
     with pytest.raises(LoraPruneError, match=r"loraprune\[eval\]"):
         run_tasks(tmp_path, ["loraprune_tiny_mc"])
+
+
+def test_eval_tasks_option_routes_to_lm_eval(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("lm_eval")
+    from loraprune.cli import main
+
+    model_dir = tiny_checkpoint(tmp_path / "tiny")
+    monkeypatch.chdir(TASK_DIR)
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    code = main(["eval", "--model", str(model_dir), "--tasks", "loraprune_tiny_mc",
+                 "--include-path", str(TASK_DIR)])
+    assert code == 0
+    assert capsys.readouterr().out.startswith("loraprune_tiny_mc: acc ")

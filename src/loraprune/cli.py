@@ -68,12 +68,19 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=1, help="windows per forward pass")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.add_argument("--tasks", default=None,
+                        help="comma-separated lm-eval tasks (e.g. boolq,piqa) instead of perplexity; "
+                        "needs loraprune[eval]")
+    parser.add_argument("--limit", type=int, default=None, help="with --tasks: examples per task")
+    parser.add_argument("--include-path", default=None, help="with --tasks: folder of extra task YAMLs")
 
 
 def run_eval(args: argparse.Namespace) -> int:
     """Measure perplexity and print it with the text, window length and token count."""
     from loraprune.evaluate import evaluate_model
 
+    if args.tasks:
+        return run_zeroshot(args)
     result = evaluate_model(
         model=args.model,
         data=args.data,
@@ -93,6 +100,17 @@ def run_eval(args: argparse.Namespace) -> int:
             f"{result.n_windows} windows of {result.seq_len} tokens, "
             f"{result.n_tokens} tokens predicted, {result.tokens_per_second:.0f} tokens/s"
         )
+    return 0
+
+
+def run_zeroshot(args: argparse.Namespace) -> int:
+    """`loraprune eval --tasks`: zero-shot accuracy through lm-evaluation-harness."""
+    from loraprune.zeroshot import format_results, run_tasks
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    result = run_tasks(args.model, tasks, limit=args.limit, batch_size=args.batch_size,
+                       include_path=args.include_path, dtype=args.dtype)
+    print(json.dumps(result) if args.json else format_results(result))
     return 0
 
 
@@ -196,6 +214,44 @@ def run_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_info_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of `loraprune info`."""
+    parser.add_argument("folder", metavar="DIR", help="a Hugging Face checkpoint folder")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def run_info(args: argparse.Namespace) -> int:
+    """Print parameters, size, architecture and per-layer widths of a checkpoint folder."""
+    from loraprune.info import checkpoint_info, format_info
+
+    info = checkpoint_info(args.folder)
+    print(json.dumps(info) if args.json else format_info(info))
+    return 0
+
+
+def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of `loraprune bench speed`."""
+    parser.add_argument("what", choices=["speed"], help="what to measure")
+    parser.add_argument("--model", default="smollm2-135m", help="the dense model (default: %(default)s)")
+    parser.add_argument("--pruned", nargs="+", required=True, metavar="DIR", help="pruned checkpoint folders")
+    parser.add_argument("--prompt-tokens", type=int, default=512, help="prefill length (default: %(default)s)")
+    parser.add_argument("--new-tokens", type=int, default=128, help="decoded tokens (default: %(default)s)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed repeats, median kept (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--json", action="store_true", help="print the full result as JSON")
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    """Time prefill and decode of the dense and pruned models; print speedups next to the ideal."""
+    from loraprune.loading import resolve_model_dir
+    from loraprune.speed import benchmark_speed, speed_table
+
+    result = benchmark_speed(resolve_model_dir(args.model), args.pruned, args.prompt_tokens,
+                             args.new_tokens, args.repeats, args.threads)
+    print(json.dumps(result) if args.json else speed_table(result))
+    return 0
+
+
 # name -> (help, add_arguments, run). Each new subcommand is one entry and two functions.
 COMMANDS: dict[
     str,
@@ -204,6 +260,8 @@ COMMANDS: dict[
     "eval": ("measure perplexity on a text", add_eval_arguments, run_eval),
     "prune": ("prune a model while fine-tuning LoRA, then export it", add_prune_arguments, run_prune),
     "export": ("write a saved run's pruned model as a standard checkpoint", add_export_arguments, run_export),
+    "info": ("describe a checkpoint folder: size, architecture, widths", add_info_arguments, run_info),
+    "bench": ("measure prefill and decode speed of pruned vs dense", add_bench_arguments, run_bench),
 }
 
 

@@ -39,6 +39,8 @@ def _benchmark(dense_dir: Path, pruned_dirs: list[Path], prompt_tokens: int, new
     """The measurement loop of `benchmark_speed`, at the current thread count."""
     load_before = _load_average()
     names = _unique_names([dense_dir] + pruned_dirs)
+    for path in names.values():  # fail before spending time on loading
+        _check_folder(path)
     models = {name: _load(path) for name, path in names.items()}
     prompt = torch.randint(0, min(m.config.vocab_size for m in models.values()), (1, prompt_tokens),
                            generator=torch.Generator().manual_seed(0))
@@ -201,11 +203,15 @@ def _compare(dense: dict, pruned: dict) -> dict:
     }
 
 
-def _load(path: Path) -> nn.Module:
-    """A checkpoint folder loaded in float32 for timing."""
+def _check_folder(path: Path) -> None:
+    """A LoraPruneError unless `path` is a Hugging Face model folder."""
     if not (path / "config.json").is_file():
         raise LoraPruneError(f"{path} is not a Hugging Face model folder (no config.json); "
                              "pass folders written by `loraprune prune` or save_pretrained")
+
+
+def _load(path: Path) -> nn.Module:
+    """A checkpoint folder loaded in float32 for timing."""
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 

@@ -57,10 +57,10 @@ def format_results(result: dict) -> str:
 
 
 def _plain_metrics(metrics: dict) -> dict[str, float]:
-    """lm-eval's 'acc,none' keys as 'acc', numeric values only (stderr dropped with bootstrap off)."""
+    """lm-eval's 'acc,none' keys as 'acc'; bookkeeping (alias, sample_len) and stderr dropped."""
     plain = {}
     for key, value in metrics.items():
-        name, _, _filter = key.partition(",")
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and "stderr" not in name:
+        name, comma, _filter = key.partition(",")  # metrics are 'name,filter'; bookkeeping has no comma
+        if comma and isinstance(value, (int, float)) and not isinstance(value, bool) and "stderr" not in name:
             plain[name] = float(value)
     return plain
