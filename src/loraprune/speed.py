@@ -47,6 +47,8 @@ def _benchmark(dense_dir: Path, pruned_dirs: list[Path], prompt_tokens: int, new
     for model in models.values():  # warm-up: allocator, kernels, thread pool
         time_prefill(model, prompt)
         time_decode(model, prompt[:, :16], new_tokens=4)
+    # Profiled apart from the timings: the profiler slows small ops, so only shares are meaningful.
+    profiles = {name: decode_profile(model, prompt) for name, model in models.items()}
     prefill = {name: [] for name in models}
     decode = {name: [] for name in models}
     for _ in range(repeats):
@@ -64,12 +66,14 @@ def _benchmark(dense_dir: Path, pruned_dirs: list[Path], prompt_tokens: int, new
             "widths": _widths(model.config),
             "parameters": model.num_parameters(),
             "weight_bytes": weight_bytes(model),
+            "lm_head_parameters": model.get_output_embeddings().weight.numel(),
             "prefill_flops": prefill_flops(model, prompt_tokens),
             "decode_flops_per_token": decode_flops_per_token(model, prompt_tokens + new_tokens // 2),
             "prefill_seconds": prefill[name],
             "prefill_seconds_median": statistics.median(prefill[name]),
             "decode_tokens_per_second": decode[name],
             "decode_tokens_per_second_median": statistics.median(decode[name]),
+            "decode_profile_ms_per_token": profiles[name],
         })
     machine = {**machine_info(), "load_average_before": load_before,
                "load_average_after": _load_average()}
@@ -110,6 +114,29 @@ def time_decode(model: nn.Module, prompt: torch.Tensor, new_tokens: int) -> floa
                    logits_processor=LogitsProcessorList([clock]), pad_token_id=0)
     # The first stamp follows the prefill; the steps after it are pure one-token decode.
     return (len(clock.times) - 1) / (clock.times[-1] - clock.times[0])
+
+
+@torch.inference_mode()
+def decode_profile(model: nn.Module, prompt: torch.Tensor, steps: int = 8) -> dict[str, float]:
+    """Milliseconds per decode step spent in matmuls, attention kernels and everything else."""
+    from torch.profiler import ProfilerActivity, profile
+
+    out = model(input_ids=prompt, use_cache=True, logits_to_keep=1)
+    cache, token = out.cache, out.logits[:, -1:].argmax(-1)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            out = model(input_ids=token, cache=cache, use_cache=True)
+            token = out.logits[:, -1:].argmax(-1)
+    totals = {"matmul": 0.0, "attention": 0.0, "other": 0.0}
+    for event in prof.key_averages():
+        if event.key in ("aten::mm", "aten::addmm", "aten::bmm"):
+            kind = "matmul"
+        elif "scaled_dot_product" in event.key:
+            kind = "attention"
+        else:
+            kind = "other"
+        totals[kind] += event.self_cpu_time_total / 1000 / steps  # microseconds -> ms per step
+    return totals
 
 
 def linear_flops_per_token(model: nn.Module, include_lm_head: bool = True) -> int:
@@ -189,6 +216,11 @@ def _compare(dense: dict, pruned: dict) -> dict:
     decode = pruned["decode_tokens_per_second_median"] / dense["decode_tokens_per_second_median"]
     ideal_prefill = dense["prefill_flops"] / pruned["prefill_flops"]
     ideal_decode = dense["decode_flops_per_token"] / pruned["decode_flops_per_token"]
+    # Amdahl: if matmul and attention time shrank by the FLOP ratio and the rest (norms, rope,
+    # cache updates, per-op dispatch) stayed, decode could reach at best this speedup.
+    step = dense["decode_profile_ms_per_token"]
+    scalable = step["matmul"] + step["attention"]
+    matmul_bound = (step["other"] + scalable) / (step["other"] + scalable / ideal_decode)
     return {
         "pruned": pruned["name"],
         "parameters": pruned["parameters"],
@@ -200,6 +232,7 @@ def _compare(dense: dict, pruned: dict) -> dict:
         "decode_ideal_flops": ideal_decode,
         "decode_ideal_bytes": dense["weight_bytes"] / pruned["weight_bytes"],
         "decode_fraction_of_ideal": decode / ideal_decode,
+        "decode_bound_if_only_matmuls_shrink": matmul_bound,
     }
 
 
