@@ -5,6 +5,10 @@ Tiny models build in well under a second; the `smollm2` fixture converts the GGU
 
 from __future__ import annotations
 
+import random
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
@@ -109,3 +113,23 @@ def smollm2():
     from loraprune.loading import load_model
 
     return load_model("smollm2-135m")
+
+
+def save_tiny_run_inputs(folder: Path, seed: int = 0) -> tuple[Path, Path]:
+    """Save a tiny LLaMA with a word tokenizer and a text file of its words; return both paths."""
+    words = [f"w{i}" for i in range(100)]
+    model_dir = folder / "tiny-llama"
+    build_tiny_model("llama", seed).save_pretrained(model_dir)
+    build_word_tokenizer(words).save_pretrained(model_dir)
+    rng = random.Random(0)
+    text = folder / "corpus.txt"
+    text.write_text("\n".join(" ".join(rng.choice(words[:30]) for _ in range(40)) for _ in range(200)))
+    return model_dir, text
+
+
+def tiny_prune_command(model_dir: Path, text: Path, out: Path, *extra: str) -> list[str]:
+    """`python -m loraprune prune` on the tiny inputs with a 12-step schedule, checkpointing every step."""
+    return [sys.executable, "-m", "loraprune", "prune", "--model", str(model_dir), "--data", f"text:{text}",
+            "--out", str(out), "--sparsity", "0.3", "--steps", "12", "--prune-every", "2", "--seq-len", "32",
+            "--eval-seq-len", "32", "--eval-tokens", "640", "--save-every", "1", "--lr", "1e-3",
+            "--no-progress", *extra]

@@ -95,8 +95,8 @@ def save_checkpoint(run_dir: Path, state: RunState, adapter: dict[str, torch.Ten
             "optimizer": optimizer_meta, "scheduler": scheduler, "rng": rng.meta}
     (tmp / "state.json").write_text(json.dumps(meta, indent=1))
     old = run_dir / f".{CHECKPOINT_DIR}.old"
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
+    if final.exists():  # else a kill came between the renames below and old is the only whole copy
+        shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)
     os.replace(tmp, final)
     shutil.rmtree(old, ignore_errors=True)
@@ -124,6 +124,8 @@ class LoadedCheckpoint:
 def load_checkpoint(run_dir: Path) -> LoadedCheckpoint:
     """Read ``run_dir/checkpoint``; a missing or damaged one is a LoraPruneError."""
     folder = run_dir / CHECKPOINT_DIR
+    if not folder.exists():  # killed between save_checkpoint's two renames: the previous one is whole
+        folder = run_dir / f".{CHECKPOINT_DIR}.old"
     if not (folder / "state.json").is_file():
         raise LoraPruneError(f"no run checkpoint in {run_dir}; start without --resume, or point "
                              "--resume at the run folder of an interrupted run")

@@ -9,8 +9,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import signal
+import threading
 import time
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -132,13 +135,33 @@ def _append_log(run_dir: Path, record: dict) -> None:
         handle.write(json.dumps(record) + "\n")
 
 
+def _logged_step(line: str) -> float:
+    try:
+        return json.loads(line).get("step", 0)
+    except json.JSONDecodeError:  # a line cut short by a kill: drop it with the later ones
+        return float("inf")
+
+
 def _truncate_log(run_dir: Path, last_step: int) -> None:
     """Drop log lines written after the checkpoint a resumed run starts from."""
     path = run_dir / LOG_FILE
     if path.exists():
-        kept = [line for line in path.read_text().splitlines()
-                if line and json.loads(line).get("step", 0) <= last_step]
+        kept = [line for line in path.read_text().splitlines() if line and _logged_step(line) <= last_step]
         path.write_text("".join(line + "\n" for line in kept))
+
+
+@contextmanager
+def _interrupts_held() -> Iterator[list[bool]]:
+    """Hold Ctrl-C while a step commits its updates; the yielded flag says whether one came."""
+    arrived = [False]
+    if threading.current_thread() is not threading.main_thread():
+        yield arrived
+        return
+    previous = signal.signal(signal.SIGINT, lambda *_: arrived.__setitem__(0, True))
+    try:
+        yield arrived
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def train_and_prune(model: PreTrainedModel, train_blocks: torch.Tensor, config: PruneConfig,
@@ -194,6 +217,12 @@ def train_and_prune(model: PreTrainedModel, train_blocks: torch.Tensor, config: 
         return save_checkpoint(run_dir, state, get_peft_model_state_dict(inner), optimizer.state_dict(),
                                scheduler.state_dict(), masks.state_dict(), scores.state_dict(), rng)
 
+    def interrupted(at_step: int, samples: int, rng: RngSnapshot) -> RunInterrupted:
+        optimizer.zero_grad(set_to_none=True)
+        checkpoint_now(at_step, samples, rng)
+        return RunInterrupted(f"interrupted after step {at_step}; checkpoint saved in {run_dir}. "
+                              f"Resume with: loraprune prune --resume {run_dir}")
+
     peft_model.train()
     started, loss_value = time.perf_counter(), float("nan")
     bar = tqdm(total=config.steps, initial=step, desc="pruning", unit="step",
@@ -218,34 +247,40 @@ def train_and_prune(model: PreTrainedModel, train_blocks: torch.Tensor, config: 
                     accelerator.backward(loss)
                 step_loss += loss.item()
             grad_norm = accelerator.clip_grad_norm_(trainable, config.max_grad_norm)
+            fresh_scores = None
             if pruning and step < schedule.end_step:  # masks freeze afterwards; scores would go unused
-                scores.update(model_scores(layers, target.pruned_layers, spec, shape, target.attention_unit,
-                                           config.criterion, config.score_power, config.normalise_scores,
-                                           config.seed))
+                fresh_scores = model_scores(layers, target.pruned_layers, spec, shape, target.attention_unit,
+                                            config.criterion, config.score_power, config.normalise_scores,
+                                            config.seed)
+        except KeyboardInterrupt:
+            if accelerator.is_main_process:
+                raise interrupted(step, samples_at_step_start, rng_at_step_start) from None
+            raise
+        # From here the step changes state; a checkpoint must hold all of it or none of it.
+        with _interrupts_held() as ctrl_c:
+            if fresh_scores is not None:
+                scores.update(fresh_scores)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             _weight_grads_free(inner)
-        except KeyboardInterrupt:
+            step += 1
+            loss_value = step_loss
+            if pruning and schedule.updates_masks(step):
+                _update_masks(masks, scores, target, shape, schedule.fraction(step))
+            sparsity = removed_parameters(masks, shape, attention_bias, mlp_bias) / total_parameters
+            lr = scheduler.get_last_lr()[0]
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_value:.3f}", sparsity=f"{sparsity:.3f}", lr=f"{lr:.2e}")
             if accelerator.is_main_process:
-                optimizer.zero_grad(set_to_none=True)
-                where = checkpoint_now(step, samples_at_step_start, rng_at_step_start)
-                raise RunInterrupted(f"interrupted after step {step}; checkpoint saved in {where.parent}. "
-                                     f"Resume with: loraprune prune --resume {where.parent}") from None
-            raise
-        step += 1
-        loss_value = step_loss
-        if pruning and schedule.updates_masks(step):
-            _update_masks(masks, scores, target, shape, schedule.fraction(step))
-        sparsity = removed_parameters(masks, shape, attention_bias, mlp_bias) / total_parameters
-        lr = scheduler.get_last_lr()[0]
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss_value:.3f}", sparsity=f"{sparsity:.3f}", lr=f"{lr:.2e}")
-        if accelerator.is_main_process:
-            _append_log(run_dir, {"step": step, "loss": loss_value, "sparsity": sparsity, "lr": lr,
-                                  "grad_norm": float(grad_norm), "seconds": time.perf_counter() - started})
-            if step % config.save_every == 0 or step == config.steps:
-                checkpoint_now(step, stream.samples_seen, capture_rng())
+                _append_log(run_dir, {"step": step, "loss": loss_value, "sparsity": sparsity, "lr": lr,
+                                      "grad_norm": float(grad_norm), "seconds": time.perf_counter() - started})
+                if step % config.save_every == 0 or step == config.steps:
+                    checkpoint_now(step, stream.samples_seen, capture_rng())
+        if ctrl_c[0]:
+            if accelerator.is_main_process:
+                raise interrupted(step, stream.samples_seen, capture_rng())
+            raise KeyboardInterrupt
     bar.close()
     accelerator.wait_for_everyone()
     achieved = removed_parameters(masks, shape, attention_bias, mlp_bias) / total_parameters

@@ -22,6 +22,7 @@ from loraprune.groups import LayerShape
 from loraprune.loading import load_model
 from loraprune.masks import ModelMasks
 from loraprune.models import spec_for
+from loraprune.schedule import PruningSchedule
 from loraprune.target import PruneTarget
 from loraprune.prune import (PARTIAL_SUFFIX, model_fingerprint, partial_dir,
                              solve_model_target, train_and_prune, wrap_with_lora)
@@ -113,6 +114,7 @@ def prune(config: PruneConfig | None = None, out: str | Path | None = None, *,
         checkpoint, config = _checked_resume(run_dir, config)
     config = config or PruneConfig()
     config.validate()
+    PruningSchedule.build(config.steps, config.warmup_fraction, config.cooldown_fraction, config.prune_every)
     if export:
         _check_exportable(config)
     _check_folders(out_path, run_dir, resuming, overwrite)
