@@ -253,3 +253,14 @@ def test_smollm2_export_without_a_kv_group_matches_and_generates(tmp_path):
     generated = subprocess.run([sys.executable, "-c", GENERATE_SCRIPT, str(out)], check=True,
                                capture_output=True, text=True).stdout
     assert generated.strip()
+
+
+def test_a_model_dequantized_from_gguf_saves_as_a_plain_checkpoint(tmp_path):
+    config = LlamaConfig(num_attention_heads=4, num_key_value_heads=4, **TINY)
+    model = tiny_model(config)
+    base = model.get_base_model()
+    base.config.quantization_config = {"quant_method": "gguf"}  # what a GGUF load leaves behind
+    base.hf_quantizer, base.is_quantized = object(), True
+    masks = uniform_masks(LayerShape.from_config(config), 3, kv_groups=2, queries_per_group=1, ffn=48)
+    out = export_checkpoint(model, None, masks, spec_for(config), {}, tmp_path / "pruned")
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
