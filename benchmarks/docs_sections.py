@@ -1,0 +1,56 @@
+"""Write one named section of docs/benchmarks.md between markers, leaving the others alone.
+
+Each benchmark script owns one section, so they can be rerun independently.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from pathlib import Path
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+BENCHMARKS_MD = DOCS / "benchmarks.md"
+RESULTS = DOCS / "results"
+HEADER = ("# Benchmarks\n\nEvery number below is written by the script named in its section; "
+          "rerun that script to refresh it. Raw results are JSON files in [results/](results/).\n")
+
+
+def write_section(name: str, text: str, path: Path = BENCHMARKS_MD) -> None:
+    """Replace the section ``name`` between its markers, or append it."""
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    current = path.read_text() if path.exists() else HEADER
+    block = f"{start}\n{text.rstrip()}\n{end}"
+    if start in current and end in current:
+        before, rest = current.split(start, 1)
+        current = before + block + rest.split(end, 1)[1]
+    else:
+        current = current.rstrip() + "\n\n" + block + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(current)
+
+
+def save_results(name: str, results: dict) -> Path:
+    """Write raw results as docs/results/NAME.json."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(results, indent=1) + "\n")
+    return path
+
+
+def machine_line() -> str:
+    """CPU model, cores and library versions, for the head of a section."""
+    import torch
+    import transformers
+
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import os
+    return (f"{cpu}, {os.cpu_count()} logical cores, torch {torch.__version__} "
+            f"({torch.get_num_threads()} threads), transformers {transformers.__version__}, CPU only")
