@@ -1,4 +1,4 @@
-"""Measure dense vs pruned speed and write docs/speed.json, docs/speed.png and the Speed section.
+"""Measure dense vs pruned speed; write docs/results/speed.json, docs/speed.png and the Speed section.
 
 Every number in the section comes from this run; rerun it to refresh the docs.
 """
@@ -9,10 +9,31 @@ import argparse
 import json
 from pathlib import Path
 
+from docs_sections import DOCS, save_results, write_section
+
 from loraprune.loading import resolve_model_dir
 from loraprune.speed import benchmark_speed, speed_table
 
-START, END = "<!-- speed:start (written by benchmarks/speed.py) -->", "<!-- speed:end -->"
+
+# What we learned measuring this (the measured numbers are in the tables above).
+NOTES = [
+    "Reading the numbers:",
+    "",
+    "- Prefill is compute-bound: time follows the FLOPs, so it comes closest to the "
+    "ideal. Pruned FFN widths that are not multiples of 64 (e.g. 581 vs 576) cost at most a few "
+    "percent in an isolated up/down matmul on this CPU, so `--round-to` matters little here.",
+    "- Decode (one token per step) is bound by everything that does not shrink with the widths: "
+    "RMSNorms, rotary embeddings, KV-cache updates, residual adds and the per-operator dispatch "
+    "of every layer in eager PyTorch, plus the lm_head, which pruning leaves whole (its share "
+    "of the weights is given above). The last column of the second table is the Amdahl bound "
+    "that follows from the profile: the best decode speedup if only matmul and attention time "
+    "shrank by the FLOP ratio; the profiler inflates the small ops, so this bound is "
+    "pessimistic and the measured decode speedup can exceed it.",
+    "- On a machine shared with other jobs, torch's default of one thread per core oversubscribes "
+    "the CPU and every small operator waits for a descheduled thread: with two threads we "
+    "measured several times slower prefill and decode than with `--threads 1`. Record the load "
+    "average (above) and prefer `--threads 1` unless the machine is idle.",
+]
 
 
 def speed_section(result: dict) -> str:
@@ -36,13 +57,14 @@ def speed_section(result: dict) -> str:
         "",
         f"Dense `{dense['name']}`: {dense['parameters']:,} parameters, prefill "
         f"{dense['prefill_seconds_median'] * 1000:.0f} ms, decode "
-        f"{dense['decode_tokens_per_second_median']:.1f} tokens/s.",
+        f"{dense['decode_tokens_per_second_median']:.1f} tokens/s; its lm_head holds "
+        f"{dense['lm_head_parameters'] / dense['parameters']:.0%} of the parameters.",
         "",
         speed_table(result),
         "",
         "| pruned model | widths (heads/kv/ffn) | prefill ms | decode tokens/s "
-        "| prefill % of ideal | decode % of ideal |",
-        "|---|---|---:|---:|---:|---:|",
+        "| prefill % of ideal | decode % of ideal | decode bound if only matmul + attention shrink |",
+        "|---|---|---:|---:|---:|---:|---:|",
     ]
     by_name = {row["name"]: row for row in result["models"]}
     for c in result["comparisons"]:
@@ -51,21 +73,20 @@ def speed_section(result: dict) -> str:
         lines.append(
             f"| {c['pruned']} | {w['heads']}/{w['kv_heads']}/{w['intermediate_size']} "
             f"| {row['prefill_seconds_median'] * 1000:.0f} | {row['decode_tokens_per_second_median']:.1f} "
-            f"| {c['prefill_fraction_of_ideal']:.0%} | {c['decode_fraction_of_ideal']:.0%} |")
-    lines += ["", "Raw timings: [speed.json](speed.json). Plot: ![speed](speed.png)", ""]
+            f"| {c['prefill_fraction_of_ideal']:.0%} | {c['decode_fraction_of_ideal']:.0%} "
+            f"| {c['decode_bound_if_only_matmuls_shrink']:.2f}x |")
+    lines += ["", "Where a decode step's time goes (torch.profiler, self CPU time; the profiler "
+              "inflates the many small ops, so read these as shares):", "",
+              "| model | matmul | attention kernel | everything else |", "|---|---:|---:|---:|"]
+    for row in result["models"]:
+        p = row["decode_profile_ms_per_token"]
+        total = sum(p.values())
+        lines.append(f"| {row['name']} | {p['matmul'] / total:.0%} | {p['attention'] / total:.0%} "
+                     f"| {p['other'] / total:.0%} |")
+    lines += ["", *NOTES]
+    lines += ["", "Written by `benchmarks/speed.py`; raw timings in [results/speed.json](results/speed.json).",
+              "", "![measured vs ideal speedups](speed.png)", ""]
     return "\n".join(lines)
-
-
-def write_section(markdown_path: Path, section: str) -> None:
-    """Replace the Speed section between its markers, or append it."""
-    block = f"{START}\n{section}{END}\n"
-    text = markdown_path.read_text() if markdown_path.exists() else "# Benchmarks\n\n"
-    if START in text and END in text:
-        before, rest = text.split(START, 1)
-        text = before + block + rest.split(END, 1)[1].lstrip("\n")
-    else:
-        text = text.rstrip("\n") + "\n\n" + block
-    markdown_path.write_text(text)
 
 
 def plot(result: dict, path: Path) -> None:
@@ -99,22 +120,31 @@ def plot(result: dict, path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dense", default="smollm2-135m", help="dense model (any form --model takes)")
-    parser.add_argument("--pruned", nargs="+", required=True, type=Path, help="pruned checkpoint folders")
+    parser.add_argument("--pruned", nargs="+", default=[], type=Path, help="pruned checkpoint folders")
     parser.add_argument("--prompt-tokens", type=int, default=512)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    parser.add_argument("--docs", type=Path, default=Path(__file__).resolve().parents[1] / "docs")
+    parser.add_argument("--no-docs", action="store_true", help="print the section, write nothing")
+    parser.add_argument("--from-json", type=Path, default=None,
+                        help="rewrite the section and plot from a saved result instead of measuring")
     args = parser.parse_args()
-    result = benchmark_speed(resolve_model_dir(args.dense), args.pruned, args.prompt_tokens,
-                             args.new_tokens, args.repeats, args.threads)
-    result["models"][0]["name"] = args.dense
-    args.docs.mkdir(parents=True, exist_ok=True)
-    (args.docs / "speed.json").write_text(json.dumps(result, indent=2) + "\n")
-    plot(result, args.docs / "speed.png")
+    if not args.pruned and not args.from_json:
+        parser.error("pass --pruned DIR [DIR ...] or --from-json FILE")
+    if args.from_json:
+        result = json.loads(args.from_json.read_text())
+    else:
+        result = benchmark_speed(resolve_model_dir(args.dense), args.pruned, args.prompt_tokens,
+                                 args.new_tokens, args.repeats, args.threads)
+        result["models"][0]["name"] = args.dense
     section = speed_section(result)
-    write_section(args.docs / "benchmarks.md", section)
     print(section)
+    if args.no_docs:
+        print(json.dumps(result["comparisons"], indent=1))
+        return
+    save_results("speed", result)
+    plot(result, DOCS / "speed.png")
+    write_section("speed", section)
 
 
 if __name__ == "__main__":
