@@ -82,7 +82,10 @@ def load_model(model: str = BUILTIN_MODEL, dtype: str = "float32") -> tuple[PreT
     folder = resolve_model_dir(model)
     # transformers takes seconds to import; argument errors above are reported without it.
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as transformers_logging
 
+    # Reading a local folder takes a moment; its bar would only split a one-line error message.
+    transformers_logging.disable_progress_bar()
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
     except Exception as e:  # transformers raises many types for a missing or broken tokenizer
