@@ -242,8 +242,8 @@ def train_and_prune(model: PreTrainedModel, train_blocks: torch.Tensor, config: 
                             checkpoint_now(step, samples_at_step_start, rng_at_step_start)
                         raise LoraPruneError(
                             f"loss became {loss.item()} at step {step + 1}; the last good step ({step}) "
-                            f"is checkpointed in {run_dir}. Lower --lr or check the data, then resume "
-                            f"with --resume {run_dir}")
+                            f"is checkpointed in {run_dir}. Fix the text and resume with --resume "
+                            f"{run_dir}, or start a new run with a lower --lr (resuming keeps the settings)")
                     accelerator.backward(loss)
                 step_loss += loss.item()
             grad_norm = accelerator.clip_grad_norm_(trainable, config.max_grad_norm)
