@@ -14,25 +14,24 @@ from docs_sections import DOCS, save_results, write_section
 from loraprune.loading import resolve_model_dir
 from loraprune.speed import benchmark_speed, speed_table
 
-
 # What we learned measuring this (the measured numbers are in the tables above).
 NOTES = [
     "Reading the numbers:",
     "",
-    "- Prefill is compute-bound: time follows the FLOPs, so it comes closest to the "
+    ("- Prefill is compute-bound: time follows the FLOPs, so it comes closest to the "
     "ideal. Pruned FFN widths that are not multiples of 64 (e.g. 581 vs 576) cost at most a few "
-    "percent in an isolated up/down matmul on this CPU, so `--round-to` matters little here.",
-    "- Decode (one token per step) is bound by everything that does not shrink with the widths: "
+    "percent in an isolated up/down matmul on this CPU, so `--round-to` matters little here."),
+    ("- Decode (one token per step) is bound by everything that does not shrink with the widths: "
     "RMSNorms, rotary embeddings, KV-cache updates, residual adds and the per-operator dispatch "
     "of every layer in eager PyTorch, plus the lm_head, which pruning leaves whole (its share "
     "of the weights is given above). The last column of the second table is the Amdahl bound "
     "that follows from the profile: the best decode speedup if only matmul and attention time "
     "shrank by the FLOP ratio; the profiler inflates the small ops, so this bound is "
-    "pessimistic and the measured decode speedup can exceed it.",
-    "- On a machine shared with other jobs, torch's default of one thread per core oversubscribes "
+    "pessimistic and the measured decode speedup can exceed it."),
+    ("- On a machine shared with other jobs, torch's default of one thread per core oversubscribes "
     "the CPU and every small operator waits for a descheduled thread: with two threads we "
     "measured several times slower prefill and decode than with `--threads 1`. Record the load "
-    "average (above) and prefer `--threads 1` unless the machine is idle.",
+    "average (above) and prefer `--threads 1` unless the machine is idle."),
 ]
 
 
@@ -43,27 +42,27 @@ def speed_section(result: dict) -> str:
     lines = [
         "## Speed",
         "",
-        f"Machine: {m['cpu']}, {m['logical_cores']} logical cores, torch {m['torch']} "
+        (f"Machine: {m['cpu']}, {m['logical_cores']} logical cores, torch {m['torch']} "
         f"({m['torch_threads']} threads), transformers {m['transformers']}; load average "
-        f"{m['load_average_before']} before, {m['load_average_after']} after.",
+        f"{m['load_average_before']} before, {m['load_average_after']} after."),
         "",
-        f"Batch 1, float32. Prefill: one forward pass over {s['prompt_tokens']} prompt tokens "
+        (f"Batch 1, float32. Prefill: one forward pass over {s['prompt_tokens']} prompt tokens "
         f"(last-token logits, as `generate` does). Decode: {s['new_tokens']} greedy tokens with the "
         f"KV cache after that prompt, prefill excluded. Models alternate inside each of "
         f"{s['repeats']} repeats after a warm-up; medians shown. Speedup = dense time / pruned time. "
         "Ideal (FLOPs) counts every linear layer's multiply-adds (lm_head included) plus attention "
         "scores and values at the actual context; ideal (bytes) is the ratio of weight bytes a "
-        "decode step reads.",
+        "decode step reads."),
         "",
-        f"Dense `{dense['name']}`: {dense['parameters']:,} parameters, prefill "
+        (f"Dense `{dense['name']}`: {dense['parameters']:,} parameters, prefill "
         f"{dense['prefill_seconds_median'] * 1000:.0f} ms, decode "
         f"{dense['decode_tokens_per_second_median']:.1f} tokens/s; its lm_head holds "
-        f"{dense['lm_head_parameters'] / dense['parameters']:.0%} of the parameters.",
+        f"{dense['lm_head_parameters'] / dense['parameters']:.0%} of the parameters."),
         "",
         speed_table(result),
         "",
-        "| pruned model | widths (heads/kv/ffn) | prefill ms | decode tokens/s "
-        "| prefill % of ideal | decode % of ideal | decode bound if only matmul + attention shrink |",
+        ("| pruned model | widths (heads/kv/ffn) | prefill ms | decode tokens/s "
+        "| prefill % of ideal | decode % of ideal | decode bound if only matmul + attention shrink |"),
         "|---|---|---:|---:|---:|---:|---:|",
     ]
     by_name = {row["name"]: row for row in result["models"]}
@@ -75,8 +74,8 @@ def speed_section(result: dict) -> str:
             f"| {row['prefill_seconds_median'] * 1000:.0f} | {row['decode_tokens_per_second_median']:.1f} "
             f"| {c['prefill_fraction_of_ideal']:.0%} | {c['decode_fraction_of_ideal']:.0%} "
             f"| {c['decode_bound_if_only_matmuls_shrink']:.2f}x |")
-    lines += ["", "Where a decode step's time goes (torch.profiler, self CPU time; the profiler "
-              "inflates the many small ops, so read these as shares):", "",
+    lines += ["", ("Where a decode step's time goes (torch.profiler, self CPU time; the profiler "
+              "inflates the many small ops, so read these as shares):"), "",
               "| model | matmul | attention kernel | everything else |", "|---|---:|---:|---:|"]
     for row in result["models"]:
         p = row["decode_profile_ms_per_token"]

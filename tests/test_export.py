@@ -23,8 +23,8 @@ from loraprune.masks import LayerMask, ModelMasks
 from loraprune.models import spec_for
 from loraprune.slicing import merge_lora, slice_model
 
-TINY = dict(hidden_size=64, head_dim=16, intermediate_size=96, num_hidden_layers=3,
-            vocab_size=128, max_position_embeddings=64, tie_word_embeddings=False)
+TINY = {"hidden_size": 64, "head_dim": 16, "intermediate_size": 96, "num_hidden_layers": 3,
+        "vocab_size": 128, "max_position_embeddings": 64, "tie_word_embeddings": False}
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 # Runs in a clean interpreter: only torch + transformers, as a user of the checkpoint would.

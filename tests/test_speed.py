@@ -9,12 +9,17 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from loraprune.speed import (
-    attention_flops, benchmark_speed, decode_flops_per_token, linear_flops_per_token, prefill_flops,
-    speed_table, weight_bytes,
+    attention_flops,
+    benchmark_speed,
+    decode_flops_per_token,
+    linear_flops_per_token,
+    prefill_flops,
+    speed_table,
+    weight_bytes,
 )
 
-TINY = dict(hidden_size=64, head_dim=16, num_hidden_layers=2, vocab_size=128,
-            max_position_embeddings=128, tie_word_embeddings=True)
+TINY = {"hidden_size": 64, "head_dim": 16, "num_hidden_layers": 2, "vocab_size": 128,
+            "max_position_embeddings": 128, "tie_word_embeddings": True}
 
 
 def tiny(heads: int, kv_heads: int, intermediate: int):

@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-import torch.nn as nn
+from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from loraprune.errors import LoraPruneError

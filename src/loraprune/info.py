@@ -48,8 +48,8 @@ def format_info(info: dict) -> str:
              f"  architecture   {info['architecture']} ({info['model_type']}, {info['dtype']})",
              f"  parameters     {params}",
              f"  on disk        {info['disk_bytes'] / 2**20:.1f} MiB",
-             f"  hidden size    {info['hidden_size']}, vocab {info['vocab_size']}, "
-             f"tied embeddings {info['tie_word_embeddings']}"]
+             (f"  hidden size    {info['hidden_size']}, vocab {info['vocab_size']}, "
+             f"tied embeddings {info['tie_word_embeddings']}")]
     groups = _runs(info["layers"])
     lines.append("  layers         heads  kv heads  head dim  intermediate")
     for first, last, widths in groups:

@@ -6,8 +6,8 @@ Slicing is pure index_select on weights, so the sliced model computes what the m
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 from huggingface_hub.errors import StrictDataclassClassValidationError
+from torch import nn
 from transformers import MistralConfig, MistralForCausalLM, PreTrainedModel
 
 from loraprune.errors import LoraPruneError

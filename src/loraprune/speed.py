@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn as nn
+from torch import nn
 from transformers import AutoModelForCausalLM, LogitsProcessor, LogitsProcessorList
 
 from loraprune.errors import LoraPruneError
@@ -198,8 +198,8 @@ def machine_info() -> dict:
 
 def speed_table(result: dict) -> str:
     """A markdown table of measured speedups next to their ideal ratios."""
-    lines = ["| pruned model | params | prefill speedup | ideal (FLOPs) | decode speedup "
-             "| ideal (FLOPs) | ideal (bytes) |",
+    lines = [("| pruned model | params | prefill speedup | ideal (FLOPs) | decode speedup "
+             "| ideal (FLOPs) | ideal (bytes) |"),
              "|---|---:|---:|---:|---:|---:|---:|"]
     for c in result["comparisons"]:
         lines.append(
