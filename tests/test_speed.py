@@ -55,6 +55,7 @@ def test_benchmark_compares_each_pruned_model_with_the_dense_one(tmp_path):
     comparison = result["comparisons"][0]
     assert comparison["pruned"] == "pruned"
     assert comparison["prefill_ideal_flops"] > 1 and comparison["decode_ideal_bytes"] > 1
+    assert comparison["decode_bound_with_measured_floor"] > 0
     assert result["machine"]["torch_threads"] == 1
     assert "| pruned |" in speed_table(result)
 

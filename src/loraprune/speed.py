@@ -5,6 +5,7 @@ Each measured speedup sits next to its ideal: the ratio of counted FLOPs and of 
 
 from __future__ import annotations
 
+import copy
 import os
 import platform
 import statistics
@@ -47,6 +48,11 @@ def _benchmark(dense_dir: Path, pruned_dirs: list[Path], prompt_tokens: int, new
     for model in models.values():  # warm-up: allocator, kernels, thread pool
         time_prefill(model, prompt)
         time_decode(model, prompt[:, :16], new_tokens=4)
+    floor_model = _floor_model(next(iter(models.values())).config)
+    floor_prompt = prompt % floor_model.config.vocab_size
+    time_decode(floor_model, floor_prompt[:, :16], new_tokens=4)
+    floor = [1000 / time_decode(floor_model, floor_prompt, new_tokens) for _ in range(repeats)]
+    del floor_model
     # Profiled apart from the timings: the profiler slows small ops, so only shares are meaningful.
     profiles = {name: decode_profile(model, prompt) for name, model in models.items()}
     prefill = {name: [] for name in models}
@@ -75,6 +81,9 @@ def _benchmark(dense_dir: Path, pruned_dirs: list[Path], prompt_tokens: int, new
             "decode_tokens_per_second_median": statistics.median(decode[name]),
             "decode_profile_ms_per_token": profiles[name],
         })
+    floor_ms = statistics.median(floor)
+    for row in rows:
+        row["decode_floor_ms_per_token"] = floor_ms
     machine = {**machine_info(), "load_average_before": load_before,
                "load_average_after": _load_average()}
     return {
@@ -216,6 +225,10 @@ def _compare(dense: dict, pruned: dict) -> dict:
     decode = pruned["decode_tokens_per_second_median"] / dense["decode_tokens_per_second_median"]
     ideal_prefill = dense["prefill_flops"] / pruned["prefill_flops"]
     ideal_decode = dense["decode_flops_per_token"] / pruned["decode_flops_per_token"]
+    # Measured Amdahl bound: the floor (same depth, ~no width, no vocabulary) does not shrink.
+    floor = dense["decode_floor_ms_per_token"]
+    dense_ms = 1000 / dense["decode_tokens_per_second_median"]
+    floor_bound = dense_ms / (floor + (dense_ms - floor) / ideal_decode)
     # Amdahl: if matmul and attention time shrank by the FLOP ratio and the rest (norms, rope,
     # cache updates, per-op dispatch) stayed, decode could reach at best this speedup.
     step = dense["decode_profile_ms_per_token"]
@@ -233,6 +246,7 @@ def _compare(dense: dict, pruned: dict) -> dict:
         "decode_ideal_bytes": dense["weight_bytes"] / pruned["weight_bytes"],
         "decode_fraction_of_ideal": decode / ideal_decode,
         "decode_bound_if_only_matmuls_shrink": matmul_bound,
+        "decode_bound_with_measured_floor": floor_bound,
     }
 
 
@@ -246,6 +260,19 @@ def _check_folder(path: Path) -> None:
 def _load(path: Path) -> nn.Module:
     """A checkpoint folder loaded in float32 for timing."""
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def _floor_model(config) -> nn.Module:
+    """A model of the same depth and hidden size with one head, one FFN channel, 64 tokens."""
+    # Its decode step is the per-layer work no pruning removes: norms, rope, cache, dispatch.
+    floor_config = copy.deepcopy(config)
+    floor_config.num_attention_heads = floor_config.num_key_value_heads = 1
+    floor_config.head_dim = LayerShape.from_config(config).head_dim
+    floor_config.intermediate_size = 1
+    floor_config.vocab_size = 64
+    floor_config.tie_word_embeddings = False
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(floor_config, dtype=torch.float32).eval()
 
 
 def _load_average() -> list[float] | None:
