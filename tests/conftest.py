@@ -127,6 +127,12 @@ def save_tiny_run_inputs(folder: Path, seed: int = 0) -> tuple[Path, Path]:
     return model_dir, text
 
 
+@pytest.fixture
+def tiny_run_inputs(tmp_path) -> tuple[Path, Path]:
+    """A saved tiny LLaMA with a word tokenizer, and a text file of its words."""
+    return save_tiny_run_inputs(tmp_path)
+
+
 def tiny_prune_command(model_dir: Path, text: Path, out: Path, *extra: str) -> list[str]:
     """`python -m loraprune prune` on the tiny inputs with a 12-step schedule, checkpointing every step."""
     return [sys.executable, "-m", "loraprune", "prune", "--model", str(model_dir), "--data", f"text:{text}",

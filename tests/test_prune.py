@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import random
 
 import pytest
 import torch
@@ -12,20 +11,6 @@ from transformers import AutoModelForCausalLM
 from loraprune.config import PruneConfig
 from loraprune.errors import LoraPruneError
 from loraprune.run import prune
-from tests.conftest import build_tiny_model, build_word_tokenizer
-
-
-@pytest.fixture
-def tiny_run_inputs(tmp_path):
-    """A saved tiny LLaMA with a word tokenizer, and a text file of its words."""
-    words = [f"w{i}" for i in range(100)]
-    model_dir = tmp_path / "tiny-llama"
-    build_tiny_model("llama").save_pretrained(model_dir)
-    build_word_tokenizer(words).save_pretrained(model_dir)
-    rng = random.Random(0)
-    text = tmp_path / "corpus.txt"
-    text.write_text("\n".join(" ".join(rng.choice(words[:30]) for _ in range(40)) for _ in range(200)))
-    return model_dir, text
 
 
 def _config(model_dir, text, **overrides) -> PruneConfig:

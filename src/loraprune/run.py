@@ -10,6 +10,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+from accelerate import PartialState
 from peft import set_peft_model_state_dict
 
 from loraprune.checkpoint import LoadedCheckpoint, load_checkpoint
@@ -22,10 +24,16 @@ from loraprune.groups import LayerShape
 from loraprune.loading import load_model
 from loraprune.masks import ModelMasks
 from loraprune.models import spec_for
+from loraprune.prune import (
+    PARTIAL_SUFFIX,
+    model_fingerprint,
+    partial_dir,
+    solve_model_target,
+    train_and_prune,
+    wrap_with_lora,
+)
 from loraprune.schedule import PruningSchedule
 from loraprune.target import PruneTarget
-from loraprune.prune import (PARTIAL_SUFFIX, model_fingerprint, partial_dir,
-                             solve_model_target, train_and_prune, wrap_with_lora)
 
 RUN_SUBDIR = "run"
 
@@ -130,13 +138,17 @@ def prune(config: PruneConfig | None = None, out: str | Path | None = None, *,
         raise LoraPruneError(f"the checkpoint in {run_dir} was made from another model; resume with "
                              "the model the run was started from")
 
-    dense = _evaluate(model, tokenizer, config, progress)
-    if run_dir.exists() and not resuming:
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    # Under torchrun / accelerate launch every process trains; only the main one writes files.
+    processes = PartialState(cpu=not torch.cuda.is_available())
+    dense = _evaluate(model, tokenizer, config, progress and processes.is_main_process)
+    if processes.is_main_process:
+        if run_dir.exists() and not resuming:
+            shutil.rmtree(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+    processes.wait_for_everyone()
     outcome = train_and_prune(model, train_blocks, config, run_dir, checkpoint, progress)
     outcome.model.eval()
-    pruned = _evaluate(outcome.model, tokenizer, config, progress)
+    pruned = _evaluate(outcome.model, tokenizer, config, progress and processes.is_main_process)
     report = {
         "source_model": config.model,
         "criterion": config.criterion,
@@ -150,11 +162,11 @@ def prune(config: PruneConfig | None = None, out: str | Path | None = None, *,
         "perplexity_after": pruned.to_dict(),
         "config": config.to_dict(),
     }
-    if export:
+    if export and processes.is_main_process:
         export_checkpoint(outcome.model, tokenizer, outcome.masks, spec_for(model.config), report,
                           out_path, overwrite=overwrite)
-        final_run = out_path / RUN_SUBDIR
-        os.replace(run_dir, final_run)
+        os.replace(run_dir, out_path / RUN_SUBDIR)
+    processes.wait_for_everyone()
     return PruneResult(out_path, outcome.target, outcome.achieved_sparsity, dense, pruned, report)
 
 
