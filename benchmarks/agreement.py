@@ -17,7 +17,7 @@ from loraprune.data import load_text, token_blocks
 from loraprune.groups import LayerShape
 from loraprune.loading import load_model
 from loraprune.oneshot import calibration_scores, masks_from_scores
-from loraprune.prune import solve_model_target
+from loraprune.recipe import solve_model_target
 
 SPARSITIES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6)
 

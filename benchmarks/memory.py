@@ -29,7 +29,7 @@ def _worker(mode: str, steps: int, seq_len: int) -> dict:
     from loraprune.groups import LayerShape
     from loraprune.loading import load_model
     from loraprune.masks import ModelMasks
-    from loraprune.prune import train_and_prune
+    from loraprune.recipe import train_and_prune
 
     process = psutil.Process()
     model, tokenizer = load_model("smollm2-135m")

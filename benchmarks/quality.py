@@ -27,7 +27,7 @@ from loraprune.loading import load_model
 from loraprune.masks import ModelMasks
 from loraprune.models import count_parameters, spec_for
 from loraprune.oneshot import one_shot_masks
-from loraprune.prune import solve_model_target, train_and_prune
+from loraprune.recipe import solve_model_target, train_and_prune
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from docs_sections import RESULTS, machine_line, write_section  # noqa: E402

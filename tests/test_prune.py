@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from loraprune.config import PruneConfig
 from loraprune.errors import LoraPruneError
-from loraprune.run import prune
+from loraprune import prune
 
 
 def _config(model_dir, text, **overrides) -> PruneConfig:

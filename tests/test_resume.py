@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-import loraprune.prune
+import loraprune.recipe
 from loraprune.config import PruneConfig
 from loraprune.errors import LoraPruneError
 from loraprune.run import prune
@@ -114,14 +114,14 @@ def test_ctrl_c_exits_130_naming_resume_and_resuming_gives_the_same_masks(inputs
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(inputs, tmp_path, monkeypatch):
     model_dir, text = inputs
     bad_step, calls = 4, []
-    real_loss = loraprune.prune.compute_loss
+    real_loss = loraprune.recipe.compute_loss
 
     def loss_nan_at_bad_step(model, batch):
         calls.append(1)
         loss = real_loss(model, batch)
         return loss * float("nan") if len(calls) == bad_step else loss
 
-    monkeypatch.setattr(loraprune.prune, "compute_loss", loss_nan_at_bad_step)
+    monkeypatch.setattr(loraprune.recipe, "compute_loss", loss_nan_at_bad_step)
     config = PruneConfig(model=str(model_dir), data=f"text:{text}", sparsity=0.3, steps=STEPS, prune_every=2,
                          seq_len=32, eval_seq_len=32, eval_tokens=640, save_every=5, lr=1e-3)
     out = tmp_path / "out"

@@ -16,7 +16,7 @@ from loraprune.groups import LayerShape
 from loraprune.importance import LayerScores, model_scores
 from loraprune.masks import ModelMasks
 from loraprune.models import decoder_layers, spec_for
-from loraprune.prune import compute_loss, wrap_with_lora
+from loraprune.recipe import compute_loss, wrap_with_lora
 from loraprune.selection import update_layer_mask
 from loraprune.target import PruneTarget
 

@@ -24,7 +24,7 @@ from loraprune.groups import LayerShape
 from loraprune.loading import load_model
 from loraprune.masks import ModelMasks
 from loraprune.models import spec_for
-from loraprune.prune import (
+from loraprune.recipe import (
     PARTIAL_SUFFIX,
     model_fingerprint,
     partial_dir,
