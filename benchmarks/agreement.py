@@ -61,10 +61,10 @@ def agreement_section(result: dict, command: str, machine: str) -> str:
         "",
         f"Command: `{command}`. Machine: {machine}.",
         "",
-        f"One calibration batch of {result['calibration_blocks']} × {result['seq_len']} tokens from the Austen "
+        (f"One calibration batch of {result['calibration_blocks']} × {result['seq_len']} tokens from the Austen "
         "training split. The `lora` criterion scores with fresh adapters (B = 0, so G = ∇B·A); `grad` with "
         "the true ∇W. One-shot masks at each whole-model sparsity; overlap is intersection over union of "
-        "the removed query heads and of the removed FFN channels.",
+        "the removed query heads and of the removed FFN channels."),
         "",
         "| sparsity | removed-heads IoU | removed-FFN-channels IoU |",
         "|---:|---:|---:|",

@@ -6,7 +6,7 @@ Each benchmark script owns one section, so they can be rerun independently.
 from __future__ import annotations
 
 import json
-import platform
+import os
 from pathlib import Path
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
@@ -39,18 +39,10 @@ def save_results(name: str, results: dict) -> Path:
 
 
 def machine_line() -> str:
-    """CPU model, cores and library versions, for the head of a section."""
-    import torch
-    import transformers
+    """CPU model, cores, library versions and load, for the head of a section."""
+    from loraprune.speed import machine_info
 
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import os
-    return (f"{cpu}, {os.cpu_count()} logical cores, torch {torch.__version__} "
-            f"({torch.get_num_threads()} threads), transformers {transformers.__version__}, CPU only")
+    m = machine_info()
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    return (f"{m['cpu']}, {m['logical_cores']} logical cores, torch {m['torch']} ({m['torch_threads']} "
+            f"threads), transformers {m['transformers']}, CPU only; load average {load} when written")

@@ -7,6 +7,7 @@ allocations cannot hide in another's; the OS's resident-set size is sampled duri
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import subprocess
@@ -54,7 +55,7 @@ def _worker(mode: str, steps: int, seq_len: int) -> dict:
         log = [json.loads(line) for line in (Path(run_dir) / "log.jsonl").read_text().splitlines()]
     done.set()
     sampler.join()
-    elapsed = [b["seconds"] - a["seconds"] for a, b in zip(log, log[1:])]  # first step excluded: warm-up
+    elapsed = [b["seconds"] - a["seconds"] for a, b in itertools.pairwise(log)]  # first step excluded: warm-up
     return {"mode": mode, "rss_after_load_bytes": after_load, "peak_rss_bytes": peak[0],
             "training_increase_bytes": peak[0] - after_load, "step_seconds_median": statistics.median(elapsed),
             "steps": steps, "seq_len": seq_len, "threads": torch.get_num_threads()}
@@ -91,10 +92,10 @@ def memory_section(result: dict, command: str, machine: str) -> str:
         "",
         f"Command: `{command}`. Machine: {machine}.",
         "",
-        f"SmolLM2-135M in float32, batch 1×{r0['seq_len']} tokens, {r0['steps']} optimizer steps per mode, "
-        "each mode in its own process. Peak RSS is the resident set sampled every 20 ms during training "
-        "(psutil); 'training increase' subtracts the RSS right after loading the model. Step time is the "
-        "median over steps 2..N.",
+        (f"SmolLM2-135M in float32, batch 1×{r0['seq_len']} tokens, {r0['steps']} optimizer steps per mode, "
+         "each mode in its own process. Peak RSS is the resident set sampled every 20 ms during training "
+         "(psutil); 'training increase' subtracts the RSS right after loading the model. Step time is the "
+         "median over steps 2..N."),
         "",
         "| mode | peak RSS MiB | training increase MiB | median s/step |",
         "|---|---:|---:|---:|",
@@ -104,9 +105,9 @@ def memory_section(result: dict, command: str, machine: str) -> str:
                      f"{r['training_increase_bytes'] / 2**20:.0f} | {r['step_seconds_median']:.2f} |")
     lines += [
         "",
-        f"lora vs grad criterion: peak memory {cmp['peak_memory_change']:+.1%}, memory added by training "
-        f"{cmp['training_memory_change']:+.1%}, throughput {cmp['throughput_change']:+.1%} "
-        "(the paper reports −52.6 % memory and +64.6 % throughput on LLaMA-7B on a GPU).",
+        (f"lora vs grad criterion: peak memory {cmp['peak_memory_change']:+.1%}, memory added by training "
+         f"{cmp['training_memory_change']:+.1%}, throughput {cmp['throughput_change']:+.1%} "
+         "(the paper reports −52.6 % memory and +64.6 % throughput on LLaMA-7B on a GPU)."),
         "",
         "![memory and step time](memory.png)",
         "",

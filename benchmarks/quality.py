@@ -30,7 +30,7 @@ from loraprune.oneshot import one_shot_masks
 from loraprune.recipe import solve_model_target, train_and_prune
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from docs_sections import RESULTS, machine_line, write_section  # noqa: E402
+from docs_sections import RESULTS, machine_line, write_section
 
 PRUNING_METHODS = ("lora", "grad", "llm-pruner", "magnitude", "random")
 # The lora runs' pruned models are exported here for the speed benchmark (not committed).
@@ -144,14 +144,14 @@ def quality_section(results: dict, command: str) -> str:
         "",
         f"Command: `{command}`. Machine: {results['machine']}.",
         "",
-        f"Every method: same seed ({s['seed']}), Austen training split (Emma, Mansfield Park, Pride and "
+        (f"Every method: same seed ({s['seed']}), Austen training split (Emma, Mansfield Park, Pride and "
         f"Prejudice, Sense and Sensibility), {s['steps']} optimizer steps of 1×{s['seq_len']} tokens, "
         f"LoRA rank 8 on all projections, lr {s['lr']}. `llm-pruner` scores once with (∇W⊙W)² on "
         f"{s['calibration_blocks']} calibration blocks, prunes, then recovers with LoRA for the same steps. "
         f"Perplexity of the masked model (identical to the exported one) on Northanger Abbey "
         f"({ev['austen']['tokens']} tokens in {ev['austen']['windows']} windows of {ev['austen']['seq_len']}) "
         f"and on CPython's pydoc topics, validation part ({ev['pydoc']['tokens']} tokens in "
-        f"{ev['pydoc']['windows']} windows of {ev['pydoc']['seq_len']}).",
+        f"{ev['pydoc']['windows']} windows of {ev['pydoc']['seq_len']})."),
         "",
         "| method | target | achieved sparsity | parameters | ppl Northanger Abbey | ppl pydoc | wall s |",
         "|---|---:|---:|---:|---:|---:|---:|",

@@ -5,12 +5,12 @@ from __future__ import annotations
 import torch
 from peft import LoraConfig, get_peft_model
 
-from loraprune.criteria.lora_guided import estimated_weight_gradient, lora_element_scores
 from loraprune.criteria.gradient import gradient_element_scores
+from loraprune.criteria.lora_guided import estimated_weight_gradient, lora_element_scores
 from loraprune.criteria.lora_weights import effective_weight
 from loraprune.criteria.magnitude import magnitude_element_scores
 from loraprune.groups import LayerShape, attention_scores, ffn_scores
-from loraprune.importance import MovingAverageScores, LayerScores
+from loraprune.importance import LayerScores, MovingAverageScores
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

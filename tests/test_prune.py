@@ -8,16 +8,15 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from loraprune import prune
 from loraprune.config import PruneConfig
 from loraprune.errors import LoraPruneError
-from loraprune import prune
 
 
 def _config(model_dir, text, **overrides) -> PruneConfig:
-    settings = dict(model=str(model_dir), data=f"text:{text}", sparsity=0.3, steps=12, prune_every=2,
-                    seq_len=32, eval_seq_len=32, eval_tokens=640, save_every=5, lr=1e-3)
-    settings.update(overrides)
-    return PruneConfig(**settings)
+    settings = {"model": str(model_dir), "data": f"text:{text}", "sparsity": 0.3, "steps": 12, "prune_every": 2,
+                "seq_len": 32, "eval_seq_len": 32, "eval_tokens": 640, "save_every": 5, "lr": 1e-3}
+    return PruneConfig(**{**settings, **overrides})
 
 
 def test_prune_meets_the_target_and_exports_a_loadable_smaller_model(tiny_run_inputs, tmp_path):

@@ -18,7 +18,7 @@ def test_smollm2_prunes_to_the_whole_model_target_and_exports(tmp_path, austen_d
     command = [sys.executable, "-m", "loraprune", "prune", "--data", "austen", "--austen-dir", str(austen_dir),
                "--sparsity", "0.2", "--steps", "20", "--prune-every", "2", "--seq-len", "64",
                "--eval-tokens", "1024", "--eval-seq-len", "256", "--out", str(out), "--no-progress"]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    done = subprocess.run(command, check=False, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-2000:]
     achieved = float(re.search(r"achieved whole-model sparsity ([0-9.]+)", done.stdout).group(1))
     one_ffn_channel_in_every_layer = 30 * 3 * 576 / 134_515_008

@@ -104,7 +104,7 @@ class PruneConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "PruneConfig":
+    def from_dict(cls, d: dict[str, Any]) -> PruneConfig:
         """Inverse of :meth:`to_dict`; unknown keys are an error."""
         d = dict(d)
         lora = dict(d.pop("lora", {}))
@@ -117,7 +117,7 @@ class PruneConfig:
                                  "another loraprune version")
         return cls(**d, lora=LoraSettings(**lora))
 
-    def with_overrides(self, overrides: dict[str, Any]) -> "PruneConfig":
+    def with_overrides(self, overrides: dict[str, Any]) -> PruneConfig:
         """A copy with some settings replaced; ``lora_rank``/``lora_alpha``/``lora_dropout`` reach the LoRA part."""
         d = self.to_dict()
         for key, value in overrides.items():
@@ -127,7 +127,7 @@ class PruneConfig:
                 d[key] = value
         return PruneConfig.from_dict(d)
 
-    def result_changing_differences(self, other: "PruneConfig") -> list[str]:
+    def result_changing_differences(self, other: PruneConfig) -> list[str]:
         """Names of settings that differ and would change the pruned model."""
         harmless = {"eval_tokens", "eval_seq_len", "save_every", "austen_dir"}
         mine, theirs = self.to_dict(), other.to_dict()

@@ -25,7 +25,7 @@ class LayerShape:
     intermediate_size: int
 
     @classmethod
-    def from_config(cls, config) -> "LayerShape":
+    def from_config(cls, config) -> LayerShape:
         """Read the shape from a transformers config (honours an explicit ``head_dim``)."""
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         num_kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads

@@ -9,7 +9,7 @@ import logging
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from loraprune.criteria import ELEMENT_SCORERS, random_group_scores
 from loraprune.groups import AttentionUnit, LayerShape, attention_scores, ffn_scores

@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from loraprune.errors import LoraPruneError
 from loraprune.groups import LayerShape, kv_heads_kept
@@ -38,7 +38,7 @@ class ModelMasks:
     _hooks: list = field(default_factory=list, repr=False, compare=False)
 
     @classmethod
-    def full(cls, shape: LayerShape, num_layers: int) -> "ModelMasks":
+    def full(cls, shape: LayerShape, num_layers: int) -> ModelMasks:
         """Masks that keep everything."""
         return cls([
             LayerMask(torch.ones(shape.num_heads, dtype=torch.bool),
@@ -89,7 +89,7 @@ class ModelMasks:
         save_file(self.state_dict(), str(path))
 
     @classmethod
-    def load(cls, path: Path, shape: LayerShape, num_layers: int) -> "ModelMasks":
+    def load(cls, path: Path, shape: LayerShape, num_layers: int) -> ModelMasks:
         """Read masks written by :meth:`save` for a model of the given shape."""
         masks = cls.full(shape, num_layers)
         masks.load_state_dict(load_file(str(path)))

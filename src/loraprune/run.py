@@ -83,7 +83,7 @@ def _checked_resume(run_dir: Path, config: PruneConfig | None) -> tuple[LoadedCh
     return checkpoint, saved
 
 
-def saved_run_config(run: str | Path | None) -> "PruneConfig":
+def saved_run_config(run: str | Path | None) -> PruneConfig:
     """The settings recorded by the run that ``run`` (a run folder or its --out) refers to."""
     if run is None:
         raise LoraPruneError("--resume needs the run folder (or pass the --out the run was writing)")

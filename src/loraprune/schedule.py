@@ -22,7 +22,7 @@ class PruningSchedule:
 
     @classmethod
     def build(cls, total_steps: int, warmup_fraction: float, cooldown_fraction: float,
-              prune_every: int) -> "PruningSchedule":
+              prune_every: int) -> PruningSchedule:
         """Place the ramp between warm-up and cool-down; fail if there is no room for it."""
         start = round(warmup_fraction * total_steps)
         end = total_steps - round(cooldown_fraction * total_steps)

@@ -19,7 +19,7 @@ class UnitSizes:
     ffn_channel: int
 
     @classmethod
-    def of(cls, shape: LayerShape, unit: AttentionUnit, attention_bias: bool, mlp_bias: bool) -> "UnitSizes":
+    def of(cls, shape: LayerShape, unit: AttentionUnit, attention_bias: bool, mlp_bias: bool) -> UnitSizes:
         """Count q/k/v rows (+biases) and o columns of a unit; gate/up rows and a down column."""
         hidden, hd = shape.hidden_size, shape.head_dim
         query_head = hd * hidden * 2 + (hd if attention_bias else 0)  # q rows + o columns

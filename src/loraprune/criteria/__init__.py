@@ -6,10 +6,10 @@ the baselines it is compared against.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from loraprune.criteria.gradient import gradient_element_scores
 from loraprune.criteria.lora_guided import lora_element_scores
@@ -24,7 +24,7 @@ ELEMENT_SCORERS: dict[str, ElementScorer] = {
     "magnitude": magnitude_element_scores,
 }
 
-__all__ = ["ELEMENT_SCORERS", "random_group_scores", "needs_weight_gradients"]
+__all__ = ["ELEMENT_SCORERS", "needs_weight_gradients", "random_group_scores"]
 
 
 def needs_weight_gradients(criterion: str) -> bool:

@@ -7,7 +7,7 @@ comparison with the ``lora`` criterion.
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from loraprune.criteria.lora_weights import base_weight, effective_weight, power
 

@@ -7,7 +7,7 @@ Paper Eq. 10-11: G = ∇B·A + B·∇A − ∇B·∇A estimates ∇W, and (G ⊙
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from loraprune.criteria.lora_weights import effective_weight, lora_factors, power
 from loraprune.errors import LoraPruneError

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from loraprune.criteria.lora_weights import effective_weight, power
 
