@@ -96,3 +96,23 @@ def test_moving_average_skips_non_finite_updates():
     assert average.update({0: LayerScores(torch.tensor([float("nan"), 1.0]), torch.tensor([1.0]))}) is False
     assert average.skipped_updates == 1
     assert torch.allclose(average.layers[0].attention, torch.tensor([1.2, 2.2]))
+
+
+def test_lora_criterion_leaves_out_column_estimates_unless_asked(tiny_llama):
+    from loraprune.groups import LayerShape
+    from loraprune.importance import layer_scores
+    from loraprune.models import spec_for
+
+    peft_model = _adapted(tiny_llama)
+    _backward(peft_model)
+    layer = peft_model.base_model.model.model.layers[1]
+    spec, shape = spec_for(tiny_llama.config), LayerShape.from_config(tiny_llama.config)
+    rows_only = layer_scores(layer, 1, spec, shape, "kv_group", "lora")
+    with_columns = layer_scores(layer, 1, spec, shape, "kv_group", "lora", lora_columns=True)
+    layer.mlp.down_proj.lora_B["default"].weight.grad.mul_(-7.0)
+    layer.self_attn.o_proj.lora_A["default"].weight.grad.normal_()
+    assert torch.equal(layer_scores(layer, 1, spec, shape, "kv_group", "lora").ffn, rows_only.ffn)
+    assert torch.equal(layer_scores(layer, 1, spec, shape, "kv_group", "lora").attention, rows_only.attention)
+    changed = layer_scores(layer, 1, spec, shape, "kv_group", "lora", lora_columns=True)
+    assert not torch.allclose(changed.ffn, with_columns.ffn)
+    assert not torch.allclose(changed.attention, with_columns.attention)

@@ -120,7 +120,7 @@ PRUNE_SETTINGS = (
     "skip_first_layers", "skip_last_layers", "round_to", "criterion", "score_power", "ema", "steps",
     "warmup_fraction", "cooldown_fraction", "prune_every", "lr", "lr_schedule", "batch_size",
     "grad_accumulation", "seq_len", "seed", "lora_rank", "lora_alpha", "lora_dropout", "eval_tokens",
-    "eval_seq_len", "save_every",
+    "eval_seq_len", "save_every", "lora_columns",
 )
 
 
@@ -143,6 +143,9 @@ def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
                         help="element score (G*W)^2 as in the paper, or |G*W| as in its code")
     parser.add_argument("--no-normalise", action="store_true",
                         help="do not L2-normalise each matrix's group scores before summing")
+    parser.add_argument("--lora-columns", action="store_true", default=None,
+                        help="with --criterion lora, also score o_proj/down_proj columns (as the reference "
+                        "code does; the rank-r estimate of those is mostly noise)")
     parser.add_argument("--attention-unit", default=None, choices=["kv_group", "query_head"],
                         help="remove whole KV groups, or query heads inside each KV group")
     parser.add_argument("--attention-fraction", type=float, default=None,

@@ -46,6 +46,7 @@ class PruneConfig:
     criterion: Criterion = "lora"
     score_power: Literal["square", "abs"] = "square"
     normalise_scores: bool = True
+    lora_columns: bool = False  # also score o_proj/down_proj columns with the lora estimate (reference)
     ema: float = 0.9
 
     # Schedule (paper Sec. 3.3: cubic ramp, masks updated every k steps, then recovery).

@@ -68,13 +68,14 @@ def _normalised(scores: torch.Tensor, normalise: bool) -> torch.Tensor:
 
 
 def attention_scores(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor | None,
     shape: LayerShape, unit: AttentionUnit, normalise: bool = True,
 ) -> torch.Tensor:
-    """Group scores of a layer's attention units from the element scores of q, k, v and o."""
+    """Group scores of a layer's attention units from the element scores of q, k, v and o (optional)."""
     hd = shape.head_dim
-    query_heads = (_normalised(row_scores(q, hd), normalise)
-                   + _normalised(column_scores(o, hd), normalise))  # (num_heads,)
+    query_heads = _normalised(row_scores(q, hd), normalise)  # (num_heads,)
+    if o is not None:
+        query_heads = query_heads + _normalised(column_scores(o, hd), normalise)
     if unit == "query_head":
         return query_heads
     kv_heads = _normalised(row_scores(k, hd), normalise) + _normalised(row_scores(v, hd), normalise)
@@ -82,12 +83,13 @@ def attention_scores(
 
 
 def ffn_scores(
-    gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, normalise: bool = True
+    gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor | None, normalise: bool = True
 ) -> torch.Tensor:
-    """Group scores of a layer's FFN channels from the element scores of gate, up and down."""
-    return (_normalised(row_scores(gate, 1), normalise)
-            + _normalised(row_scores(up, 1), normalise)
-            + _normalised(column_scores(down, 1), normalise))
+    """Group scores of a layer's FFN channels from the element scores of gate, up and down (optional)."""
+    scores = _normalised(row_scores(gate, 1), normalise) + _normalised(row_scores(up, 1), normalise)
+    if down is not None:
+        scores = scores + _normalised(column_scores(down, 1), normalise)
+    return scores
 
 
 def query_heads_of_units(units_kept: torch.Tensor, shape: LayerShape, unit: AttentionUnit) -> torch.Tensor:

@@ -37,7 +37,8 @@ def calibration_scores(model: PreTrainedModel, blocks: torch.Tensor, config: Pru
         for block in blocks.split(config.batch_size):
             (compute_loss(work, block) / len(blocks)).backward()
     return model_scores(decoder_layers(work, spec), target.pruned_layers, spec, shape, target.attention_unit,
-                        config.criterion, config.score_power, config.normalise_scores, config.seed)
+                        config.criterion, config.score_power, config.normalise_scores, config.seed,
+                        config.lora_columns)
 
 
 def masks_from_scores(scores: dict[int, LayerScores], shape: LayerShape, num_layers: int,

@@ -251,7 +251,7 @@ def train_and_prune(model: PreTrainedModel, train_blocks: torch.Tensor, config: 
             if pruning and step < schedule.end_step:  # masks freeze afterwards; scores would go unused
                 fresh_scores = model_scores(layers, target.pruned_layers, spec, shape, target.attention_unit,
                                             config.criterion, config.score_power, config.normalise_scores,
-                                            config.seed)
+                                            config.seed, config.lora_columns)
         except KeyboardInterrupt:
             if accelerator.is_main_process:
                 raise interrupted(step, samples_at_step_start, rng_at_step_start) from None
