@@ -21,7 +21,7 @@ def test_quick_benchmark_suite_runs_every_method_and_writes_nothing_into_docs(tm
     assert done.returncode == 0, done.stderr[-3000:]
     runs = json.loads(results.read_text())["runs"]
     methods = {row["method"] for row in runs.values()}
-    assert methods == {"dense", "dense+lora", "lora", "grad", "llm-pruner", "magnitude", "random"}
+    assert methods == {"dense", "dense+lora", "lora", "lora+columns", "grad", "llm-pruner", "magnitude", "random"}
     for row in runs.values():
         assert row["ppl_austen"] > 1 and row["ppl_pydoc"] > 1
         if row["target_sparsity"]:
