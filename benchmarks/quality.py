@@ -110,7 +110,7 @@ def run_one(base, method: str, sparsity: float, settings: Settings, train_blocks
 def run_suite(settings: Settings, results_path: Path) -> dict:
     """Run every method at every sparsity, skipping runs already recorded with the same settings."""
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
-    if results.get("settings") != asdict(settings):
+    if results.get("settings") != json.loads(json.dumps(asdict(settings))):  # JSON turns tuples into lists
         results = {"settings": asdict(settings), "runs": {}}
     base, tokenizer = load_model("smollm2-135m")
     train_blocks = token_blocks(tokenizer, load_text("austen", "train"), settings.seq_len)
