@@ -18,7 +18,7 @@ from loraprune.checkpoint import LoadedCheckpoint, load_checkpoint
 from loraprune.config import PruneConfig
 from loraprune.data import load_text, token_blocks
 from loraprune.errors import LoraPruneError
-from loraprune.evaluate import PerplexityResult, perplexity
+from loraprune.evaluate import PerplexityResult, evaluate_perplexity
 from loraprune.export import export_checkpoint
 from loraprune.groups import LayerShape
 from loraprune.loading import load_model
@@ -92,11 +92,8 @@ def saved_run_config(run: str | Path | None) -> PruneConfig:
 
 
 def _evaluate(model, tokenizer, config: PruneConfig, progress: bool) -> PerplexityResult:
-    text = load_text(config.data, "validation", config.austen_dir)
-    blocks = token_blocks(tokenizer, text, config.eval_seq_len, config.eval_tokens)
-    result = perplexity(model, blocks, progress=progress)
-    result.data, result.split = config.data, "validation"
-    return result
+    return evaluate_perplexity(model, tokenizer, config.data, config.eval_seq_len, config.eval_tokens,
+                               austen_dir=config.austen_dir, progress=progress)
 
 
 def _check_exportable(config: PruneConfig) -> None:
