@@ -94,6 +94,7 @@ def _has_attention_bias(model: torch.nn.Module, spec: ArchSpec) -> bool:
 
 
 def wrap_with_lora(model: PreTrainedModel, config: PruneConfig, spec: ArchSpec) -> torch.nn.Module:
+    """Add LoRA adapters (PEFT); for the grad criterion also let the frozen projections get ∇W."""
     lora = LoraConfig(r=config.lora.rank, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
                       target_modules=list(config.lora.target_modules), bias="none", task_type="CAUSAL_LM")
     peft_model = get_peft_model(model, lora)
@@ -124,7 +125,7 @@ def _update_masks(masks: ModelMasks, scores: MovingAverageScores, target: PruneT
     for index in target.pruned_layers:
         layer_scores = scores.layers.get(index)
         if layer_scores is None:
-            log.warning("layer %d has no finite scores yet; masks there follow unit order", index)
+            log.warning("layer %d has no finite scores yet; its mask waits for the next update", index)
             continue
         update_layer_mask(masks.layers[index], layer_scores, shape, target.attention_unit,
                           attention_removed, ffn_removed)
