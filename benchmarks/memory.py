@@ -82,6 +82,20 @@ def measure(steps: int, seq_len: int) -> dict:
     }
 
 
+def weight_gradient_mib() -> float:
+    """Size of ∇W for the seven prunable projections of SmolLM2 in float32, from its config."""
+    from transformers import AutoConfig
+
+    from loraprune.groups import LayerShape
+    from loraprune.loading import resolve_model_dir
+
+    config = AutoConfig.from_pretrained(resolve_model_dir("smollm2-135m"))
+    s = LayerShape.from_config(config)
+    attention = s.hidden_size * s.head_dim * (2 * s.num_heads + 2 * s.num_kv_heads)
+    ffn = 3 * s.hidden_size * s.intermediate_size
+    return config.num_hidden_layers * (attention + ffn) * 4 / 2**20
+
+
 def memory_section(result: dict, command: str, machine: str) -> str:
     """Markdown table of the memory and step-time comparison."""
     rows = result["rows"]
@@ -108,6 +122,13 @@ def memory_section(result: dict, command: str, machine: str) -> str:
         (f"lora vs grad criterion: peak memory {cmp['peak_memory_change']:+.1%}, memory added by training "
          f"{cmp['training_memory_change']:+.1%}, throughput {cmp['throughput_change']:+.1%} "
          "(the paper reports −52.6 % memory and +64.6 % throughput on LLaMA-7B on a GPU)."),
+        "",
+        (f"Why the gap is smaller here: ∇W of the seven projections of SmolLM2 is only "
+         f"{weight_gradient_mib():.0f} MiB in float32, while the rest of what training adds (activations "
+         "of the 30 layers, the float32 logits over a 49,152-token vocabulary, LoRA's AdamW state, the "
+         "allocator's caches) does not depend on the criterion. On LLaMA-7B the frozen weights, and so "
+         "∇W, dominate training memory, which is what the LoRA criterion saves. The step-time gain "
+         "comes from not computing and not zeroing ∇W each step."),
         "",
         "![memory and step time](memory.png)",
         "",
@@ -138,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--no-docs", action="store_true")
+    parser.add_argument("--from-json", action="store_true", help="rewrite the docs from saved results, no runs")
     args = parser.parse_args(argv)
     if args.worker:
         print(json.dumps(_worker(args.worker, args.steps, args.seq_len)))
@@ -145,10 +167,14 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from docs_sections import DOCS, machine_line, save_results, write_section
 
-    result = measure(args.steps, args.seq_len)
+    if args.from_json:
+        result = json.loads((DOCS / "results" / "memory.json").read_text())
+        args.steps, args.seq_len = result["rows"][0]["steps"], result["rows"][0]["seq_len"]
+    else:
+        result = measure(args.steps, args.seq_len)
     if not args.no_docs:
         command = f"python benchmarks/memory.py --steps {args.steps} --seq-len {args.seq_len}"
-        result["machine"] = machine_line()
+        result.setdefault("machine", machine_line())
         save_results("memory", result)
         write_section("memory", memory_section(result, command, result["machine"]))
         plot(result, DOCS / "memory.png")
