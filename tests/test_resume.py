@@ -48,8 +48,15 @@ def _checkpointed_step(out: Path) -> int:
         return 0
 
 
+def _sigint_reaches_python() -> None:
+    # A shell that starts a job in the background (`cmd &`, nohup) makes it ignore SIGINT, and
+    # Python then keeps ignoring it; CI may start the test runner that way.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start_and_wait_for_step(command: list[str], out: Path, step: int) -> subprocess.Popen:
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=_sigint_reaches_python)
     deadline = time.monotonic() + 600
     while _checkpointed_step(out) < step:
         assert process.poll() is None, process.communicate()[1]
