@@ -16,6 +16,7 @@ from torch import nn
 from loraprune.errors import LoraPruneError
 from loraprune.groups import LayerShape, kv_heads_kept
 from loraprune.models import ArchSpec, decoder_layers
+from loraprune.target import structure_sizes
 
 
 @dataclass
@@ -108,10 +109,7 @@ def _input_mask_hook(mask: LayerMask, attribute: str, repeat: int):
 
 def removed_parameters(masks: ModelMasks, shape: LayerShape, attention_bias: bool, mlp_bias: bool) -> int:
     """Parameters the sliced model will have lost, counted from the masks."""
-    hidden, hd = shape.hidden_size, shape.head_dim
-    query_head = 2 * hd * hidden + (hd if attention_bias else 0)
-    kv_head = 2 * (hd * hidden + (hd if attention_bias else 0))
-    ffn_channel = 3 * hidden + (2 if mlp_bias else 0)
+    query_head, kv_head, ffn_channel = structure_sizes(shape, attention_bias, mlp_bias)
     removed = 0
     for mask in masks.layers:
         removed += int((~mask.heads).sum()) * query_head

@@ -11,6 +11,15 @@ from loraprune.errors import LoraPruneError
 from loraprune.groups import AttentionUnit, LayerShape
 
 
+def structure_sizes(shape: LayerShape, attention_bias: bool, mlp_bias: bool) -> tuple[int, int, int]:
+    """Parameters of one query head (q rows + o columns), one KV head (k, v rows), one FFN channel."""
+    hidden, hd = shape.hidden_size, shape.head_dim
+    query_head = 2 * hd * hidden + (hd if attention_bias else 0)
+    kv_head = 2 * (hd * hidden + (hd if attention_bias else 0))
+    ffn_channel = 3 * hidden + (2 if mlp_bias else 0)
+    return query_head, kv_head, ffn_channel
+
+
 @dataclass(frozen=True)
 class UnitSizes:
     """Parameters removed with one unit of each kind, in one layer."""
@@ -21,14 +30,8 @@ class UnitSizes:
     @classmethod
     def of(cls, shape: LayerShape, unit: AttentionUnit, attention_bias: bool, mlp_bias: bool) -> UnitSizes:
         """Count q/k/v rows (+biases) and o columns of a unit; gate/up rows and a down column."""
-        hidden, hd = shape.hidden_size, shape.head_dim
-        query_head = hd * hidden * 2 + (hd if attention_bias else 0)  # q rows + o columns
-        if unit == "kv_group":
-            kv_head = 2 * (hd * hidden + (hd if attention_bias else 0))  # k and v rows
-            attention = shape.queries_per_kv * query_head + kv_head
-        else:
-            attention = query_head
-        ffn = 3 * hidden + (2 if mlp_bias else 0)
+        query_head, kv_head, ffn = structure_sizes(shape, attention_bias, mlp_bias)
+        attention = shape.queries_per_kv * query_head + kv_head if unit == "kv_group" else query_head
         return cls(attention, ffn)
 
 
