@@ -14,10 +14,10 @@ import torch
 
 from loraprune.config import PruneConfig
 from loraprune.data import load_text, token_blocks
-from loraprune.groups import LayerShape
-from loraprune.loading import load_model
-from loraprune.oneshot import calibration_scores, masks_from_scores
-from loraprune.recipe import solve_model_target
+from loraprune.models.loading import load_model
+from loraprune.pruning.groups import LayerShape
+from loraprune.pruning.target import solve_model_target
+from loraprune.training.oneshot import calibration_scores, masks_from_scores
 
 SPARSITIES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6)
 

@@ -40,7 +40,7 @@ def save_results(name: str, results: dict) -> Path:
 
 def machine_line() -> str:
     """CPU model, cores, library versions and load, for the head of a section."""
-    from loraprune.speed import machine_info
+    from loraprune.evaluation.speed import machine_info
 
     m = machine_info()
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())

@@ -27,10 +27,10 @@ def _worker(mode: str, steps: int, seq_len: int) -> dict:
 
     from loraprune.config import PruneConfig
     from loraprune.data import load_text, token_blocks
-    from loraprune.groups import LayerShape
-    from loraprune.loading import load_model
-    from loraprune.masks import ModelMasks
-    from loraprune.recipe import train_and_prune
+    from loraprune.models.loading import load_model
+    from loraprune.pruning.groups import LayerShape
+    from loraprune.pruning.masks import ModelMasks
+    from loraprune.training.recipe import train_while_pruning
 
     process = psutil.Process()
     model, tokenizer = load_model("smollm2-135m")
@@ -51,7 +51,7 @@ def _worker(mode: str, steps: int, seq_len: int) -> dict:
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     with tempfile.TemporaryDirectory() as run_dir:
-        train_and_prune(model, blocks, config, Path(run_dir), progress=False, fixed_masks=fixed)
+        train_while_pruning(model, blocks, config, Path(run_dir), progress=False, fixed_masks=fixed)
         log = [json.loads(line) for line in (Path(run_dir) / "log.jsonl").read_text().splitlines()]
     done.set()
     sampler.join()
@@ -86,8 +86,8 @@ def weight_gradient_mib() -> float:
     """Size of ∇W for the seven prunable projections of SmolLM2 in float32, from its config."""
     from transformers import AutoConfig
 
-    from loraprune.groups import LayerShape
-    from loraprune.loading import resolve_model_dir
+    from loraprune.models.loading import resolve_model_dir
+    from loraprune.pruning.groups import LayerShape
 
     config = AutoConfig.from_pretrained(resolve_model_dir("smollm2-135m"))
     s = LayerShape.from_config(config)

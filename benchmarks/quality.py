@@ -20,14 +20,15 @@ import torch
 
 from loraprune.config import PruneConfig
 from loraprune.data import load_text, token_blocks
-from loraprune.evaluate import perplexity
-from loraprune.export import export_checkpoint
-from loraprune.groups import LayerShape
-from loraprune.loading import load_model
-from loraprune.masks import ModelMasks
+from loraprune.evaluation.perplexity import perplexity
+from loraprune.export.transformers_writer import export_checkpoint
 from loraprune.models import count_parameters, spec_for
-from loraprune.oneshot import one_shot_masks
-from loraprune.recipe import solve_model_target, train_and_prune
+from loraprune.models.loading import load_model
+from loraprune.pruning.groups import LayerShape
+from loraprune.pruning.masks import ModelMasks
+from loraprune.pruning.target import solve_model_target
+from loraprune.training.oneshot import one_shot_masks
+from loraprune.training.recipe import train_while_pruning
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from docs_sections import RESULTS, machine_line, write_section
@@ -85,7 +86,7 @@ def run_one(base, method: str, sparsity: float, settings: Settings, train_blocks
                 fixed = one_shot_masks(model, calibration, config, solve_model_target(model, config))
             else:
                 config = _config(settings, method, sparsity)
-            outcome = train_and_prune(model, train_blocks, config, Path(run_dir), progress=True,
+            outcome = train_while_pruning(model, train_blocks, config, Path(run_dir), progress=True,
                                       fixed_masks=fixed)
             pruned, achieved, steps = outcome.model, outcome.achieved_sparsity, outcome.steps
             kept = outcome.masks.kept_counts()

@@ -11,8 +11,8 @@ from pathlib import Path
 
 from docs_sections import DOCS, save_results, write_section
 
-from loraprune.loading import resolve_model_dir
-from loraprune.speed import benchmark_speed, speed_table
+from loraprune.evaluation.speed import benchmark_speed, speed_table
+from loraprune.models.loading import resolve_model_dir
 
 # What we learned measuring this (the measured numbers are in the tables above).
 NOTES = [

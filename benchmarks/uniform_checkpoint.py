@@ -10,11 +10,11 @@ from pathlib import Path
 
 import torch
 
-from loraprune.export import export_checkpoint
-from loraprune.groups import LayerShape
-from loraprune.loading import load_model
-from loraprune.masks import LayerMask, ModelMasks
+from loraprune.export.transformers_writer import export_checkpoint
 from loraprune.models import spec_for
+from loraprune.models.loading import load_model
+from loraprune.pruning.groups import LayerShape
+from loraprune.pruning.masks import LayerMask, ModelMasks
 
 
 def uniform_masks(shape: LayerShape, num_layers: int, kv_groups: int, queries_per_group: int,

@@ -110,7 +110,7 @@ def austen_dir():
 @pytest.fixture(scope="session")
 def smollm2():
     """The real SmolLM2-135M (model, tokenizer), converted from the packaged GGUF on first use."""
-    from loraprune.loading import load_model
+    from loraprune.models.loading import load_model
 
     return load_model("smollm2-135m")
 

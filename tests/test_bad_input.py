@@ -17,7 +17,7 @@ import pytest
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from loraprune.config import PruneConfig
-from loraprune.run import prune
+from loraprune.job import prune
 from tests.conftest import build_tiny_model, build_word_tokenizer, save_tiny_run_inputs, tiny_prune_command
 
 

@@ -94,7 +94,7 @@ def test_library_errors_become_exit_2_in_process(monkeypatch, capsys):
 
 
 def test_eval_json_reports_text_window_and_tokens(monkeypatch, capsys):
-    from loraprune import evaluate
+    from loraprune.evaluation import perplexity as evaluate
 
     seen = {}
 

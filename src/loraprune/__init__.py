@@ -12,14 +12,14 @@ from loraprune.config import LoraSettings, PruneConfig
 from loraprune.errors import LoraPruneError
 
 if TYPE_CHECKING:
-    from loraprune.run import PruneResult
+    from loraprune.job import PruneResult
 
 __all__ = ["LoraPruneError", "LoraSettings", "PruneConfig", "prune"]
 __version__ = "0.1.0"
 
 
 def prune(config: PruneConfig | None = None, out: str | Path | None = None, **options) -> PruneResult:
-    """Prune while fine-tuning LoRA and export the smaller model (see :func:`loraprune.run.prune`)."""
-    from loraprune.run import prune as run_prune  # torch and transformers load only when needed
+    """Prune while fine-tuning LoRA and export the smaller model (see :func:`loraprune.job.prune`)."""
+    from loraprune import job  # torch and transformers load only when needed
 
-    return run_prune(config, out, **options)
+    return job.prune(config, out, **options)

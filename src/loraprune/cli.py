@@ -13,7 +13,6 @@ from collections.abc import Callable
 from loraprune import __version__
 from loraprune.errors import LoraPruneError
 
-EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
 
 
@@ -75,12 +74,12 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--include-path", default=None, help="with --tasks: folder of extra task YAMLs")
 
 
-def run_eval(args: argparse.Namespace) -> int:
+def eval_command(args: argparse.Namespace) -> int:
     """Measure perplexity and print it with the text, window length and token count."""
-    from loraprune.evaluate import evaluate_model
+    from loraprune.evaluation.perplexity import evaluate_model
 
     if args.tasks:
-        return run_zeroshot(args)
+        return zeroshot_command(args)
     result = evaluate_model(
         model=args.model,
         data=args.data,
@@ -103,9 +102,9 @@ def run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_zeroshot(args: argparse.Namespace) -> int:
+def zeroshot_command(args: argparse.Namespace) -> int:
     """`loraprune eval --tasks`: zero-shot accuracy through lm-evaluation-harness."""
-    from loraprune.zeroshot import format_results, run_tasks
+    from loraprune.evaluation.zeroshot import format_results, run_tasks
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     result = run_tasks(args.model, tasks, limit=args.limit, batch_size=args.batch_size,
@@ -182,10 +181,10 @@ def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
-def run_prune(args: argparse.Namespace) -> int:
+def prune_command(args: argparse.Namespace) -> int:
     """Prune while fine-tuning LoRA, export, and print perplexity before and after."""
     from loraprune.config import PruneConfig
-    from loraprune.run import prune, saved_run_config
+    from loraprune.job import prune, saved_run_config
 
     overrides = {name: getattr(args, name) for name in PRUNE_SETTINGS if getattr(args, name) is not None}
     overrides["normalise_scores"] = False if args.no_normalise else None
@@ -193,6 +192,8 @@ def run_prune(args: argparse.Namespace) -> int:
     config = base.with_overrides({k: v for k, v in overrides.items() if v is not None})
     result = prune(config, args.out, resume=args.resume, overwrite=args.overwrite,
                    export=not args.no_export, progress=not args.no_progress)
+    if not result.main_process:  # under torchrun every process ran the job; one reports it
+        return 0
     before, after = result.dense_perplexity, result.pruned_perplexity
     print(f"achieved whole-model sparsity {result.achieved_sparsity:.4f} (target {result.report['target_sparsity']})")
     print(f"perplexity on {before.data} ({before.split}), {before.n_windows} windows of {before.seq_len} tokens, "
@@ -209,9 +210,9 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
 
 
-def run_export(args: argparse.Namespace) -> int:
+def export_command(args: argparse.Namespace) -> int:
     """Merge, slice and write the model of a saved run."""
-    from loraprune.run import export_run
+    from loraprune.job import export_run
 
     print(f"pruned model written to {export_run(args.run, args.out, overwrite=args.overwrite)}")
     return 0
@@ -223,7 +224,7 @@ def add_info_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
-def run_info(args: argparse.Namespace) -> int:
+def info_command(args: argparse.Namespace) -> int:
     """Print parameters, size, architecture and per-layer widths of a checkpoint folder."""
     from loraprune.info import checkpoint_info, format_info
 
@@ -244,10 +245,10 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the full result as JSON")
 
 
-def run_bench(args: argparse.Namespace) -> int:
+def bench_command(args: argparse.Namespace) -> int:
     """Time prefill and decode of the dense and pruned models; print speedups next to the ideal."""
-    from loraprune.loading import resolve_model_dir
-    from loraprune.speed import benchmark_speed, speed_table
+    from loraprune.evaluation.speed import benchmark_speed, speed_table
+    from loraprune.models.loading import resolve_model_dir
 
     result = benchmark_speed(resolve_model_dir(args.model), args.pruned, args.prompt_tokens,
                              args.new_tokens, args.repeats, args.threads)
@@ -260,11 +261,11 @@ COMMANDS: dict[
     str,
     tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]],
 ] = {
-    "eval": ("measure perplexity on a text", add_eval_arguments, run_eval),
-    "prune": ("prune a model while fine-tuning LoRA, then export it", add_prune_arguments, run_prune),
-    "export": ("write a saved run's pruned model as a standard checkpoint", add_export_arguments, run_export),
-    "info": ("describe a checkpoint folder: size, architecture, widths", add_info_arguments, run_info),
-    "bench": ("measure prefill and decode speed of pruned vs dense", add_bench_arguments, run_bench),
+    "eval": ("measure perplexity on a text", add_eval_arguments, eval_command),
+    "prune": ("prune a model while fine-tuning LoRA, then export it", add_prune_arguments, prune_command),
+    "export": ("write a saved run's pruned model as a standard checkpoint", add_export_arguments, export_command),
+    "info": ("describe a checkpoint folder: size, architecture, widths", add_info_arguments, info_command),
+    "bench": ("measure prefill and decode speed of pruned vs dense", add_bench_arguments, bench_command),
 }
 
 

@@ -1,0 +1,6 @@
+"""Export: merge LoRA, slice pruned rows and columns, and write the smaller model in a runtime's format.
+
+slicing.py is format-free (masked LoRA model → smaller dense transformers model); each writer takes
+that model and writes one format, validating it before the folder is put in place:
+transformers_writer.py writes a standard Hugging Face checkpoint.
+"""

@@ -1,0 +1,159 @@
+"""Turn a masked LoRA model into a smaller dense one: merge LoRA, cut pruned rows and columns.
+
+Slicing is pure index_select on weights, so the sliced model computes what the masked model did.
+"""
+
+from __future__ import annotations
+
+import torch
+from huggingface_hub.errors import StrictDataclassClassValidationError
+from torch import nn
+from transformers import MistralConfig, MistralForCausalLM, PreTrainedModel
+
+from loraprune.errors import LoraPruneError
+from loraprune.models import ArchSpec, decoder_layers, unwrap
+from loraprune.pruning.groups import LayerShape
+from loraprune.pruning.masks import ModelMasks
+
+# Llama fields that Mistral does not have; a Llama without biases is a Mistral without a window.
+_LLAMA_ONLY_FIELDS = ("attention_bias", "mlp_bias", "pretraining_tp")
+
+
+def merge_lora(model: nn.Module) -> PreTrainedModel:
+    """Fold LoRA adapters into the base weights (in place); a plain model passes through."""
+    if callable(getattr(model, "merge_and_unload", None)):
+        return model.merge_and_unload()
+    return unwrap(model)
+
+
+def slice_model(model: PreTrainedModel, masks: ModelMasks, spec: ArchSpec) -> PreTrainedModel:
+    """Remove pruned heads and FFN channels in place; returns the model (a new one if re-typed)."""
+    if callable(getattr(model, "merge_and_unload", None)):
+        raise LoraPruneError("slice_model needs a merged model; call merge_lora(model) first")
+    shape = LayerShape.from_config(model.config)
+    layers = decoder_layers(model, spec)
+    if len(layers) != len(masks.layers):
+        raise LoraPruneError(f"masks cover {len(masks.layers)} layers but the model has "
+                             f"{len(layers)}; export with the masks of this model's run")
+    heads, kv_heads, ffn = uniform_widths(masks, shape)
+    for layer, mask in zip(layers, masks.layers):
+        _slice_attention(getattr(layer, spec.attention), mask.heads, mask.kv_heads(shape), shape, spec)
+        _slice_mlp(getattr(layer, spec.mlp), mask.ffn, spec)
+    config = model.config
+    config.num_attention_heads = heads
+    config.num_key_value_heads = kv_heads
+    config.intermediate_size = ffn
+    config.head_dim = shape.head_dim
+    if _config_accepts(config):
+        return model
+    return as_mistral(model)
+
+
+def uniform_widths(masks: ModelMasks, shape: LayerShape) -> tuple[int, int, int]:
+    """Kept (query heads, kv heads, FFN channels), the same in every layer, or a LoraPruneError."""
+    widths = set()
+    for mask in masks.layers:
+        per_kv = mask.heads.view(shape.num_kv_heads, shape.queries_per_kv).sum(dim=1)
+        kept_per_kv = set(per_kv[per_kv > 0].tolist())
+        if len(kept_per_kv) > 1:
+            raise LoraPruneError(
+                "kept key/value heads keep different numbers of query heads "
+                f"({sorted(kept_per_kv)}); a standard checkpoint needs the same count per KV group, "
+                "so prune with uniform masks")
+        widths.add((int(mask.heads.sum()), int(mask.kv_heads(shape).sum()), int(mask.ffn.sum())))
+    if len(widths) != 1:
+        raise LoraPruneError(
+            f"layers keep different widths {sorted(widths)} (heads, kv heads, ffn); a standard "
+            "checkpoint has one config for all layers, so prune with the same count per layer")
+    heads, kv_heads, ffn = widths.pop()
+    if heads == 0 or ffn == 0:
+        raise LoraPruneError("masks remove every attention head or every FFN channel of a layer; "
+                             "lower the target sparsity")
+    return heads, kv_heads, ffn
+
+
+def _slice_attention(attention: nn.Module, heads: torch.Tensor, kv_heads: torch.Tensor,
+                     shape: LayerShape, spec: ArchSpec) -> None:
+    """Keep the rows of q (kept query heads), k and v (kept kv heads) and the columns of o."""
+    query_index = _unit_index(heads, shape.head_dim)
+    kv_index = _unit_index(kv_heads, shape.head_dim)
+    for name, index in ((spec.q_proj, query_index), (spec.k_proj, kv_index), (spec.v_proj, kv_index)):
+        setattr(attention, name, _select(getattr(attention, name), rows=index))
+    setattr(attention, spec.o_proj, _select(getattr(attention, spec.o_proj), columns=query_index))
+    num_heads, num_kv = int(heads.sum()), int(kv_heads.sum())
+    attention.num_key_value_groups = num_heads // num_kv
+    # transformers 5 keeps only num_key_value_groups; older or custom modules also store counts.
+    for attribute, value in (("num_heads", num_heads), ("num_attention_heads", num_heads),
+                             ("num_key_value_heads", num_kv)):
+        if hasattr(attention, attribute):
+            setattr(attention, attribute, value)
+
+
+def _slice_mlp(mlp: nn.Module, channels: torch.Tensor, spec: ArchSpec) -> None:
+    """Keep the gate and up rows and the down columns of kept FFN channels."""
+    index = _unit_index(channels, 1)
+    setattr(mlp, spec.gate_proj, _select(getattr(mlp, spec.gate_proj), rows=index))
+    setattr(mlp, spec.up_proj, _select(getattr(mlp, spec.up_proj), rows=index))
+    setattr(mlp, spec.down_proj, _select(getattr(mlp, spec.down_proj), columns=index))
+    if hasattr(mlp, "intermediate_size"):
+        mlp.intermediate_size = index.numel()
+
+
+def _unit_index(kept: torch.Tensor, width: int) -> torch.Tensor:
+    """Indices of the rows (or columns) that belong to kept units of `width` rows each."""
+    return torch.arange(kept.numel() * width).view(-1, width)[kept.bool().cpu()].flatten()
+
+
+def _select(linear: nn.Module, rows: torch.Tensor | None = None,
+            columns: torch.Tensor | None = None) -> nn.Linear:
+    """A new nn.Linear holding the selected output rows / input columns of `linear`."""
+    if not isinstance(linear, nn.Linear):
+        raise LoraPruneError(f"cannot slice a {type(linear).__name__}; export needs plain nn.Linear "
+                             "projections (merge LoRA and load the model unquantized)")
+    weight, bias = linear.weight.detach(), linear.bias
+    if rows is not None:
+        weight = weight.index_select(0, rows.to(weight.device))
+        bias = bias.detach().index_select(0, rows.to(weight.device)) if bias is not None else None
+    if columns is not None:
+        weight = weight.index_select(1, columns.to(weight.device))
+    sliced = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None,
+                       device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        sliced.weight.copy_(weight)
+        if bias is not None:
+            sliced.bias.copy_(bias)
+    sliced.train(linear.training)
+    return sliced
+
+
+def _config_accepts(config) -> bool:
+    """Whether the config's own class accepts its (sliced) head counts and widths."""
+    try:
+        config.validate()
+    except (StrictDataclassClassValidationError, ValueError, TypeError):
+        return False
+    return True
+
+
+def as_mistral(model: PreTrainedModel) -> PreTrainedModel:
+    """Re-type a sliced bias-free Llama whose head count LlamaConfig refuses as the same Mistral."""
+    config = model.config
+    if config.model_type != "llama":
+        raise LoraPruneError(
+            f"{type(config).__name__} refuses {config.num_attention_heads} heads of hidden size "
+            f"{config.hidden_size}; prune to a head count that divides the hidden size")
+    if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
+        raise LoraPruneError(
+            f"LlamaConfig refuses {config.num_attention_heads} heads of hidden size "
+            f"{config.hidden_size}, and this Llama has biases that Mistral cannot hold; prune to a "
+            "head count that divides the hidden size")
+    fields = {k: v for k, v in config.to_dict().items()
+              if k not in _LLAMA_ONLY_FIELDS + ("model_type", "architectures", "transformers_version")}
+    mistral_config = MistralConfig(**{**fields, "sliding_window": None})
+    mistral_config._attn_implementation = config._attn_implementation
+    mistral = MistralForCausalLM(mistral_config).to(dtype=model.dtype, device=model.device)
+    # Same module tree and names as Llama: the state dict moves across unchanged.
+    mistral.load_state_dict(model.state_dict(), strict=True)
+    mistral.generation_config = model.generation_config
+    mistral.train(model.training)
+    return mistral

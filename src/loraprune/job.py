@@ -1,0 +1,181 @@
+"""The whole job as users call it: folders, resume, evaluation before and after, export.
+
+``prune`` is ``loraprune.prune`` and what ``loraprune prune`` calls; ``export_run`` re-exports a
+saved run. The training itself is the recipe's (loraprune.training.recipe).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import PartialState
+from peft import set_peft_model_state_dict
+
+from loraprune.config import PruneConfig
+from loraprune.data import load_text, token_blocks
+from loraprune.errors import LoraPruneError
+from loraprune.evaluation.perplexity import PerplexityResult, evaluate_perplexity
+from loraprune.export.transformers_writer import export_checkpoint
+from loraprune.models import spec_for
+from loraprune.models.loading import load_model
+from loraprune.pruning.masks import ModelMasks
+from loraprune.pruning.schedule import PruningSchedule
+from loraprune.pruning.target import PruneTarget, solve_model_target
+from loraprune.training.checkpoint import LoadedCheckpoint, load_checkpoint, model_fingerprint
+from loraprune.training.lora import wrap_with_lora
+from loraprune.training.recipe import train_while_pruning
+from loraprune.training.run_folder import PARTIAL_SUFFIX, partial_dir
+
+RUN_SUBDIR = "run"
+
+
+@dataclass
+class PruneResult:
+    """A finished run: where the pruned checkpoint is and how good it is."""
+
+    output_dir: Path
+    target: PruneTarget
+    achieved_sparsity: float
+    dense_perplexity: PerplexityResult
+    pruned_perplexity: PerplexityResult
+    report: dict
+    main_process: bool = True  # False in the other processes of a data-parallel run
+
+
+def _run_folders(out: Path | None, resume: Path | bool) -> tuple[Path, Path]:
+    """(output checkpoint folder, run folder) for a new run or the one being resumed."""
+    if isinstance(resume, Path):
+        run_dir = resume if resume.name.endswith(PARTIAL_SUFFIX) else partial_dir(resume)
+        if not run_dir.is_dir():
+            raise LoraPruneError(f"nothing to resume at {resume}: no {run_dir.name} folder; "
+                                 "start without --resume")
+        return run_dir.with_name(run_dir.name[: -len(PARTIAL_SUFFIX)]), run_dir
+    if out is None:
+        raise LoraPruneError("--out is required: the folder the pruned model is written to")
+    return out, partial_dir(out)
+
+
+def _check_folders(out: Path, run_dir: Path, resuming: bool, overwrite: bool) -> None:
+    if out.exists() and not overwrite:
+        raise LoraPruneError(f"output folder {out} exists; pass --overwrite or choose another --out")
+    if run_dir.exists() and not resuming and not overwrite:
+        raise LoraPruneError(f"an interrupted run is in {run_dir}; pass --resume to continue it, "
+                             "or --overwrite to start again")
+
+
+def _checked_resume(run_dir: Path, config: PruneConfig | None) -> tuple[LoadedCheckpoint, PruneConfig]:
+    checkpoint = load_checkpoint(run_dir)
+    saved = PruneConfig.from_dict(checkpoint.state.config)
+    if config is not None:
+        changed = saved.result_changing_differences(config)
+        if changed:
+            raise LoraPruneError(f"cannot resume with changed settings ({', '.join(changed)}); "
+                                 f"rerun with the settings recorded in {run_dir}/checkpoint/state.json "
+                                 "or start a new run")
+    return checkpoint, saved
+
+
+def saved_run_config(run: str | Path | None) -> PruneConfig:
+    """The settings recorded by the run that ``run`` (a run folder or its --out) refers to."""
+    if run is None:
+        raise LoraPruneError("--resume needs the run folder (or pass the --out the run was writing)")
+    _, run_dir = _run_folders(None, Path(run))
+    return PruneConfig.from_dict(load_checkpoint(run_dir).state.config)
+
+
+def run_report(config: PruneConfig, steps: int) -> dict:
+    """What every exported model's loraprune.json says about the run that made it."""
+    return {"source_model": config.model, "criterion": config.criterion, "data": config.data, "steps": steps,
+            "seed": config.seed, "target_sparsity": config.sparsity, "config": config.to_dict()}
+
+
+def _evaluate(model, tokenizer, config: PruneConfig, progress: bool) -> PerplexityResult:
+    return evaluate_perplexity(model, tokenizer, config.data, config.eval_seq_len, config.eval_tokens,
+                               austen_dir=config.austen_dir, progress=progress)
+
+
+def _check_exportable(config: PruneConfig) -> None:
+    if config.skip_first_layers or config.skip_last_layers:
+        raise LoraPruneError(
+            "--skip-first/--skip-last leave layers of different widths, which one transformers "
+            "config cannot describe; drop them (every layer is pruned alike) or pass --no-export "
+            "to keep only the masks and adapter")
+
+
+def prune(config: PruneConfig | None = None, out: str | Path | None = None, *,
+          resume: bool | str | Path = False, overwrite: bool = False, export: bool = True,
+          progress: bool = True) -> PruneResult:
+    """Prune ``config.model`` while fine-tuning LoRA and write the smaller model to ``out``."""
+    out_path = Path(out) if out is not None else None
+    resume_arg = Path(resume) if isinstance(resume, (str, Path)) else resume
+    if resume_arg is True and out_path is not None:
+        resume_arg = out_path
+    out_path, run_dir = _run_folders(out_path, resume_arg)
+    resuming = bool(resume_arg)
+    checkpoint = None
+    if resuming:
+        checkpoint, config = _checked_resume(run_dir, config)
+    config = config or PruneConfig()
+    config.validate()
+    PruningSchedule.build(config.steps, config.warmup_fraction, config.cooldown_fraction, config.prune_every)
+    if export:
+        _check_exportable(config)
+    _check_folders(out_path, run_dir, resuming, overwrite)
+
+    # Everything that can fail on bad input happens before a folder is created.
+    train_text = load_text(config.data, "train", config.austen_dir)
+    load_text(config.data, "validation", config.austen_dir)
+    model, tokenizer = load_model(config.model, config.dtype)
+    spec_for(model.config)
+    solve_model_target(model, config)
+    train_blocks = token_blocks(tokenizer, train_text, config.seq_len)
+    if checkpoint is not None and checkpoint.state.model_fingerprint != model_fingerprint(model):
+        raise LoraPruneError(f"the checkpoint in {run_dir} was made from another model; resume with "
+                             "the model the run was started from")
+
+    # Under torchrun / accelerate launch every process trains; only the main one writes files.
+    processes = PartialState(cpu=not torch.cuda.is_available())
+    dense = _evaluate(model, tokenizer, config, progress and processes.is_main_process)
+    if processes.is_main_process:
+        if run_dir.exists() and not resuming:
+            shutil.rmtree(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+    processes.wait_for_everyone()
+    outcome = train_while_pruning(model, train_blocks, config, run_dir, checkpoint, progress)
+    outcome.model.eval()
+    pruned = _evaluate(outcome.model, tokenizer, config, progress and processes.is_main_process)
+    report = {**run_report(config, outcome.steps),
+              "achieved_sparsity": outcome.achieved_sparsity,
+              "kept_per_layer": outcome.masks.kept_counts(),
+              "perplexity_before": dense.to_dict(),
+              "perplexity_after": pruned.to_dict()}
+    if export and processes.is_main_process:
+        export_checkpoint(outcome.model, tokenizer, outcome.masks, spec_for(model.config), report,
+                          out_path, overwrite=overwrite)
+        os.replace(run_dir, out_path / RUN_SUBDIR)
+    processes.wait_for_everyone()
+    return PruneResult(out_path, outcome.target, outcome.achieved_sparsity, dense, pruned, report,
+                       processes.is_main_process)
+
+
+def export_run(run: str | Path, out: str | Path, *, overwrite: bool = False) -> Path:
+    """Export the model of a saved run (finished or interrupted) as a standard checkpoint."""
+    run = Path(run)
+    run_dir = run / RUN_SUBDIR if (run / RUN_SUBDIR).is_dir() else run
+    checkpoint = load_checkpoint(run_dir)
+    config = PruneConfig.from_dict(checkpoint.state.config)
+    _check_exportable(config)
+    model, tokenizer = load_model(config.model, config.dtype)
+    if checkpoint.state.model_fingerprint != model_fingerprint(model):
+        raise LoraPruneError(f"the run in {run_dir} was made from another model than {config.model}")
+    spec = spec_for(model.config)
+    peft_model = wrap_with_lora(model, config, spec)
+    set_peft_model_state_dict(peft_model, checkpoint.adapter)
+    masks = ModelMasks.for_model(peft_model)
+    masks.load_state_dict(checkpoint.masks)
+    report = {**run_report(config, checkpoint.state.step), "finished": checkpoint.state.step >= config.steps}
+    return export_checkpoint(peft_model, tokenizer, masks, spec, report, Path(out), overwrite=overwrite)

@@ -1,0 +1,35 @@
+"""Read the frozen weight and the LoRA factors out of a PEFT LoRA layer (or a plain Linear)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def base_weight(module: nn.Module) -> torch.Tensor:
+    """The frozen weight W, shape (out, in)."""
+    return getattr(module, "base_layer", module).weight
+
+
+def lora_factors(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+    """(A (r, in), B (out, r), scaling s) of the active adapter, or None if not adapted."""
+    lora_a = getattr(module, "lora_A", None)
+    if not lora_a:
+        return None
+    name = module.active_adapters[0]
+    return lora_a[name].weight, module.lora_B[name].weight, module.scaling[name]
+
+
+def effective_weight(module: nn.Module) -> torch.Tensor:
+    """W + s·B·A in float32: the weight the layer applies (and what the export merges to)."""
+    weight = base_weight(module).detach().float()
+    factors = lora_factors(module)
+    if factors is None:
+        return weight
+    a, b, scaling = factors
+    return weight + scaling * (b.detach().float() @ a.detach().float())
+
+
+def power(values: torch.Tensor, kind: str) -> torch.Tensor:
+    """Square (paper) or absolute value (reference code) of an element-wise product."""
+    return values.square() if kind == "square" else values.abs()

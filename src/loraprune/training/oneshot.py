@@ -1,0 +1,61 @@
+"""One-shot pruning from a calibration batch, as LLM-Pruner does it, for baselines and analysis.
+
+Scores come from one pass over the calibration blocks; the masks then jump straight to the target.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from transformers import PreTrainedModel
+
+from loraprune.config import PruneConfig
+from loraprune.models import spec_for
+from loraprune.pruning.groups import LayerShape
+from loraprune.pruning.masks import ModelMasks
+from loraprune.pruning.scorers import ScoringPlan, build_scorer
+from loraprune.pruning.scores import LayerScores
+from loraprune.pruning.selection import update_layer_mask
+from loraprune.pruning.target import PruneTarget
+from loraprune.training.lora import wrap_with_lora
+from loraprune.training.losses import build_loss
+
+
+def calibration_scores(model: PreTrainedModel, blocks: torch.Tensor, config: PruneConfig,
+                       target: PruneTarget) -> dict[int, LayerScores]:
+    """Group scores of every pruned layer from one pass over ``blocks`` (the model is left as it was)."""
+    spec, shape = spec_for(model.config), LayerShape.from_config(model.config)
+    # Fresh adapters (B = 0) leave the model's outputs unchanged, so every criterion scores the
+    # model itself; the lora criterion then sees G = ∇B·A, as at the first step of a run.
+    with torch.random.fork_rng():  # adapters and dropout from config.seed; the caller's RNG untouched
+        torch.manual_seed(config.seed)
+        work = wrap_with_lora(copy.deepcopy(model), config, spec)
+        work.train()
+        scorer = build_scorer(config, ScoringPlan(spec, shape, target.attention_unit, target.pruned_layers))
+        scorer.attach(work)
+        if scorer.needs_backward:
+            loss, device = build_loss(config), next(work.parameters()).device
+            for block in blocks.split(config.batch_size):
+                (loss(work, block.to(device)) * len(block) / len(blocks)).backward()
+        scores = scorer.step_scores()
+    scorer.detach()
+    return scores
+
+
+def masks_from_scores(scores: dict[int, LayerScores], shape: LayerShape, num_layers: int,
+                      target: PruneTarget, device: torch.device | str = "cpu") -> ModelMasks:
+    """Masks that remove exactly the target's units, the lowest-scored in each pruned layer."""
+    masks = ModelMasks.full(shape, num_layers, device)
+    for index, layer_scores in scores.items():
+        update_layer_mask(masks.layers[index], layer_scores, shape, target.attention_unit,
+                          target.attention_units_removed, target.ffn_channels_removed)
+    return masks
+
+
+def one_shot_masks(model: PreTrainedModel, blocks: torch.Tensor, config: PruneConfig,
+                   target: PruneTarget) -> ModelMasks:
+    """Score once on ``blocks`` with ``config.criterion`` and prune straight to ``target``."""
+    scores = calibration_scores(model, blocks, config, target)
+    return masks_from_scores(scores, LayerShape.from_config(model.config), model.config.num_hidden_layers,
+                             target, model.device)

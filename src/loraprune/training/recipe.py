@@ -1,0 +1,271 @@
+"""The recipe: fine-tune LoRA while masks shrink to the target, one optimizer step at a time.
+
+Read ``PruningRecipe.run`` top to bottom; every step is four phases:
+forward/backward over the micro-batches → score the units → commit (moving average, optimizer,
+masks, log, checkpoint) → stop here if Ctrl-C came. Set-up happens once in ``__init__``.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from peft import get_peft_model_state_dict, set_peft_model_state_dict
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, get_scheduler
+
+from loraprune.config import PruneConfig
+from loraprune.data.sampling import BlockStream
+from loraprune.errors import LoraPruneError
+from loraprune.models import count_parameters, projection_biases, spec_for
+from loraprune.pruning.groups import LayerShape
+from loraprune.pruning.masks import ModelMasks, removed_parameters
+from loraprune.pruning.schedule import PruningSchedule
+from loraprune.pruning.scorers import Scorer, ScoringPlan, build_scorer
+from loraprune.pruning.scores import LayerScores, MovingAverageScores
+from loraprune.pruning.selection import update_layer_mask
+from loraprune.pruning.target import PruneTarget, solve_model_target
+from loraprune.training.checkpoint import (
+    LoadedCheckpoint,
+    RngSnapshot,
+    RunState,
+    capture_rng,
+    model_fingerprint,
+    save_checkpoint,
+)
+from loraprune.training.lora import clear_weight_gradients, trainable_parameters, wrap_with_lora
+from loraprune.training.losses import build_loss
+from loraprune.training.run_folder import append_log, truncate_log
+
+log = logging.getLogger(__name__)
+
+
+class RunInterrupted(LoraPruneError):
+    """Ctrl-C during a run: a checkpoint was written and the run can be resumed."""
+
+    exit_code = 130
+
+
+@dataclass
+class TrainingOutcome:
+    """What the recipe hands back: the adapted, masked model and how it got there."""
+
+    model: torch.nn.Module  # PEFT model with masks attached
+    masks: ModelMasks
+    target: PruneTarget | None  # None when masks were given, not solved
+    achieved_sparsity: float
+    steps: int
+    seconds: float
+    final_loss: float
+
+
+@dataclass
+class StepStart:
+    """Where a step began: what a checkpoint of the state before it must hold."""
+
+    samples_seen: int
+    rng: RngSnapshot
+
+
+def train_while_pruning(model: PreTrainedModel, train_blocks: torch.Tensor, config: PruneConfig,
+                        run_dir: Path, checkpoint: LoadedCheckpoint | None = None,
+                        progress: bool = True, fixed_masks: ModelMasks | None = None) -> TrainingOutcome:
+    """Fine-tune LoRA on ``train_blocks`` while masks shrink to the target; checkpoint as we go.
+
+    With ``fixed_masks`` nothing is scored or pruned: LoRA only recovers the model under those
+    masks (one-shot pruning followed by recovery, or plain fine-tuning with full masks).
+    """
+    return PruningRecipe(model, train_blocks, config, run_dir, checkpoint, progress, fixed_masks).run()
+
+
+class PruningRecipe:
+    """One pruning run's state and its phases; ``run`` is the loop."""
+
+    def __init__(self, model: PreTrainedModel, train_blocks: torch.Tensor, config: PruneConfig, run_dir: Path,
+                 checkpoint: LoadedCheckpoint | None = None, progress: bool = True,
+                 fixed_masks: ModelMasks | None = None):
+        self.config, self.run_dir, self.progress = config, run_dir, progress
+        self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
+        torch.manual_seed(config.seed)
+        self.spec, self.shape = spec_for(model.config), LayerShape.from_config(model.config)
+        self.biases = projection_biases(model, self.spec)
+        self.fingerprint = model_fingerprint(model)
+        self.total_parameters = count_parameters(model)
+        self.pruning = fixed_masks is None
+        self.target = solve_model_target(model, config) if self.pruning else None
+        self.schedule = PruningSchedule.build(config.steps, config.warmup_fraction, config.cooldown_fraction,
+                                              config.prune_every) if self.pruning else None
+        if self.pruning:
+            self.accelerator.print(f"target: {self.target.describe(self.shape)}")
+
+        model.to(self.accelerator.device)  # masks, scores and adapters are all made on this device
+        peft_model = wrap_with_lora(model, config, self.spec)
+        self.masks = fixed_masks if fixed_masks is not None else ModelMasks.for_model(peft_model)
+        self.masks.to(self.accelerator.device)
+        self.masks.attach(peft_model, self.spec)
+        self.scores = MovingAverageScores(config.ema)
+        self.loss = build_loss(config)
+        self.trainable = trainable_parameters(peft_model)
+        optimizer = torch.optim.AdamW(self.trainable, lr=config.lr, weight_decay=config.weight_decay)
+        self.lr_scheduler = get_scheduler(config.lr_schedule, optimizer, num_warmup_steps=0,
+                                          num_training_steps=config.steps)
+        self.step, samples_seen = 0, 0
+        if checkpoint is not None:
+            samples_seen = self._restore(checkpoint, peft_model, optimizer)
+
+        self.model, self.optimizer = self.accelerator.prepare(peft_model, optimizer)
+        self.inner = self.accelerator.unwrap_model(self.model)
+        self.scorer = self._attached_scorer()
+        self.stream = BlockStream(train_blocks, config.seed, config.batch_size, self.accelerator.process_index,
+                                  self.accelerator.num_processes, samples_seen)
+
+    def _restore(self, checkpoint: LoadedCheckpoint, peft_model: torch.nn.Module,
+                 optimizer: torch.optim.Optimizer) -> int:
+        """Load a checkpoint's state into this run; returns the samples it had consumed."""
+        set_peft_model_state_dict(peft_model, checkpoint.adapter)
+        optimizer.load_state_dict(checkpoint.optimizer)
+        self.lr_scheduler.load_state_dict(checkpoint.scheduler)
+        self.masks.load_state_dict(checkpoint.masks)
+        self.scores.load_state_dict(checkpoint.scores, self.accelerator.device)
+        checkpoint.restore_rng()
+        self.step = checkpoint.state.step
+        truncate_log(self.run_dir, self.step)
+        self.accelerator.print(f"resumed from step {self.step} of {self.config.steps}")
+        return checkpoint.state.samples_seen
+
+    def _attached_scorer(self) -> Scorer | None:
+        if not self.pruning:
+            return None
+        plan = ScoringPlan(self.spec, self.shape, self.target.attention_unit, self.target.pruned_layers)
+        scorer = build_scorer(self.config, plan)
+        scorer.attach(self.inner)
+        return scorer
+
+    def run(self) -> TrainingOutcome:
+        """Train until ``config.steps``; Ctrl-C and a non-finite loss leave a resumable checkpoint."""
+        self.model.train()
+        started, loss_value = time.perf_counter(), float("nan")
+        bar = tqdm(total=self.config.steps, initial=self.step, desc="pruning", unit="step",
+                   disable=not (self.progress and self.accelerator.is_main_process))
+        while self.step < self.config.steps:
+            start = StepStart(self.stream.samples_seen, capture_rng())
+            try:
+                loss_value = self.forward_backward(start)
+                grad_norm = self.accelerator.clip_grad_norm_(self.trainable, self.config.max_grad_norm)
+                fresh_scores = self.score()
+            except KeyboardInterrupt:
+                if self.accelerator.is_main_process:
+                    raise self._interrupted(self.step, start) from None
+                raise
+            # From here the step changes state; a checkpoint must hold all of it or none of it.
+            with _interrupts_held() as ctrl_c:
+                record = self.commit(fresh_scores, loss_value, float(grad_norm), started)
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_value:.3f}", sparsity=f"{record['sparsity']:.3f}",
+                                lr=f"{record['lr']:.2e}")
+            if ctrl_c[0]:
+                if self.accelerator.is_main_process:
+                    raise self._interrupted(self.step, StepStart(self.stream.samples_seen, capture_rng()))
+                raise KeyboardInterrupt
+        bar.close()
+        self.accelerator.wait_for_everyone()
+        return TrainingOutcome(self.inner, self.masks, self.target, self._sparsity(), self.step,
+                               time.perf_counter() - started, loss_value)
+
+    def forward_backward(self, start: StepStart) -> float:
+        """Accumulate gradients over the step's micro-batches; returns the step's loss."""
+        accumulation, step_loss = self.config.grad_accumulation, 0.0
+        for micro in range(accumulation):
+            batch = self.stream.next_batch().to(self.accelerator.device)
+            syncing = micro == accumulation - 1
+            with nullcontext() if syncing else self.accelerator.no_sync(self.model):
+                loss = self.loss(self.model, batch) / accumulation
+                if not torch.isfinite(loss):
+                    self._stop_on_bad_loss(loss, start)
+                self.accelerator.backward(loss)
+            step_loss += loss.item()
+        return step_loss
+
+    def score(self) -> dict[int, LayerScores] | None:
+        """This step's unit scores, or None when masks no longer change (pruning done or off)."""
+        if not self.pruning or self.step >= self.schedule.end_step:
+            return None
+        return self.scorer.step_scores()
+
+    def commit(self, fresh_scores: dict[int, LayerScores] | None, loss_value: float, grad_norm: float,
+               started: float) -> dict:
+        """Moving average → optimizer → masks → log → checkpoint; returns the step's log record."""
+        if fresh_scores is not None:
+            self.scores.update(fresh_scores)
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        clear_weight_gradients(self.inner)
+        self.step += 1
+        if self.pruning and self.schedule.updates_masks(self.step):
+            self._update_masks(self.schedule.fraction(self.step))
+        record = {"step": self.step, "loss": loss_value, "sparsity": self._sparsity(),
+                  "lr": self.lr_scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                  "seconds": time.perf_counter() - started}
+        if self.accelerator.is_main_process:
+            append_log(self.run_dir, record)
+            if self.step % self.config.save_every == 0 or self.step == self.config.steps:
+                self._checkpoint(self.step, StepStart(self.stream.samples_seen, capture_rng()))
+        return record
+
+    def _update_masks(self, fraction: float) -> None:
+        """Shrink every pruned layer's mask to ``fraction`` of the target's removal counts."""
+        attention_removed = round(fraction * self.target.attention_units_removed)
+        ffn_removed = round(fraction * self.target.ffn_channels_removed)
+        for index in self.target.pruned_layers:
+            layer_scores = self.scores.layers.get(index)
+            if layer_scores is None:
+                log.warning("layer %d has no finite scores yet; its mask waits for the next update", index)
+                continue
+            update_layer_mask(self.masks.layers[index], layer_scores, self.shape, self.target.attention_unit,
+                              attention_removed, ffn_removed)
+
+    def _sparsity(self) -> float:
+        return removed_parameters(self.masks, self.shape, *self.biases) / self.total_parameters
+
+    def _checkpoint(self, at_step: int, start: StepStart) -> Path:
+        state = RunState(at_step, start.samples_seen, self.fingerprint, self.config.to_dict())
+        return save_checkpoint(self.run_dir, state, get_peft_model_state_dict(self.inner),
+                               self.optimizer.state_dict(), self.lr_scheduler.state_dict(),
+                               self.masks.state_dict(), self.scores.state_dict(), start.rng)
+
+    def _interrupted(self, at_step: int, start: StepStart) -> RunInterrupted:
+        self.optimizer.zero_grad(set_to_none=True)
+        self._checkpoint(at_step, start)
+        return RunInterrupted(f"interrupted after step {at_step}; checkpoint saved in {self.run_dir}. "
+                              f"Resume with: loraprune prune --resume {self.run_dir}")
+
+    def _stop_on_bad_loss(self, loss: torch.Tensor, start: StepStart) -> None:
+        if self.accelerator.is_main_process:
+            self._checkpoint(self.step, start)
+        raise LoraPruneError(
+            f"loss became {loss.item()} at step {self.step + 1}; the last good step ({self.step}) "
+            f"is checkpointed in {self.run_dir}. Fix the text and resume with --resume "
+            f"{self.run_dir}, or start a new run with a lower --lr (resuming keeps the settings)")
+
+
+@contextmanager
+def _interrupts_held() -> Iterator[list[bool]]:
+    """Hold Ctrl-C while a step commits its updates; the yielded flag says whether one came."""
+    arrived = [False]
+    if threading.current_thread() is not threading.main_thread():
+        yield arrived
+        return
+    previous = signal.signal(signal.SIGINT, lambda *_: arrived.__setitem__(0, True))
+    try:
+        yield arrived
+    finally:
+        signal.signal(signal.SIGINT, previous)
