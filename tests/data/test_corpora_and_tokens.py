@@ -10,10 +10,10 @@ import json
 import numpy as np
 import pytest
 import torch
-from tests.conftest import build_word_tokenizer
 
 from loraprune.data import corpora, load_text, token_blocks, tokenize, tokenize_cached, tokens
 from loraprune.errors import LoraPruneError
+from tests.conftest import build_word_tokenizer
 
 
 def numbers(n: int) -> str:

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from loraprune.export.slicing import merge_lora, slice_model
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
 
 from loraprune.errors import LoraPruneError
 from loraprune.export import transformers_writer as export_module
+from loraprune.export.slicing import merge_lora, slice_model
 from loraprune.export.transformers_writer import export_checkpoint, relative_difference
 from loraprune.models import spec_for
 from loraprune.pruning.groups import LayerShape
