@@ -56,7 +56,7 @@ def _sigint_reaches_python() -> None:
 
 def _start_and_wait_for_step(command: list[str], out: Path, step: int) -> subprocess.Popen:
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               preexec_fn=_sigint_reaches_python)
+                               preexec_fn=_sigint_reaches_python)  # noqa: PLW1509 (the test runs no threads)
     deadline = time.monotonic() + 600
     while _checkpointed_step(out) < step:
         assert process.poll() is None, process.communicate()[1]
