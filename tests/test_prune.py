@@ -37,7 +37,7 @@ def test_prune_meets_the_target_and_exports_a_loadable_smaller_model(tiny_run_in
     assert all(torch.isfinite(torch.tensor(entry["loss"])) for entry in log)
 
 
-@pytest.mark.parametrize("criterion", ["lora", "grad", "magnitude", "random"])
+@pytest.mark.parametrize("criterion", ["lora", "fisher", "grad", "magnitude", "random"])
 def test_same_seed_gives_the_same_masks(tiny_run_inputs, tmp_path, criterion):
     model_dir, text = tiny_run_inputs
     kept = []

@@ -10,8 +10,8 @@ from typing import Any, Literal
 
 from loraprune.errors import LoraPruneError
 
-Criterion = Literal["lora", "grad", "magnitude", "random"]
-CRITERIA: tuple[str, ...] = ("lora", "grad", "magnitude", "random")
+Criterion = Literal["lora", "fisher", "grad", "magnitude", "random"]
+CRITERIA: tuple[str, ...] = ("lora", "fisher", "grad", "magnitude", "random")
 
 
 @dataclass

@@ -1,0 +1,97 @@
+"""Mask-gradient (empirical Fisher) importance, read during LoRA's own backward pass.
+
+Put a mask m = 1 on every unit's output, at the input of o_proj (per query head) and of down_proj
+(per FFN channel). Then ∂L/∂m_g = Σ_tokens ⟨∂L/∂a_g, a_g⟩ = Σ_{i,j∈g} ∇W_ij·W_ij over the unit's
+o/down columns: the exact first-order loss change of removing the unit. Autograd computes ∂L/∂a
+anyway while training LoRA; a tensor hook reads it. The squares of per-sequence values, summed, are
+an empirical-Fisher estimate of the loss increase (Kwon et al. 2022; Molchanov et al. 2019).
+Memory: one float per unit, plus the unit outputs of a micro-batch kept until its backward.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from loraprune.config import PruneConfig
+from loraprune.pruning.scorers.base import Scorer, ScoringPlan, register_scorer
+from loraprune.pruning.scores import LayerScores
+
+
+def per_sequence_mask_gradients(activation: torch.Tensor, gradient: torch.Tensor, width: int) -> torch.Tensor:
+    """∂L/∂m per sequence and unit: Σ over tokens and the unit's ``width`` features of a·∂L/∂a.
+
+    activation, gradient: (batch, tokens, units · width) → (batch, units), float32.
+    """
+    batch, tokens, features = activation.shape
+    products = activation.float() * gradient.float()
+    return products.view(batch, tokens, features // width, width).sum(dim=(1, 3))
+
+
+@register_scorer("fisher")
+class FisherScorer(Scorer):
+    """Σ over sequences of (∂L/∂m_unit)², a unit's mask gradient; no ∇W, no per-weight state."""
+
+    def __init__(self, config: PruneConfig, plan: ScoringPlan):
+        super().__init__(config, plan)
+        self._handles: list[RemovableHandle] = []
+        self._attention: dict[int, torch.Tensor] = {}  # layer → (units,) sum of squares this step
+        self._ffn: dict[int, torch.Tensor] = {}
+
+    def attach(self, model: nn.Module) -> None:
+        """Hook the inputs of o_proj and down_proj of every pruned layer."""
+        super().attach(model)
+        spec = self.plan.spec
+        for index in self.plan.pruned_layers:
+            layer = self.layers[index]
+            o_proj = getattr(getattr(layer, spec.attention), spec.o_proj)
+            down_proj = getattr(getattr(layer, spec.mlp), spec.down_proj)
+            self._handles.append(o_proj.register_forward_pre_hook(self._observer(index, "attention")))
+            self._handles.append(down_proj.register_forward_pre_hook(self._observer(index, "ffn")))
+
+    def detach(self) -> None:
+        """Remove the hooks and forget anything not yet returned."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._attention.clear()
+        self._ffn.clear()
+        super().detach()
+
+    def step_scores(self) -> dict[int, LayerScores]:
+        """This step's sums of squared per-sequence mask gradients; the sums start again from zero."""
+        if not self._attention or not self._ffn:
+            raise RuntimeError("the fisher criterion saw no backward pass through the hooked layers: "
+                               "score after a backward pass of the attached model")
+        scores = {}
+        for index in self.plan.pruned_layers:
+            attention, ffn = self._attention.pop(index), self._ffn.pop(index)
+            if dist.is_available() and dist.is_initialized():  # every process saw its own sequences
+                dist.all_reduce(attention)
+                dist.all_reduce(ffn)
+            scores[index] = LayerScores(attention, ffn)
+        return scores
+
+    def _observer(self, index: int, kind: str):
+        shape = self.plan.shape
+
+        def read_gradient(gradient: torch.Tensor, activation: torch.Tensor) -> None:
+            if kind == "ffn":
+                per_sequence = per_sequence_mask_gradients(activation, gradient, 1)
+            else:
+                per_sequence = per_sequence_mask_gradients(activation, gradient, shape.head_dim)
+                if self.plan.unit == "kv_group":  # a KV group goes with all its query heads at once
+                    per_sequence = per_sequence.view(-1, shape.num_kv_heads, shape.queries_per_kv).sum(dim=2)
+            store = self._ffn if kind == "ffn" else self._attention
+            squares = per_sequence.square().sum(dim=0)
+            store[index] = store[index] + squares if index in store else squares
+
+        def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+            activation = inputs[0]
+            if activation.requires_grad:  # not under no_grad (evaluation, a distillation teacher)
+                values = activation.detach()  # the hook must not hold the tensor it is registered on
+                activation.register_hook(lambda gradient: read_gradient(gradient, values))
+
+        return hook
