@@ -63,3 +63,14 @@ def test_layer_exclusions_cannot_be_exported_as_one_config(tiny_run_inputs, tmp_
     with pytest.raises(LoraPruneError, match="--no-export"):
         prune(_config(model_dir, text, skip_first_layers=1), tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
+def test_self_distillation_run_exports_and_records_its_setting(tiny_run_inputs, tmp_path):
+    model_dir, text = tiny_run_inputs
+    result = prune(_config(model_dir, text, criterion="fisher", distill=0.5, distill_temperature=2.0),
+                   tmp_path / "out", progress=False)
+    report = json.loads((tmp_path / "out" / "loraprune.json").read_text())
+    assert report["config"]["distill"] == 0.5 and report["config"]["distill_temperature"] == 2.0
+    assert abs(result.achieved_sparsity - 0.3) < 0.02
+    log = [json.loads(line) for line in (tmp_path / "out" / "run" / "log.jsonl").read_text().splitlines()]
+    assert all(torch.isfinite(torch.tensor(entry["loss"])) for entry in log)

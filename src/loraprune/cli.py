@@ -119,7 +119,7 @@ PRUNE_SETTINGS = (
     "skip_first_layers", "skip_last_layers", "round_to", "criterion", "score_power", "ema", "steps",
     "warmup_fraction", "cooldown_fraction", "prune_every", "lr", "lr_schedule", "batch_size",
     "grad_accumulation", "seq_len", "seed", "lora_rank", "lora_alpha", "lora_dropout", "eval_tokens",
-    "eval_seq_len", "save_every", "lora_columns",
+    "eval_seq_len", "save_every", "lora_columns", "distill", "distill_temperature",
 )
 
 
@@ -145,6 +145,11 @@ def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lora-columns", action="store_true", default=None,
                         help="with --criterion lora, also score o_proj/down_proj columns (as the reference "
                         "code does; the rank-r estimate of those is mostly noise)")
+    parser.add_argument("--distill", type=float, default=None, metavar="W",
+                        help="weight of self-distillation from the unpruned model: loss = (1-W)*cross-entropy "
+                        f"+ W*KL(teacher||student) (default: {d.distill})")
+    parser.add_argument("--distill-temperature", type=float, default=None, metavar="T",
+                        help=f"softmax temperature of the distillation (default: {d.distill_temperature})")
     parser.add_argument("--attention-unit", default=None, choices=["kv_group", "query_head"],
                         help="remove whole KV groups, or query heads inside each KV group")
     parser.add_argument("--attention-fraction", type=float, default=None,

@@ -49,6 +49,10 @@ class PruneConfig:
     lora_columns: bool = False  # also score o_proj/down_proj columns with the lora estimate (reference)
     ema: float = 0.9
 
+    # Recovery loss: weight w of self-distillation from the unpruned base (0: cross-entropy only).
+    distill: float = 0.0
+    distill_temperature: float = 1.0
+
     # Schedule (paper Sec. 3.3: cubic ramp, masks updated every k steps, then recovery).
     steps: int = 200
     warmup_fraction: float = 0.1
@@ -95,6 +99,10 @@ class PruneConfig:
         if not (0.0 <= self.warmup_fraction < 1.0 and 0.0 <= self.cooldown_fraction < 1.0
                 and self.warmup_fraction + self.cooldown_fraction < 1.0):
             raise LoraPruneError("--warmup and --cooldown must be ≥ 0 with warmup + cooldown < 1")
+        if not 0.0 <= self.distill <= 1.0:
+            raise LoraPruneError(f"--distill must be a weight in [0, 1], got {self.distill}")
+        if self.distill_temperature <= 0:
+            raise LoraPruneError(f"--distill-temperature must be positive, got {self.distill_temperature}")
         if self.lr <= 0:
             raise LoraPruneError(f"--lr must be positive, got {self.lr}")
 

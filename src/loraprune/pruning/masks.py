@@ -6,6 +6,8 @@ exactly what the physically sliced model will compute.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,6 +39,7 @@ class ModelMasks:
 
     layers: list[LayerMask]
     _hooks: list = field(default_factory=list, repr=False, compare=False)
+    _suspended: list[bool] = field(default_factory=lambda: [False], repr=False, compare=False)
 
     @classmethod
     def full(cls, shape: LayerShape, num_layers: int, device: torch.device | str = "cpu") -> ModelMasks:
@@ -71,8 +74,19 @@ class ModelMasks:
             o_proj = getattr(getattr(layer, spec.attention), spec.o_proj)
             down_proj = getattr(getattr(layer, spec.mlp), spec.down_proj)
             head_dim = o_proj.in_features // mask.heads.numel()
-            self._hooks.append(o_proj.register_forward_pre_hook(_input_mask_hook(mask, "heads", head_dim)))
-            self._hooks.append(down_proj.register_forward_pre_hook(_input_mask_hook(mask, "ffn", 1)))
+            self._hooks.append(o_proj.register_forward_pre_hook(
+                _input_mask_hook(mask, "heads", head_dim, self._suspended)))
+            self._hooks.append(down_proj.register_forward_pre_hook(
+                _input_mask_hook(mask, "ffn", 1, self._suspended)))
+
+    @contextmanager
+    def suspended(self) -> Iterator[None]:
+        """Run the model unmasked inside the block (the dense teacher of self-distillation)."""
+        self._suspended[0] = True
+        try:
+            yield
+        finally:
+            self._suspended[0] = False
 
     def detach(self) -> None:
         """Remove the hooks from the model."""
@@ -110,10 +124,12 @@ class ModelMasks:
         return masks
 
 
-def _input_mask_hook(mask: LayerMask, attribute: str, repeat: int):
+def _input_mask_hook(mask: LayerMask, attribute: str, repeat: int, suspended: list[bool]):
     # Always multiply (by exact ones when nothing is masked): asking "is anything masked?" would
     # read the mask back to the host and stall an accelerator once per layer and forward pass.
     def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...]):
+        if suspended[0]:
+            return None
         scale = getattr(mask, attribute).repeat_interleave(repeat).to(inputs[0].dtype)
         return (inputs[0] * scale,) + inputs[1:]
     return hook

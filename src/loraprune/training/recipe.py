@@ -186,13 +186,20 @@ class PruningRecipe:
         for micro in range(accumulation):
             batch = self.stream.next_batch().to(self.accelerator.device)
             syncing = micro == accumulation - 1
+            teacher_logits = self._teacher_logits(batch) if self.loss.needs_teacher else None
             with nullcontext() if syncing else self.accelerator.no_sync(self.model):
-                loss = self.loss(self.model, batch) / accumulation
+                loss = self.loss(self.model, batch, teacher_logits) / accumulation
                 if not torch.isfinite(loss):
                     self._stop_on_bad_loss(loss, start)
                 self.accelerator.backward(loss)
             step_loss += loss.item()
         return step_loss
+
+    @torch.no_grad()
+    def _teacher_logits(self, batch: torch.Tensor) -> torch.Tensor:
+        """The unpruned base model's logits: adapters off, masks off; its weights are already here."""
+        with self.inner.disable_adapter(), self.masks.suspended():
+            return self.inner(input_ids=batch, use_cache=False).logits
 
     def score(self) -> dict[int, LayerScores] | None:
         """This step's unit scores, or None when masks no longer change (pruning done or off)."""

@@ -1,0 +1,69 @@
+"""Training losses: cross-entropy, and self-distillation from the unpruned base model."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from loraprune.config import PruneConfig
+from loraprune.pruning.groups import LayerShape
+from loraprune.pruning.scores import LayerScores
+from loraprune.pruning.selection import update_layer_mask
+from loraprune.training.losses import NextTokenCrossEntropy, SelfDistillation, build_loss, distillation_kl
+from loraprune.training.recipe import PruningRecipe
+
+
+def _ids() -> torch.Tensor:
+    return torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+
+
+def test_distillation_is_zero_when_student_equals_teacher(tiny_llama):
+    ids = _ids()
+    with torch.no_grad():
+        teacher = tiny_llama(input_ids=ids).logits
+    assert distillation_kl(teacher, teacher, 2.0).item() == pytest.approx(0.0, abs=1e-6)
+    assert SelfDistillation(1.0, 1.0)(tiny_llama, ids, teacher).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_distillation_kl_matches_its_definition():
+    student, teacher = torch.randn(2, 3, 5), torch.randn(2, 3, 5)
+    tau = 2.0
+    p = torch.softmax(teacher / tau, -1)
+    expected = (p * (torch.log_softmax(teacher / tau, -1) - torch.log_softmax(student / tau, -1))).sum(-1).mean()
+    assert distillation_kl(student, teacher, tau).item() == pytest.approx(tau ** 2 * expected.item(), rel=1e-5)
+
+
+def test_mixed_weight_interpolates_cross_entropy_and_distillation(tiny_llama):
+    ids = _ids()
+    teacher = torch.randn(2, 16, 256)
+    cross_entropy = NextTokenCrossEntropy()(tiny_llama, ids).item()
+    kl = SelfDistillation(1.0, 1.0)(tiny_llama, ids, teacher).item()
+    assert SelfDistillation(0.25, 1.0)(tiny_llama, ids, teacher).item() == pytest.approx(
+        0.75 * cross_entropy + 0.25 * kl, rel=1e-5)
+
+
+def test_build_loss_distils_only_when_asked():
+    assert isinstance(build_loss(PruneConfig()), NextTokenCrossEntropy)
+    assert isinstance(build_loss(PruneConfig(distill=0.5)), SelfDistillation)
+
+
+def test_teacher_is_the_unpruned_base_model_even_with_trained_adapters_and_masks(tiny_llama, tmp_path):
+    dense = copy.deepcopy(tiny_llama)
+    blocks = torch.randint(0, 256, (8, 16), generator=torch.Generator().manual_seed(1))
+    recipe = PruningRecipe(tiny_llama, blocks, PruneConfig(distill=1.0, steps=10, sparsity=0.3), tmp_path,
+                           progress=False)
+    for name, parameter in recipe.inner.named_parameters():
+        if "lora_B" in name:
+            parameter.data.normal_(0, 0.1)
+    shape = LayerShape.from_config(dense.config)
+    update_layer_mask(recipe.masks.layers[0], LayerScores(torch.arange(2.0), torch.arange(128.0)), shape,
+                      "kv_group", attention_removed=1, ffn_removed=64)
+    ids = _ids()
+    with torch.no_grad():
+        expected = dense(input_ids=ids).logits
+        student = recipe.inner(input_ids=ids).logits
+    torch.testing.assert_close(recipe._teacher_logits(ids), expected, rtol=1e-5, atol=1e-5)
+    assert (student - expected).abs().max() > 1e-2  # the student really differs: adapters and masks are on
+    assert not recipe.masks._suspended[0]
