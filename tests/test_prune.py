@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM
 from loraprune import prune
 from loraprune.config import PruneConfig
 from loraprune.errors import LoraPruneError
+from loraprune.evaluation.samples import SAMPLE_PROMPTS
 
 
 def _config(model_dir, text, **overrides) -> PruneConfig:
@@ -74,3 +75,12 @@ def test_self_distillation_run_exports_and_records_its_setting(tiny_run_inputs, 
     assert abs(result.achieved_sparsity - 0.3) < 0.02
     log = [json.loads(line) for line in (tmp_path / "out" / "run" / "log.jsonl").read_text().splitlines()]
     assert all(torch.isfinite(torch.tensor(entry["loss"])) for entry in log)
+
+
+def test_report_holds_greedy_samples_before_and_after(tiny_run_inputs, tmp_path):
+    model_dir, text = tiny_run_inputs
+    prune(_config(model_dir, text), tmp_path / "out", progress=False)
+    samples = json.loads((tmp_path / "out" / "loraprune.json").read_text())["greedy_samples"]
+    assert [s["prompt"] for s in samples] == list(SAMPLE_PROMPTS)
+    assert all(isinstance(s["before"], str) and isinstance(s["after"], str) for s in samples)
+    assert any(s["before"] != s["after"] for s in samples)  # pruning 30 % of a tiny model changes its text

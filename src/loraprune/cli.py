@@ -203,6 +203,8 @@ def prune_command(args: argparse.Namespace) -> int:
     print(f"achieved whole-model sparsity {result.achieved_sparsity:.4f} (target {result.report['target_sparsity']})")
     print(f"perplexity on {before.data} ({before.split}), {before.n_windows} windows of {before.seq_len} tokens, "
           f"{before.n_tokens} tokens: dense {before.ppl:.3f} -> pruned {after.ppl:.3f}")
+    for sample in result.report["greedy_samples"]:
+        print(f"{sample['prompt']!r}\n  dense:  {sample['before']!r}\n  pruned: {sample['after']!r}")
     if not args.no_export:
         print(f"pruned model written to {result.output_dir}")
     return 0

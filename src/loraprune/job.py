@@ -19,6 +19,7 @@ from loraprune.config import PruneConfig
 from loraprune.data import load_text, token_blocks
 from loraprune.errors import LoraPruneError
 from loraprune.evaluation.perplexity import PerplexityResult, evaluate_perplexity
+from loraprune.evaluation.samples import SAMPLE_PROMPTS, greedy_samples
 from loraprune.export.transformers_writer import export_checkpoint
 from loraprune.models import spec_for
 from loraprune.models.loading import load_model
@@ -140,6 +141,7 @@ def prune(config: PruneConfig | None = None, out: str | Path | None = None, *,
     # Under torchrun / accelerate launch every process trains; only the main one writes files.
     processes = PartialState(cpu=not torch.cuda.is_available())
     dense = _evaluate(model, tokenizer, config, progress and processes.is_main_process)
+    samples_before = greedy_samples(model, tokenizer)
     if processes.is_main_process:
         if run_dir.exists() and not resuming:
             shutil.rmtree(run_dir)
@@ -148,11 +150,14 @@ def prune(config: PruneConfig | None = None, out: str | Path | None = None, *,
     outcome = train_while_pruning(model, train_blocks, config, run_dir, checkpoint, progress)
     outcome.model.eval()
     pruned = _evaluate(outcome.model, tokenizer, config, progress and processes.is_main_process)
+    samples = [{"prompt": prompt, "before": before, "after": after} for prompt, before, after
+               in zip(SAMPLE_PROMPTS, samples_before, greedy_samples(outcome.model, tokenizer))]
     report = {**run_report(config, outcome.steps),
               "achieved_sparsity": outcome.achieved_sparsity,
               "kept_per_layer": outcome.masks.kept_counts(),
               "perplexity_before": dense.to_dict(),
-              "perplexity_after": pruned.to_dict()}
+              "perplexity_after": pruned.to_dict(),
+              "greedy_samples": samples}
     if export and processes.is_main_process:
         export_checkpoint(outcome.model, tokenizer, outcome.masks, spec_for(model.config), report,
                           out_path, overwrite=overwrite)
