@@ -1,7 +1,8 @@
-"""How far LoRAPrune's estimated importance agrees with the true-gradient one (paper Fig. 4).
+"""How far the LoRA-memory criteria agree with the true-gradient one (paper Fig. 4).
 
-One calibration batch; one-shot masks from the ``lora`` and ``grad`` criteria at each sparsity;
-overlap = intersection over union of the removed units (query heads and FFN channels).
+One calibration batch; one-shot masks from the ``lora``, ``fisher`` and ``grad`` criteria at each
+sparsity, every criterion scoring rows and columns alike; overlap = intersection over union of the
+removed units (query heads and FFN channels) of each LoRA-memory criterion with ``grad``'s.
 """
 
 from __future__ import annotations
@@ -34,22 +35,28 @@ def removed_overlap(a, b) -> dict[str, float]:
     return {"heads": iou(heads_a, heads_b), "ffn": iou(ffn_a, ffn_b)}
 
 
+COMPARED = ("lora", "fisher")  # each against grad
+
+
 def measure(blocks: int, seq_len: int, seed: int = 0) -> dict:
-    """Overlap of one-shot lora and grad masks at each sparsity, from one calibration batch."""
+    """Overlap of one-shot lora/fisher masks with grad's at each sparsity, from one calibration batch."""
     model, tokenizer = load_model("smollm2-135m")
     calibration = token_blocks(tokenizer, load_text("austen", "train"), seq_len)
     calibration = calibration[torch.randperm(len(calibration), generator=torch.Generator().manual_seed(seed))[:blocks]]
     shape = LayerShape.from_config(model.config)
     scores = {}
-    for criterion in ("lora", "grad"):
+    for criterion in (*COMPARED, "grad"):
         config = PruneConfig(criterion=criterion, sparsity=SPARSITIES[0], seed=seed)
         scores[criterion] = calibration_scores(model, calibration, config, solve_model_target(model, config))
     rows = []
     for sparsity in SPARSITIES:
         target = solve_model_target(model, PruneConfig(sparsity=sparsity))
         masks = {c: masks_from_scores(s, shape, model.config.num_hidden_layers, target) for c, s in scores.items()}
-        rows.append({"sparsity": sparsity, "achieved_sparsity": target.achieved_sparsity,
-                     **removed_overlap(masks["lora"], masks["grad"])})
+        row = {"sparsity": sparsity, "achieved_sparsity": target.achieved_sparsity}
+        for criterion in COMPARED:
+            overlap = removed_overlap(masks[criterion], masks["grad"])
+            row.update({f"{criterion}_heads": overlap["heads"], f"{criterion}_ffn": overlap["ffn"]})
+        rows.append(row)
         print(rows[-1], flush=True)
     return {"calibration_blocks": blocks, "seq_len": seq_len, "seed": seed, "rows": rows}
 
@@ -57,20 +64,23 @@ def measure(blocks: int, seq_len: int, seed: int = 0) -> dict:
 def agreement_section(result: dict, command: str, machine: str) -> str:
     """Markdown table of mask overlap per sparsity."""
     lines = [
-        "## Mask agreement: LoRA-guided vs true-gradient importance",
+        "## Mask agreement: LoRA-memory criteria vs true-gradient importance",
         "",
         f"Command: `{command}`. Machine: {machine}.",
         "",
         (f"One calibration batch of {result['calibration_blocks']} × {result['seq_len']} tokens from the Austen "
-        "training split. The `lora` criterion scores with fresh adapters (B = 0, so G = ∇B·A); `grad` with "
-        "the true ∇W. One-shot masks at each whole-model sparsity; overlap is intersection over union of "
-        "the removed query heads and of the removed FFN channels."),
+        "training split. The `lora` criterion scores with fresh adapters (B = 0, so G = ∇B·A), `fisher` "
+        "with the mask gradient of each unit, `grad` with the true ∇W; all three sum a unit's rows and "
+        "columns (q/k/v/gate/up rows, o/down columns), so the groupings are alike. One-shot masks at each "
+        "whole-model sparsity; overlap is intersection over union of the removed query heads and of the "
+        "removed FFN channels, each criterion against `grad`."),
         "",
-        "| sparsity | removed-heads IoU | removed-FFN-channels IoU |",
-        "|---:|---:|---:|",
+        "| sparsity | lora: heads IoU | lora: FFN IoU | fisher: heads IoU | fisher: FFN IoU |",
+        "|---:|---:|---:|---:|---:|",
     ]
     for r in result["rows"]:
-        lines.append(f"| {r['sparsity']:.1f} | {r['heads']:.3f} | {r['ffn']:.3f} |")
+        lines.append(f"| {r['sparsity']:.1f} | {r['lora_heads']:.3f} | {r['lora_ffn']:.3f} | "
+                     f"{r['fisher_heads']:.3f} | {r['fisher_ffn']:.3f} |")
     lines += ["", "![mask overlap](agreement.png)", ""]
     return "\n".join(lines)
 
@@ -83,10 +93,12 @@ def plot(result: dict, path: Path) -> None:
 
     rows = result["rows"]
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.plot([r["sparsity"] for r in rows], [r["heads"] for r in rows], marker="o", label="query heads")
-    ax.plot([r["sparsity"] for r in rows], [r["ffn"] for r in rows], marker="o", label="FFN channels")
-    ax.set(xlabel="whole-model sparsity", ylabel="IoU of removed units", ylim=(0, 1.02),
-           title="lora vs grad one-shot masks")
+    for criterion in COMPARED:
+        for unit, style in (("heads", "o-"), ("ffn", "s--")):
+            ax.plot([r["sparsity"] for r in rows], [r[f"{criterion}_{unit}"] for r in rows], style,
+                    label=f"{criterion}: {'query heads' if unit == 'heads' else 'FFN channels'}")
+    ax.set(xlabel="whole-model sparsity", ylabel="IoU of removed units with grad's", ylim=(0, 1.02),
+           title="one-shot masks vs grad's")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)

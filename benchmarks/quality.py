@@ -1,8 +1,10 @@
-"""Perplexity after pruning SmolLM2 with each criterion, at the same sparsity, seed, data and steps.
+"""Perplexity after pruning SmolLM2 with each method, at the same sparsity, seed, data and steps.
 
-Methods: lora (ours), grad (vanilla Taylor, same pipeline), llm-pruner (one-shot Taylor from a
-calibration batch, then LoRA recovery), magnitude, random; plus dense and dense + the same LoRA
-fine-tuning. Results are saved after every run, so an interrupted suite resumes where it stopped.
+Methods (METHODS below): the paper's lora criterion, the mask-gradient fisher criterion with and
+without self-distillation, the vanilla grad criterion, an LLM-Pruner-style one-shot baseline with
+LoRA recovery (with and without distillation), magnitude, random; plus dense, dense + the same LoRA
+fine-tuning, and dense + LoRA + distillation. Results are saved after every run, so an interrupted
+suite resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import json
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -24,7 +26,6 @@ from loraprune.evaluation.perplexity import perplexity
 from loraprune.export.transformers_writer import export_checkpoint
 from loraprune.models import count_parameters, spec_for
 from loraprune.models.loading import load_model
-from loraprune.pruning.groups import LayerShape
 from loraprune.pruning.masks import ModelMasks
 from loraprune.pruning.target import solve_model_target
 from loraprune.training.oneshot import one_shot_masks
@@ -33,9 +34,44 @@ from loraprune.training.recipe import train_while_pruning
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from docs_sections import RESULTS, machine_line, write_section
 
-PRUNING_METHODS = ("lora", "lora+columns", "grad", "llm-pruner", "magnitude", "random")
-# The lora runs' pruned models are exported here for the speed benchmark (not committed).
+# The pruned models of DEFAULT_METHOD are exported here for the speed benchmark (not committed).
 EXPORTS = Path(__file__).resolve().parent.parent / "runs" / "benchmarks"
+
+
+@dataclass(frozen=True)
+class Method:
+    """How one row of the table is made: run settings, and whether masks come first (one-shot)."""
+
+    settings: dict = field(default_factory=dict)  # PruneConfig fields
+    pruned: bool = True  # False: fine-tune with full masks
+    one_shot: bool = False  # score once on calibration blocks, then only recover
+    trained: bool = True  # False: the dense model as it is
+
+
+# LLM-Pruner's element-wise first-order criterion as published: |∇W ⊙ W| summed over each group,
+# no per-matrix normalisation (its "param_first" Taylor importance with sum reduction).
+LLM_PRUNER = {"criterion": "grad", "score_power": "abs", "normalise_scores": False}
+# Half cross-entropy: a pure distillation loss has zero gradient while nothing is pruned yet
+# (the model is its own teacher), which would leave a gradient-based criterion blind early on.
+DISTILL = {"distill": 0.5}
+METHODS: dict[str, Method] = {
+    "dense": Method(pruned=False, trained=False),
+    "dense+lora": Method(pruned=False),
+    "dense+lora+distill": Method(DISTILL, pruned=False),
+    "lora": Method({"criterion": "lora"}),
+    "lora-rows": Method({"criterion": "lora", "lora_columns": False}),
+    "grad": Method({"criterion": "grad"}),
+    "fisher": Method({"criterion": "fisher"}),
+    "fisher+distill": Method({"criterion": "fisher", **DISTILL}),
+    "fisher+distill1.0": Method({"criterion": "fisher", "distill": 1.0}),
+    "fisher+distill+early": Method({"criterion": "fisher", **DISTILL, "warmup_fraction": 0.0,
+                                    "cooldown_fraction": 2 / 3}),
+    "llm-pruner": Method(LLM_PRUNER, one_shot=True),
+    "llm-pruner+distill": Method({**LLM_PRUNER, **DISTILL}, one_shot=True),
+    "magnitude": Method({"criterion": "magnitude"}),
+    "random": Method({"criterion": "random"}),
+}
+DEFAULT_METHOD = "fisher+distill"
 
 
 @dataclass(frozen=True)
@@ -43,7 +79,7 @@ class Settings:
     """One suite's budget; every method gets exactly this."""
 
     sparsities: tuple[float, ...] = (0.2, 0.5)
-    steps: int = 200
+    steps: int = 128
     seq_len: int = 128
     lr: float = 2e-4
     prune_every: int = 10
@@ -51,68 +87,98 @@ class Settings:
     eval_tokens: int = 8192
     eval_seq_len: int = 512
     seed: int = 0
+    # Runs in this order (the most telling first, so a partial suite already decides the default);
+    # (method, sparsity, seed); sparsity None stands for every one of ``sparsities``.
+    plan: tuple[tuple[str, float | None, int], ...] = (
+        ("dense", 0.0, 0), ("fisher+distill", 0.2, 0), ("llm-pruner", 0.2, 0), ("fisher", 0.2, 0),
+        ("llm-pruner+distill", 0.2, 0), ("fisher+distill", 0.5, 0), ("llm-pruner", 0.5, 0),
+        ("dense+lora", 0.0, 0), ("dense+lora+distill", 0.0, 0), ("fisher", 0.5, 0),
+        ("llm-pruner+distill", 0.5, 0), ("lora", None, 0), ("grad", None, 0),
+        ("fisher+distill+early", None, 0), ("fisher+distill1.0", 0.2, 0), ("magnitude", None, 0),
+        ("random", None, 0), ("fisher+distill", 0.2, 1), ("llm-pruner+distill", 0.2, 1), ("fisher", 0.2, 1),
+    )
 
 
-QUICK = Settings(steps=6, seq_len=64, prune_every=1, calibration_blocks=2, eval_tokens=1024, eval_seq_len=256)
+QUICK = Settings(steps=6, seq_len=64, prune_every=1, calibration_blocks=2, eval_tokens=1024, eval_seq_len=256,
+                 sparsities=(0.3,), plan=tuple((name, None if METHODS[name].pruned else 0.0, 0) for name in METHODS))
 
 
-def _config(settings: Settings, criterion: str, sparsity: float) -> PruneConfig:
-    return PruneConfig(data="austen", criterion=criterion, sparsity=sparsity, steps=settings.steps,
-                       seq_len=settings.seq_len, lr=settings.lr, prune_every=settings.prune_every,
-                       seed=settings.seed, save_every=10 ** 9)
+def run_key(method: str, sparsity: float, seed: int) -> str:
+    """The name of one run in the results file."""
+    return f"{method}@{sparsity}" + (f"#seed{seed}" if seed else "")
 
 
-def run_one(base, method: str, sparsity: float, settings: Settings, train_blocks: torch.Tensor,
+def _config(settings: Settings, method: Method, sparsity: float, seed: int) -> PruneConfig:
+    return PruneConfig(data="austen", sparsity=sparsity or 0.5, steps=settings.steps, seq_len=settings.seq_len,
+                       lr=settings.lr, prune_every=settings.prune_every, seed=seed, save_every=10 ** 9,
+                       **method.settings)
+
+
+def _calibration(train_blocks: torch.Tensor, settings: Settings, seed: int) -> torch.Tensor:
+    """Random training blocks, as LLM-Pruner samples its calibration sequences."""
+    order = torch.randperm(len(train_blocks), generator=torch.Generator().manual_seed(seed))
+    return train_blocks[order[: settings.calibration_blocks]]
+
+
+def run_one(base, name: str, sparsity: float, seed: int, settings: Settings, train_blocks: torch.Tensor,
             eval_sets: dict[str, torch.Tensor], export_to: Path | None = None, tokenizer=None) -> dict:
     """Prune (or fine-tune) a copy of ``base`` with one method, measure it, optionally export it."""
+    method = METHODS[name]
     model = copy.deepcopy(base)
     total = count_parameters(model)
-    shape = LayerShape.from_config(model.config)
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory() as run_dir:
-        if method == "dense":
-            pruned, achieved, steps = model, 0.0, 0
-        else:
-            fixed = None
-            if method == "dense+lora":
-                config = _config(settings, "lora", sparsity)  # nothing is pruned: masks stay full
-                fixed = ModelMasks.full(shape, model.config.num_hidden_layers)
-            elif method == "lora+columns":  # the reference code's grouping: o/down columns scored too
-                config = _config(settings, "lora", sparsity)
-                config.lora_columns = True
-            elif method == "llm-pruner":
-                config = _config(settings, "grad", sparsity)
-                calibration = train_blocks[: settings.calibration_blocks]
-                fixed = one_shot_masks(model, calibration, config, solve_model_target(model, config))
-            else:
-                config = _config(settings, method, sparsity)
+    achieved, steps, outcome, log = 0.0, 0, None, []
+    if method.trained:
+        config = _config(settings, method, sparsity, seed)
+        fixed = None
+        if not method.pruned:
+            fixed = ModelMasks.for_model(model)
+        elif method.one_shot:
+            calibration = _calibration(train_blocks, settings, seed)
+            fixed = one_shot_masks(model, calibration, config, solve_model_target(model, config))
+        with tempfile.TemporaryDirectory() as run_dir:
             outcome = train_while_pruning(model, train_blocks, config, Path(run_dir), progress=True,
-                                      fixed_masks=fixed)
-            pruned, achieved, steps = outcome.model, outcome.achieved_sparsity, outcome.steps
-            kept = outcome.masks.kept_counts()
+                                          fixed_masks=fixed)
+            log = [json.loads(line) for line in (Path(run_dir) / "log.jsonl").read_text().splitlines()]
+        model, achieved, steps = outcome.model, outcome.achieved_sparsity, outcome.steps
     seconds = time.perf_counter() - started
-    pruned.eval()
-    row = {"method": method, "target_sparsity": sparsity, "achieved_sparsity": achieved,
-           "parameters": round(total * (1 - achieved)), "steps": steps, "wall_seconds": seconds}
-    if method != "dense":
-        row["kept_per_layer"] = kept
-    for name, blocks in eval_sets.items():
-        row[f"ppl_{name}"] = perplexity(pruned, blocks, progress=False).ppl
-    if export_to is not None:
-        report = {"source_model": "smollm2-135m", "criterion": method, "data": "austen", "steps": steps,
-                  "seed": settings.seed, "target_sparsity": sparsity, "achieved_sparsity": achieved,
+    model.eval()
+    row = {"method": name, "target_sparsity": sparsity, "seed": seed, "achieved_sparsity": achieved,
+           "parameters": round(total * (1 - achieved)), "steps": steps, "wall_seconds": seconds,
+           "settings": method.settings, "loss_curve": [round(entry["loss"], 4) for entry in log]}
+    if outcome is not None:
+        row["kept_per_layer"] = outcome.masks.kept_counts()
+    for text, blocks in eval_sets.items():
+        row[f"ppl_{text}"] = perplexity(model, blocks, progress=False).ppl
+    if export_to is not None and outcome is not None:
+        report = {"source_model": "smollm2-135m", "criterion": name, "data": "austen", "steps": steps,
+                  "seed": seed, "target_sparsity": sparsity, "achieved_sparsity": achieved,
                   "written_by": "benchmarks/quality.py"}
-        export_checkpoint(pruned, tokenizer, outcome.masks, spec_for(base.config), report, export_to,
+        export_checkpoint(model, tokenizer, outcome.masks, spec_for(base.config), report, export_to,
                           overwrite=True)
         row["exported_to"] = str(export_to)
     return row
 
 
+def _budget(settings: Settings) -> dict:
+    """What every run shares (the plan may grow or be reordered without invalidating results)."""
+    return json.loads(json.dumps({k: v for k, v in asdict(settings).items() if k != "plan"}))
+
+
+def expanded_plan(settings: Settings) -> list[tuple[str, float, int]]:
+    """(method, sparsity, seed) of every run, in the plan's order."""
+    runs = []
+    for name, sparsity, seed in settings.plan:
+        for s in (settings.sparsities if sparsity is None else (sparsity,)):
+            runs.append((name, s, seed))
+    return runs
+
+
 def run_suite(settings: Settings, results_path: Path) -> dict:
-    """Run every method at every sparsity, skipping runs already recorded with the same settings."""
+    """Run the plan, skipping runs already recorded with the same budget."""
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
-    if results.get("settings") != json.loads(json.dumps(asdict(settings))):  # JSON turns tuples into lists
-        results = {"settings": asdict(settings), "runs": {}}
+    if results.get("settings") != _budget(settings):
+        results = {"settings": _budget(settings), "runs": {}}
     base, tokenizer = load_model("smollm2-135m")
     train_blocks = token_blocks(tokenizer, load_text("austen", "train"), settings.seq_len)
     eval_sets = {
@@ -123,21 +189,62 @@ def run_suite(settings: Settings, results_path: Path) -> dict:
     }
     results["eval"] = {name: {"windows": int(b.shape[0]), "seq_len": int(b.shape[1]),
                               "tokens": int(b.numel())} for name, b in eval_sets.items()}
-    plan = [("dense", 0.0), ("dense+lora", 0.0)]
-    plan += [(method, s) for s in settings.sparsities for method in PRUNING_METHODS]
-    for method, sparsity in plan:
-        key = f"{method}@{sparsity}"
+    for name, sparsity, seed in expanded_plan(settings):
+        key = run_key(name, sparsity, seed)
         if key in results["runs"]:
             continue
         print(f"--- {key}", flush=True)
-        export_to = EXPORTS / f"{method}-{sparsity}" if method == "lora" and settings != QUICK else None
-        results["runs"][key] = run_one(base, method, sparsity, settings, train_blocks, eval_sets,
+        exported = name == DEFAULT_METHOD and seed == settings.seed and settings != QUICK
+        export_to = EXPORTS / f"{name}-{sparsity}" if exported else None
+        results["runs"][key] = run_one(base, name, sparsity, seed, settings, train_blocks, eval_sets,
                                        export_to, tokenizer)
-        print(json.dumps({k: v for k, v in results["runs"][key].items() if k != "kept_per_layer"}), flush=True)
+        print(json.dumps({k: v for k, v in results["runs"][key].items()
+                          if k not in ("kept_per_layer", "loss_curve")}), flush=True)
+        results["machine"] = machine_line()
         results_path.parent.mkdir(parents=True, exist_ok=True)
         results_path.write_text(json.dumps(results, indent=1) + "\n")
-    results["machine"] = machine_line()
     return results
+
+
+def _rows(results: dict) -> list[dict]:
+    order = {m: i for i, m in enumerate(METHODS)}
+    return sorted(results["runs"].values(), key=lambda r: (r["target_sparsity"], order[r["method"]], r["seed"]))
+
+
+def _mean_over_seeds(rows: list[dict], method: str, sparsity: float) -> tuple[float, float, int] | None:
+    """(mean, half the spread, seeds) of Northanger Abbey perplexity for one method and sparsity."""
+    values = [r["ppl_austen"] for r in rows if r["method"] == method and r["target_sparsity"] == sparsity]
+    if not values:
+        return None
+    return sum(values) / len(values), (max(values) - min(values)) / 2, len(values)
+
+
+def summary_lines(results: dict) -> list[str]:
+    """One line per sparsity: the best method, and the default against dense and the llm-pruner baseline."""
+    rows = [r for r in _rows(results) if r["seed"] == results["settings"]["seed"]]
+    dense = next((r["ppl_austen"] for r in rows if r["method"] == "dense"), None)
+    lines = []
+    for sparsity in results["settings"]["sparsities"]:
+        pruned = [r for r in rows if r["target_sparsity"] == sparsity]
+        if not pruned:
+            continue
+        best = min(pruned, key=lambda r: r["ppl_austen"])
+        line = f"- At {sparsity}: lowest Northanger Abbey perplexity `{best['method']}` ({best['ppl_austen']:.2f})"
+        default = next((r for r in pruned if r["method"] == DEFAULT_METHOD), None)
+        baseline = next((r for r in pruned if r["method"] == "llm-pruner"), None)
+        if default and dense:
+            line += f"; `{DEFAULT_METHOD}` {default['ppl_austen']:.2f} = {default['ppl_austen'] / dense:.2f}× dense"
+        if default and baseline:
+            line += f", {default['ppl_austen'] / baseline['ppl_austen']:.2f}× `llm-pruner` ({baseline['ppl_austen']:.2f})"
+        lines.append(line + ".")
+    all_rows = _rows(results)
+    for method in METHODS:
+        for sparsity in results["settings"]["sparsities"]:
+            stats = _mean_over_seeds(all_rows, method, sparsity)
+            if stats and stats[2] > 1:
+                lines.append(f"- `{method}` at {sparsity} over {stats[2]} seeds: {stats[0]:.2f} ± {stats[1]:.2f} "
+                             "(mean ± half the spread).")
+    return lines
 
 
 def quality_section(results: dict, command: str) -> str:
@@ -148,71 +255,82 @@ def quality_section(results: dict, command: str) -> str:
         "",
         f"Command: `{command}`. Machine: {results['machine']}.",
         "",
-        (f"Every method: same seed ({s['seed']}), Austen training split (Emma, Mansfield Park, Pride and "
-        f"Prejudice, Sense and Sensibility), {s['steps']} optimizer steps of 1×{s['seq_len']} tokens, "
-        f"LoRA rank 8 on all projections, lr {s['lr']}. `lora+columns` also scores o_proj/down_proj "
-        "columns with the LoRA estimate, as the reference code does. `llm-pruner` scores once with (∇W⊙W)² on "
-        f"{s['calibration_blocks']} calibration blocks, prunes, then recovers with LoRA for the same steps. "
-        f"Perplexity of the masked model (identical to the exported one) on Northanger Abbey "
-        f"({ev['austen']['tokens']} tokens in {ev['austen']['windows']} windows of {ev['austen']['seq_len']}) "
-        f"and on CPython's pydoc topics, validation part ({ev['pydoc']['tokens']} tokens in "
-        f"{ev['pydoc']['windows']} windows of {ev['pydoc']['seq_len']}). Wall times include "
-        "evaluation, and some runs of this table shared the two cores with other jobs: for step "
-        "times, see the memory section, measured one process at a time."),
+        (f"Every method: Austen training split (Emma, Mansfield Park, Pride and Prejudice, Sense and "
+         f"Sensibility), {s['steps']} optimizer steps of 1×{s['seq_len']} tokens, LoRA rank 8 on all "
+         f"projections, lr {s['lr']}, cubic schedule (masks every {s['prune_every']} steps) unless the row says "
+         "otherwise. `lora` is the paper's criterion (rows and columns); `lora-rows` leaves out the o/down "
+         "column estimates. `fisher` is the mask-gradient criterion; `+distill` trains on ½ cross-entropy + "
+         "½ KL(dense base ‖ pruned model) at τ = 1 (`distill1.0`: KL only); `+early` ramps over the first "
+         f"third of the steps and recovers for the rest. `llm-pruner` scores once with |∇W⊙W| summed over each "
+         f"group, no normalisation (LLM-Pruner's element-wise first-order criterion), on {s['calibration_blocks']} "
+         "random training blocks, prunes, then recovers with LoRA for the same steps. Perplexity of the masked "
+         f"model (identical to the exported one) on Northanger Abbey ({ev['austen']['tokens']} tokens in "
+         f"{ev['austen']['windows']} windows of {ev['austen']['seq_len']}) and on CPython's pydoc topics, "
+         f"validation part ({ev['pydoc']['tokens']} tokens in {ev['pydoc']['windows']} windows of "
+         f"{ev['pydoc']['seq_len']}). Wall times include evaluation, and some runs shared the two cores with "
+         "other jobs: for step times, see the memory section, measured one process at a time."),
         "",
-        "| method | target | achieved sparsity | parameters | ppl Northanger Abbey | ppl pydoc | wall s |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| method | seed | target | achieved sparsity | parameters | ppl Northanger Abbey | ppl pydoc | wall s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    order = {m: i for i, m in enumerate(("dense", "dense+lora", *PRUNING_METHODS))}
-    rows = sorted(results["runs"].values(), key=lambda r: (r["target_sparsity"], order[r["method"]]))
-    for row in rows:
-        lines.append(f"| {row['method']} | {row['target_sparsity']:.2f} | {row['achieved_sparsity']:.4f} | "
-                     f"{row['parameters'] / 1e6:.1f} M | {row['ppl_austen']:.2f} | {row['ppl_pydoc']:.2f} | "
-                     f"{row['wall_seconds']:.0f} |")
-    lines.append("")
-    for sparsity in s["sparsities"]:
-        pruned = [r for r in rows if r["target_sparsity"] == sparsity]
-        best = min(pruned, key=lambda r: r["ppl_austen"])
-        lora = next((r for r in pruned if r["method"] == "lora"), None)
-        if lora:
-            lines.append(f"- At {sparsity}: lowest Northanger Abbey perplexity `{best['method']}` "
-                         f"({best['ppl_austen']:.2f}); `lora` {lora['ppl_austen']:.2f}, "
-                         f"{lora['ppl_austen'] / best['ppl_austen']:.2f}× the best.")
-    lines += ["", "![perplexity vs sparsity](quality.png) ![kept widths per layer](kept_widths.png)", ""]
+    for row in _rows(results):
+        lines.append(f"| {row['method']} | {row['seed']} | {row['target_sparsity']:.2f} | "
+                     f"{row['achieved_sparsity']:.4f} | {row['parameters'] / 1e6:.1f} M | {row['ppl_austen']:.2f} | "
+                     f"{row['ppl_pydoc']:.2f} | {row['wall_seconds']:.0f} |")
+    missing = [run_key(*run) for run in expanded_plan(Settings(**{**s, "sparsities": tuple(s["sparsities"])}))
+               if run_key(*run) not in results["runs"]]
+    lines += ["", *summary_lines(results)]
+    if missing:
+        lines += ["", f"Not run yet (the suite resumes with the same command): {', '.join(missing)}."]
+    lines += ["", "![perplexity vs sparsity](quality.png) ![loss curves](loss_curves.png)",
+              "![kept widths per layer](kept_widths.png)", ""]
     return "\n".join(lines)
 
 
 def plot(results: dict, folder: Path) -> None:
-    """Perplexity vs sparsity per method, and per-layer kept widths of the lora runs."""
+    """Perplexity vs sparsity per method, loss curves, and per-layer kept widths of the default."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = list(results["runs"].values())
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    runs = [r for r in results["runs"].values() if r["seed"] == results["settings"]["seed"]]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
     for ax, text in zip(axes, ("austen", "pydoc")):
-        for method in PRUNING_METHODS:
-            points = sorted((r["achieved_sparsity"], r[f"ppl_{text}"]) for r in runs if r["method"] == method)
-            if points:
-                ax.plot(*zip(*points), marker="o", label=method)
+        for name, method in METHODS.items():
+            points = sorted((r["achieved_sparsity"], r[f"ppl_{text}"]) for r in runs if r["method"] == name)
+            if points and method.pruned:
+                ax.plot(*zip(*points), marker="o", label=name)
         for r in runs:
-            if r["method"] in ("dense", "dense+lora"):
+            if not METHODS[r["method"]].pruned:
                 ax.axhline(r[f"ppl_{text}"], linestyle="--", linewidth=0.8, color="grey")
         ax.set(xlabel="whole-model sparsity", ylabel="perplexity", yscale="log",
                title="Northanger Abbey" if text == "austen" else "pydoc topics")
-        ax.legend()
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(folder / "quality.png", dpi=110)
     plt.close(fig)
 
+    sparsities = results["settings"]["sparsities"]
+    fig, axes = plt.subplots(1, len(sparsities), figsize=(5.5 * len(sparsities), 4), squeeze=False)
+    for ax, sparsity in zip(axes[0], sparsities):
+        for r in runs:
+            if r["target_sparsity"] == sparsity and r.get("loss_curve"):
+                ax.plot(range(1, len(r["loss_curve"]) + 1), r["loss_curve"], linewidth=0.8, label=r["method"])
+        ax.set(xlabel="optimizer step", ylabel="training loss (per method: CE or KL)", yscale="log",
+               title=f"sparsity {sparsity}")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(folder / "loss_curves.png", dpi=110)
+    plt.close(fig)
+
     fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
     for r in runs:
-        if r["method"] == "lora":
+        if r["method"] == DEFAULT_METHOD:
             layers = range(len(r["kept_per_layer"]))
             ax[0].plot(layers, [k["heads"] for k in r["kept_per_layer"]], marker=".", label=f"{r['target_sparsity']}")
             ax[1].plot(layers, [k["ffn"] for k in r["kept_per_layer"]], marker=".", label=f"{r['target_sparsity']}")
-    ax[0].set(xlabel="layer", ylabel="kept query heads", title="lora: attention")
-    ax[1].set(xlabel="layer", ylabel="kept FFN channels", title="lora: FFN")
+    ax[0].set(xlabel="layer", ylabel="kept query heads", title=f"{DEFAULT_METHOD}: attention")
+    ax[1].set(xlabel="layer", ylabel="kept FFN channels", title=f"{DEFAULT_METHOD}: FFN")
     for a in ax:
         a.legend(title="sparsity")
     fig.tight_layout()
@@ -237,7 +355,6 @@ def main(argv: list[str] | None = None) -> int:
         args.steps = results["settings"]["steps"] if results["settings"]["steps"] != Settings().steps else None
     else:
         results = run_suite(settings, path)
-        path.write_text(json.dumps(results, indent=1) + "\n")
     if not args.no_docs:
         command = "python benchmarks/quality.py" + (" --quick" if args.quick else "") + \
                   (f" --steps {args.steps}" if args.steps else "")

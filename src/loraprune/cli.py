@@ -142,9 +142,9 @@ def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
                         help="element score (G*W)^2 as in the paper, or |G*W| as in its code")
     parser.add_argument("--no-normalise", action="store_true",
                         help="do not L2-normalise each matrix's group scores before summing")
-    parser.add_argument("--lora-columns", action="store_true", default=None,
-                        help="with --criterion lora, also score o_proj/down_proj columns (as the reference "
-                        "code does; the rank-r estimate of those is mostly noise)")
+    parser.add_argument("--lora-rows-only", dest="lora_columns", action="store_const", const=False, default=None,
+                        help="with --criterion lora, score q/k/v and gate/up rows only: the rank-r estimate of "
+                        "o_proj/down_proj columns is mostly noise (the paper sums rows and columns)")
     parser.add_argument("--distill", type=float, default=None, metavar="W",
                         help="weight of self-distillation from the unpruned model: loss = (1-W)*cross-entropy "
                         f"+ W*KL(teacher||student) (default: {d.distill})")

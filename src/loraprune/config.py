@@ -46,7 +46,7 @@ class PruneConfig:
     criterion: Criterion = "lora"
     score_power: Literal["square", "abs"] = "square"
     normalise_scores: bool = True
-    lora_columns: bool = False  # also score o_proj/down_proj columns with the lora estimate (reference)
+    lora_columns: bool = True  # lora also scores o_proj/down_proj columns, as the paper; False: rows only
     ema: float = 0.9
 
     # Recovery loss: weight w of self-distillation from the unpruned base (0: cross-entropy only).

@@ -125,10 +125,12 @@ def test_scores_of_one_step_do_not_leak_into_the_next():
         scorer.step_scores()
 
 
-def test_one_shot_mode_accepts_the_fisher_scorer(tiny_llama):
+@pytest.mark.parametrize("distill", [0.0, 1.0])
+def test_one_shot_mode_accepts_the_fisher_scorer_and_calibrates_on_cross_entropy(tiny_llama, distill):
     target = PruneTarget(pruned_layers=(1, 3), attention_unit="kv_group", attention_units_removed=1,
                          ffn_channels_removed=3, total_parameters=1, removed_parameters=0)
-    scores = calibration_scores(tiny_llama, _sequences(), PruneConfig(criterion="fisher"), target)
+    config = PruneConfig(criterion="fisher", distill=distill)
+    scores = calibration_scores(tiny_llama, _sequences(), config, target)
     assert sorted(scores) == [1, 3]
     assert scores[1].attention.shape == (2,) and scores[1].ffn.shape == (128,)
     assert bool((scores[1].ffn > 0).any())

@@ -110,17 +110,17 @@ def _layer_scores(peft_model, criterion: str, layer: int = 1, **settings):
     return scorer.step_scores()[layer]
 
 
-def test_lora_criterion_leaves_out_column_estimates_unless_asked(tiny_llama):
+def test_lora_criterion_scores_columns_as_the_paper_unless_rows_only(tiny_llama):
     peft_model = _adapted(tiny_llama)
     _backward(peft_model)
     layer = peft_model.base_model.model.model.layers[1]
-    rows_only = _layer_scores(peft_model, "lora")
-    with_columns = _layer_scores(peft_model, "lora", lora_columns=True)
+    rows_only = _layer_scores(peft_model, "lora", lora_columns=False)
+    with_columns = _layer_scores(peft_model, "lora")
     layer.mlp.down_proj.lora_B["default"].weight.grad.mul_(-7.0)
     layer.self_attn.o_proj.lora_A["default"].weight.grad.normal_()
-    assert torch.equal(_layer_scores(peft_model, "lora").ffn, rows_only.ffn)
-    assert torch.equal(_layer_scores(peft_model, "lora").attention, rows_only.attention)
-    changed = _layer_scores(peft_model, "lora", lora_columns=True)
+    assert torch.equal(_layer_scores(peft_model, "lora", lora_columns=False).ffn, rows_only.ffn)
+    assert torch.equal(_layer_scores(peft_model, "lora", lora_columns=False).attention, rows_only.attention)
+    changed = _layer_scores(peft_model, "lora")
     assert not torch.allclose(changed.ffn, with_columns.ffn)
     assert not torch.allclose(changed.attention, with_columns.attention)
 

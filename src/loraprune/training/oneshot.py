@@ -19,7 +19,7 @@ from loraprune.pruning.scores import LayerScores
 from loraprune.pruning.selection import update_layer_mask
 from loraprune.pruning.target import PruneTarget
 from loraprune.training.lora import wrap_with_lora
-from loraprune.training.losses import build_loss
+from loraprune.training.losses import NextTokenCrossEntropy
 
 
 def calibration_scores(model: PreTrainedModel, blocks: torch.Tensor, config: PruneConfig,
@@ -35,7 +35,9 @@ def calibration_scores(model: PreTrainedModel, blocks: torch.Tensor, config: Pru
         scorer = build_scorer(config, ScoringPlan(spec, shape, target.attention_unit, target.pruned_layers))
         scorer.attach(work)
         if scorer.needs_backward:
-            loss, device = build_loss(config), next(work.parameters()).device
+            # Before anything is pruned the model is its own distillation teacher (a zero loss with
+            # zero gradient), so calibration always scores the language-modelling loss.
+            loss, device = NextTokenCrossEntropy(), next(work.parameters()).device
             for block in blocks.split(config.batch_size):
                 (loss(work, block.to(device)) * len(block) / len(blocks)).backward()
         scores = scorer.step_scores()

@@ -43,9 +43,10 @@ class LoraScorer(ElementScorer):
 
     @property
     def uses_columns(self) -> bool:
-        # G mixes the input columns of W through AᵀA (rank r), so the estimate says next to nothing
-        # about o_proj/down_proj columns (measured rank correlation with the true Taylor score ≈ 0,
-        # against 0.7-0.85 for q/gate/up rows); they count only with --lora-columns.
+        # The paper sums rows and columns. But G mixes the input columns of W through AᵀA (rank r),
+        # so the estimate says next to nothing about o_proj/down_proj columns (measured rank
+        # correlation with the true Taylor score ≈ 0, against 0.7-0.85 for q/gate/up rows);
+        # --lora-rows-only leaves them out.
         return self.config.lora_columns
 
     def element_scores(self, projection: nn.Module) -> torch.Tensor:
