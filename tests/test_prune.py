@@ -84,3 +84,42 @@ def test_report_holds_greedy_samples_before_and_after(tiny_run_inputs, tmp_path)
     assert [s["prompt"] for s in samples] == list(SAMPLE_PROMPTS)
     assert all(isinstance(s["before"], str) and isinstance(s["after"], str) for s in samples)
     assert any(s["before"] != s["after"] for s in samples)  # pruning 30 % of a tiny model changes its text
+
+
+def test_a_failed_logit_check_keeps_the_run_and_export_can_write_it_anyway(tiny_run_inputs, tmp_path, monkeypatch,
+                                                                            capsys):
+    from loraprune.cli import main
+    from loraprune.export import transformers_writer
+
+    real_slice = transformers_writer.slice_model
+
+    def slicing_with_a_bug(model, masks, spec):  # two kept FFN channels trade their down_proj columns
+        sliced = real_slice(model, masks, spec)
+        with torch.no_grad():
+            down = sliced.model.layers[1].mlp.down_proj.weight
+            down[:, [0, 1]] = down[:, [1, 0]].clone()
+        return sliced
+
+    monkeypatch.setattr(transformers_writer, "slice_model", slicing_with_a_bug)
+    model_dir, text = tiny_run_inputs
+    out, run_dir = tmp_path / "out", tmp_path / "out.partial"
+    with pytest.raises(LoraPruneError, match=f"run is kept in {run_dir}.*--skip-logit-check"):
+        prune(_config(model_dir, text), out, progress=False)
+    assert not out.exists() and (run_dir / "checkpoint" / "state.json").is_file()
+
+    assert main(["export", str(run_dir), "--out", str(out)]) == 2
+    assert "beyond float rounding" in capsys.readouterr().err and not out.exists()
+    assert main(["export", str(run_dir), "--out", str(out), "--skip-logit-check"]) == 0
+    check = json.loads((out / "loraprune.json").read_text())["export"]["logit_check"]
+    assert check["passed"] is False and check["probe_tokens"] == 128
+    assert AutoModelForCausalLM.from_pretrained(out).num_parameters() > 0
+
+
+def test_export_command_writes_a_saved_run(tiny_run_inputs, tmp_path):
+    from loraprune.cli import main
+
+    model_dir, text = tiny_run_inputs
+    prune(_config(model_dir, text), tmp_path / "out", export=False, progress=False)
+    assert main(["export", str(tmp_path / "out.partial"), "--out", str(tmp_path / "again")]) == 0
+    report = json.loads((tmp_path / "again" / "loraprune.json").read_text())
+    assert report["export"]["logit_check"]["passed"] and report["steps"] == 12

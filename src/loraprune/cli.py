@@ -215,13 +215,17 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run", metavar="RUN_DIR", help="a finished --out folder or an interrupted run folder")
     parser.add_argument("--out", required=True, help="folder the standard checkpoint is written to")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    parser.add_argument("--skip-logit-check", action="store_true",
+                        help="write the model even if its logits differ from the masked model's beyond float "
+                        "rounding (the difference is recorded in loraprune.json)")
 
 
 def export_command(args: argparse.Namespace) -> int:
     """Merge, slice and write the model of a saved run."""
     from loraprune.job import export_run
 
-    print(f"pruned model written to {export_run(args.run, args.out, overwrite=args.overwrite)}")
+    written = export_run(args.run, args.out, overwrite=args.overwrite, check_logits=not args.skip_logit_check)
+    print(f"pruned model written to {written}")
     return 0
 
 
@@ -287,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (help_text, add_arguments, run) in COMMANDS.items():
         subparser = subparsers.add_parser(name, help=help_text, description=help_text)
         add_arguments(subparser)
-        subparser.set_defaults(run=run)
+        subparser.set_defaults(handler=run)
     return parser
 
 
@@ -300,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     """Run a parsed command, turning user errors into one line on stderr and exit code 2."""
     try:
-        return args.run(args)
+        return args.handler(args)
     except LoraPruneError as e:
         print(f"loraprune: error: {e}", file=sys.stderr)
         return e.exit_code

@@ -8,19 +8,22 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from accelerate import PartialState
 from peft import set_peft_model_state_dict
 
 from loraprune.config import PruneConfig
-from loraprune.data import load_text, token_blocks
+from loraprune.data import load_text, token_blocks, tokenize_cached
 from loraprune.errors import LoraPruneError
 from loraprune.evaluation.perplexity import PerplexityResult, evaluate_perplexity
 from loraprune.evaluation.samples import SAMPLE_PROMPTS, greedy_samples
-from loraprune.export.transformers_writer import export_checkpoint
+from loraprune.export.transformers_writer import LogitCheckFailed, export_checkpoint
 from loraprune.models import spec_for
 from loraprune.models.loading import load_model
 from loraprune.pruning.masks import ModelMasks
@@ -32,6 +35,7 @@ from loraprune.training.recipe import train_while_pruning
 from loraprune.training.run_folder import PARTIAL_SUFFIX, partial_dir
 
 RUN_SUBDIR = "run"
+EXPORT_PROBE_TOKENS = 128  # validation text the exported model's logits are checked on
 
 
 @dataclass
@@ -159,16 +163,21 @@ def prune(config: PruneConfig | None = None, out: str | Path | None = None, *,
               "perplexity_after": pruned.to_dict(),
               "greedy_samples": samples}
     if export and processes.is_main_process:
-        export_checkpoint(outcome.model, tokenizer, outcome.masks, spec_for(model.config), report,
-                          out_path, overwrite=overwrite)
+        with _run_kept_on_failed_check(run_dir, out_path):
+            export_checkpoint(outcome.model, tokenizer, outcome.masks, spec_for(model.config), report,
+                              out_path, overwrite=overwrite, probe=export_probe(tokenizer, config))
         os.replace(run_dir, out_path / RUN_SUBDIR)
     processes.wait_for_everyone()
     return PruneResult(out_path, outcome.target, outcome.achieved_sparsity, dense, pruned, report,
                        processes.is_main_process)
 
 
-def export_run(run: str | Path, out: str | Path, *, overwrite: bool = False) -> Path:
-    """Export the model of a saved run (finished or interrupted) as a standard checkpoint."""
+def export_run(run: str | Path, out: str | Path, *, overwrite: bool = False, check_logits: bool = True) -> Path:
+    """Export the model of a saved run (finished or interrupted) as a standard checkpoint.
+
+    With ``check_logits`` False, a logit comparison that fails is recorded in loraprune.json
+    instead of stopping the export.
+    """
     run = Path(run)
     run_dir = run / RUN_SUBDIR if (run / RUN_SUBDIR).is_dir() else run
     checkpoint = load_checkpoint(run_dir)
@@ -183,4 +192,22 @@ def export_run(run: str | Path, out: str | Path, *, overwrite: bool = False) -> 
     masks = ModelMasks.for_model(peft_model)
     masks.load_state_dict(checkpoint.masks)
     report = {**run_report(config, checkpoint.state.step), "finished": checkpoint.state.step >= config.steps}
-    return export_checkpoint(peft_model, tokenizer, masks, spec, report, Path(out), overwrite=overwrite)
+    with _run_kept_on_failed_check(run_dir, Path(out)):
+        return export_checkpoint(peft_model, tokenizer, masks, spec, report, Path(out), overwrite=overwrite,
+                                 probe=export_probe(tokenizer, config), check_logits=check_logits)
+
+
+def export_probe(tokenizer, config: PruneConfig) -> torch.Tensor:
+    """The first EXPORT_PROBE_TOKENS tokens of the run's validation text, shape (1, tokens)."""
+    ids = tokenize_cached(tokenizer, load_text(config.data, "validation", config.austen_dir))
+    return torch.from_numpy(ids[:EXPORT_PROBE_TOKENS].astype(np.int64))[None]
+
+
+@contextmanager
+def _run_kept_on_failed_check(run_dir: Path, out: Path) -> Iterator[None]:
+    """Turn a failed logit check into an error that says the run is safe and how to export it anyway."""
+    try:
+        yield
+    except LogitCheckFailed as failed:
+        raise LoraPruneError(f"{failed}. The run is kept in {run_dir}; `loraprune export {run_dir} --out {out} "
+                             "--skip-logit-check` writes the model anyway and records the difference") from None

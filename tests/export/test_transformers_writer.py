@@ -17,8 +17,9 @@ from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2
 
 from loraprune.errors import LoraPruneError
 from loraprune.export import transformers_writer as export_module
+from loraprune.export.logit_check import compare_logits
 from loraprune.export.slicing import merge_lora, slice_model
-from loraprune.export.transformers_writer import export_checkpoint, relative_difference
+from loraprune.export.transformers_writer import LogitCheckFailed, export_checkpoint
 from loraprune.models import spec_for
 from loraprune.pruning.groups import LayerShape
 from loraprune.pruning.masks import LayerMask, ModelMasks
@@ -117,7 +118,7 @@ def test_exported_checkpoint_matches_masked_model_in_fresh_process(case, tmp_pat
     reloaded = reload_in_fresh_process(out, input_ids, tmp_path)
     assert not reloaded["imported_loraprune"]
     assert reloaded["architecture"] == architecture
-    assert relative_difference(reloaded["logits"], expected) < 1e-4
+    assert compare_logits(reloaded["logits"], expected).relative_difference < 1e-4
     written = json.loads((out / "config.json").read_text())
     assert written["num_attention_heads"] == kv_groups * per_group
     assert written["num_key_value_heads"] == kv_groups
@@ -127,6 +128,11 @@ def test_exported_checkpoint_matches_masked_model_in_fresh_process(case, tmp_pat
     assert report["model"] == case
     assert report["export"]["architecture"] == architecture
     assert report["export"]["parameters_after"] < report["export"]["parameters_before"]
+    check = report["export"]["logit_check"]
+    assert check["passed"] and check["slicing"]["relative_difference"] <= check["tolerance"]
+    assert check["tolerance"] == pytest.approx(10 * check["noise_floor"])
+    assert check["noise_floor"] >= check["rounding_noise_floor"] > 0
+    assert check["slicing"]["top1_agreement"] == 1.0
     assert (out / "README.md").is_file()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
@@ -201,7 +207,7 @@ def test_failed_validation_keeps_the_old_folder_and_removes_the_temporary_one(tm
     def broken(*args, **kwargs):
         raise LoraPruneError("validation failed")
 
-    monkeypatch.setattr(export_module, "validate_checkpoint", broken)
+    monkeypatch.setattr(export_module, "reload_checkpoint", broken)
     masks = uniform_masks(shape, 3, kv_groups=2, queries_per_group=1, ffn=48)
     with pytest.raises(LoraPruneError, match="validation failed"):
         export_checkpoint(tiny_model(config), None, masks, spec, {}, out, overwrite=True)
@@ -249,7 +255,7 @@ def test_smollm2_export_without_a_kv_group_matches_and_generates(tmp_path):
     assert written["intermediate_size"] == 1024
     reloaded = reload_in_fresh_process(out, input_ids, tmp_path)
     assert not reloaded["imported_loraprune"]
-    assert relative_difference(reloaded["logits"], expected) < 1e-4
+    assert compare_logits(reloaded["logits"], expected).relative_difference < 1e-4
     generated = subprocess.run([sys.executable, "-c", GENERATE_SCRIPT, str(out)], check=True,
                                capture_output=True, text=True).stdout
     assert generated.strip()
@@ -264,3 +270,52 @@ def test_a_model_dequantized_from_gguf_saves_as_a_plain_checkpoint(tmp_path):
     masks = uniform_masks(LayerShape.from_config(config), 3, kv_groups=2, queries_per_group=1, ffn=48)
     out = export_checkpoint(model, None, masks, spec_for(config), {}, tmp_path / "pruned")
     assert "quantization_config" not in json.loads((out / "config.json").read_text())
+
+
+def _slicing_with_two_ffn_channels_swapped(monkeypatch, layer: int = 2) -> None:
+    """Plant a real slicing bug: after slicing, two kept FFN channels trade their down_proj columns."""
+    real_slice = export_module.slice_model
+
+    def buggy_slice(model, masks, spec):
+        sliced = real_slice(model, masks, spec)
+        down = sliced.model.layers[layer].mlp.down_proj.weight
+        with torch.no_grad():
+            down[:, [0, 1]] = down[:, [1, 0]].clone()
+        return sliced
+
+    monkeypatch.setattr(export_module, "slice_model", buggy_slice)
+
+
+def _pruned_tiny():
+    config = LlamaConfig(num_attention_heads=4, num_key_value_heads=2, **TINY)
+    spec, shape = spec_for(config), LayerShape.from_config(config)
+    return tiny_model(config), uniform_masks(shape, 3, kv_groups=1, queries_per_group=2, ffn=48), spec
+
+
+def test_a_slicing_bug_fails_the_logit_check_and_writes_nothing(tmp_path, monkeypatch):
+    _slicing_with_two_ffn_channels_swapped(monkeypatch)
+    model, masks, spec = _pruned_tiny()
+    with pytest.raises(LogitCheckFailed, match="beyond float rounding.*top-1 agreement"):
+        export_checkpoint(model, None, masks, spec, {}, tmp_path / "pruned")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_skipping_the_logit_check_writes_the_model_and_records_the_difference(tmp_path, monkeypatch):
+    _slicing_with_two_ffn_channels_swapped(monkeypatch)
+    model, masks, spec = _pruned_tiny()
+    out = export_checkpoint(model, None, masks, spec, {}, tmp_path / "pruned", check_logits=False)
+    check = json.loads((out / "loraprune.json").read_text())["export"]["logit_check"]
+    assert not check["passed"]
+    assert check["slicing"]["relative_difference"] > 100 * check["tolerance"]
+
+
+def test_rounding_noise_floor_follows_the_dtype_precision():
+    from loraprune.export.logit_check import probe_ids, rounding_noise_floor
+
+    model, _, _ = _pruned_tiny()
+    merged = merge_lora(model)
+    ids = probe_ids(merged.config.vocab_size)
+    float32_floor = rounding_noise_floor(merged, ids)
+    bfloat16_floor = rounding_noise_floor(merged.to(torch.bfloat16), ids)
+    assert 0 < float32_floor < 1e-5
+    assert bfloat16_floor > 1000 * float32_floor  # bfloat16 keeps 8 bits of mantissa, float32 24
