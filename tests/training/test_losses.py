@@ -67,3 +67,25 @@ def test_teacher_is_the_unpruned_base_model_even_with_trained_adapters_and_masks
     torch.testing.assert_close(recipe._teacher_logits(ids), expected, rtol=1e-5, atol=1e-5)
     assert (student - expected).abs().max() > 1e-2  # the student really differs: adapters and masks are on
     assert not recipe.masks._suspended[0]
+
+
+@pytest.mark.parametrize(("weight", "temperature"), [(0.5, 1.0), (1.0, 2.0), (0.25, 0.5)])
+def test_fused_distillation_gradient_equals_autograd_of_the_plain_formula(weight, temperature):
+    import torch.nn.functional as F
+
+    from loraprune.training.losses import _FusedDistillation, next_token_targets
+
+    generator = torch.Generator().manual_seed(3)
+    batch = torch.randint(0, 50, (2, 40), generator=generator)  # 80 positions: several chunks
+    student = torch.randn(80, 50, generator=generator, dtype=torch.float64, requires_grad=True)
+    teacher = torch.randn(80, 50, generator=generator, dtype=torch.float64)
+    targets = next_token_targets(batch)
+    kept = targets != -100
+    reference = (1 - weight) * F.cross_entropy(student[kept], targets[kept]) + weight * temperature ** 2 * F.kl_div(
+        torch.log_softmax(student / temperature, -1), torch.log_softmax(teacher / temperature, -1),
+        log_target=True, reduction="batchmean")
+    expected_grad, = torch.autograd.grad(reference, student)
+    fused = _FusedDistillation.apply(student, teacher, targets, weight, temperature)
+    fused_grad, = torch.autograd.grad(fused, student)
+    assert fused.item() == pytest.approx(reference.item(), rel=1e-6)
+    torch.testing.assert_close(fused_grad, expected_grad, rtol=1e-6, atol=1e-10)  # entries are ~1e-3

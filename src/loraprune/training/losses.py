@@ -9,10 +9,12 @@ from __future__ import annotations
 from typing import Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from loraprune.config import PruneConfig
+
+IGNORE = -100  # target of a position that predicts nothing (the last of a block)
+CHUNK_POSITIONS = 32  # rows of (positions, vocabulary) logits handled at once
 
 
 class TrainingLoss(Protocol):
@@ -37,10 +39,67 @@ class NextTokenCrossEntropy:
 def distillation_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """τ²·KL(teacher ‖ student) of the softened next-token distributions, mean over positions."""
     vocabulary = student_logits.shape[-1]
-    student = F.log_softmax(student_logits.float().view(-1, vocabulary) / temperature, dim=-1)
-    teacher = F.log_softmax(teacher_logits.float().view(-1, vocabulary) / temperature, dim=-1)
-    kl = F.kl_div(student, teacher, log_target=True, reduction="batchmean")
-    return kl * temperature ** 2  # keeps gradient size independent of τ (Hinton et al. 2015)
+    return _FusedDistillation.apply(student_logits.reshape(-1, vocabulary), teacher_logits.reshape(-1, vocabulary),
+                                    None, 1.0, temperature)
+
+
+def next_token_targets(batch: torch.Tensor) -> torch.Tensor:
+    """The token each position predicts, flattened; IGNORE at each block's last position."""
+    targets = torch.full_like(batch, IGNORE)
+    targets[:, :-1] = batch[:, 1:]
+    return targets.reshape(-1)
+
+
+class _FusedDistillation(torch.autograd.Function):
+    """(1 − w)·cross-entropy + w·τ²·KL(teacher ‖ student) over (positions, vocabulary) logits, in chunks.
+
+    Nothing of vocabulary size is kept between forward and backward but the two logit tensors that
+    exist anyway: both passes recompute the softmaxes chunk by chunk, so distillation adds about one
+    (positions × vocabulary) tensor to training memory instead of half a dozen.
+    """
+
+    @staticmethod
+    def forward(ctx, student: torch.Tensor, teacher: torch.Tensor, targets: torch.Tensor | None,
+                weight: float, temperature: float) -> torch.Tensor:
+        positions = student.shape[0]
+        predicted = max(1, int((targets != IGNORE).sum())) if targets is not None else 1
+        accumulator = torch.promote_types(student.dtype, torch.float32)
+        cross_entropy, kl = student.new_zeros((), dtype=accumulator), student.new_zeros((), dtype=accumulator)
+        for rows in torch.arange(positions, device=student.device).split(CHUNK_POSITIONS):
+            s, t = _at_least_float32(student[rows]), _at_least_float32(teacher[rows])
+            if targets is not None and weight < 1:
+                kept = targets[rows] != IGNORE
+                log_p = torch.log_softmax(s[kept], dim=-1)
+                cross_entropy -= log_p.gather(1, targets[rows][kept, None]).sum()
+            log_q_student = torch.log_softmax(s / temperature, dim=-1)
+            log_q_teacher = torch.log_softmax(t / temperature, dim=-1)
+            kl += (log_q_teacher.exp() * (log_q_teacher - log_q_student)).sum()
+        ctx.save_for_backward(student, teacher, targets)
+        ctx.settings = (weight, temperature, predicted)
+        cross_entropy_term = (1 - weight) * cross_entropy / predicted if targets is not None else 0.0
+        return cross_entropy_term + weight * temperature ** 2 * kl / positions
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        student, teacher, targets = ctx.saved_tensors
+        weight, temperature, predicted = ctx.settings
+        positions = student.shape[0]
+        grad = torch.empty_like(student)
+        for rows in torch.arange(positions, device=student.device).split(CHUNK_POSITIONS):
+            s, t = _at_least_float32(student[rows]), _at_least_float32(teacher[rows])
+            # d(τ²·KL)/ds = τ·(softmax(s/τ) − softmax(t/τ)), per position.
+            chunk = (weight * temperature / positions) * (torch.softmax(s / temperature, dim=-1)
+                                                          - torch.softmax(t / temperature, dim=-1))
+            if targets is not None and weight < 1:
+                kept = (targets[rows] != IGNORE).float()[:, None]
+                one_hot = torch.zeros_like(s).scatter_(1, targets[rows].clamp_min(0)[:, None], 1.0)
+                chunk += ((1 - weight) / predicted) * kept * (torch.softmax(s, dim=-1) - one_hot)
+            grad[rows] = (grad_output * chunk).to(grad.dtype)
+        return grad, None, None, None, None
+
+
+def _at_least_float32(values: torch.Tensor) -> torch.Tensor:
+    return values.to(torch.promote_types(values.dtype, torch.float32))
 
 
 class SelfDistillation:
@@ -55,10 +114,10 @@ class SelfDistillation:
                  teacher_logits: torch.Tensor | None = None) -> torch.Tensor:
         if teacher_logits is None:
             raise RuntimeError("self-distillation needs the teacher's logits of the batch")
-        with_labels = self.weight < 1.0  # pure distillation skips the cross-entropy entirely
-        output = model(input_ids=batch, labels=batch if with_labels else None, use_cache=False)
-        kl = distillation_kl(output.logits, teacher_logits, self.temperature)
-        return (1 - self.weight) * output.loss + self.weight * kl if with_labels else kl
+        logits = model(input_ids=batch, use_cache=False).logits
+        vocabulary = logits.shape[-1]
+        return _FusedDistillation.apply(logits.reshape(-1, vocabulary), teacher_logits.reshape(-1, vocabulary),
+                                        next_token_targets(batch), self.weight, self.temperature)
 
 
 def build_loss(config: PruneConfig) -> TrainingLoss:
