@@ -67,13 +67,14 @@ class _FusedDistillation(torch.autograd.Function):
         cross_entropy, kl = student.new_zeros((), dtype=accumulator), student.new_zeros((), dtype=accumulator)
         for rows in torch.arange(positions, device=student.device).split(CHUNK_POSITIONS):
             s, t = _at_least_float32(student[rows]), _at_least_float32(teacher[rows])
-            if targets is not None and weight < 1:
-                kept = targets[rows] != IGNORE
-                log_p = torch.log_softmax(s[kept], dim=-1)
-                cross_entropy -= log_p.gather(1, targets[rows][kept, None]).sum()
-            log_q_student = torch.log_softmax(s / temperature, dim=-1)
-            log_q_teacher = torch.log_softmax(t / temperature, dim=-1)
+            log_q_student = torch.log_softmax(s / temperature if temperature != 1 else s, dim=-1)
+            log_q_teacher = torch.log_softmax(t / temperature if temperature != 1 else t, dim=-1)
             kl += (log_q_teacher.exp() * (log_q_teacher - log_q_student)).sum()
+            if targets is not None and weight < 1:
+                log_p = log_q_student if temperature == 1 else torch.log_softmax(s, dim=-1)
+                chunk_targets = targets[rows]
+                kept = chunk_targets != IGNORE
+                cross_entropy -= log_p.gather(1, chunk_targets.clamp_min(0)[:, None])[kept].sum()
         ctx.save_for_backward(student, teacher, targets)
         ctx.settings = (weight, temperature, predicted)
         cross_entropy_term = (1 - weight) * cross_entropy / predicted if targets is not None else 0.0
@@ -87,13 +88,18 @@ class _FusedDistillation(torch.autograd.Function):
         grad = torch.empty_like(student)
         for rows in torch.arange(positions, device=student.device).split(CHUNK_POSITIONS):
             s, t = _at_least_float32(student[rows]), _at_least_float32(teacher[rows])
+            q_student = torch.softmax(s / temperature if temperature != 1 else s, dim=-1)
+            q_teacher = torch.softmax(t / temperature if temperature != 1 else t, dim=-1)
             # d(τ²·KL)/ds = τ·(softmax(s/τ) − softmax(t/τ)), per position.
-            chunk = (weight * temperature / positions) * (torch.softmax(s / temperature, dim=-1)
-                                                          - torch.softmax(t / temperature, dim=-1))
+            chunk = (weight * temperature / positions) * (q_student - q_teacher)
             if targets is not None and weight < 1:
-                kept = (targets[rows] != IGNORE).float()[:, None]
-                one_hot = torch.zeros_like(s).scatter_(1, targets[rows].clamp_min(0)[:, None], 1.0)
-                chunk += ((1 - weight) / predicted) * kept * (torch.softmax(s, dim=-1) - one_hot)
+                # d(cross-entropy)/ds = softmax(s) − one-hot(target), on predicting positions.
+                p_student = q_student if temperature == 1 else torch.softmax(s, dim=-1)
+                chunk_targets = targets[rows]
+                kept = (chunk_targets != IGNORE)[:, None]
+                p_student = p_student.scatter_add(1, chunk_targets.clamp_min(0)[:, None],
+                                                  -torch.ones_like(p_student[:, :1]))
+                chunk += ((1 - weight) / predicted) * p_student * kept
             grad[rows] = (grad_output * chunk).to(grad.dtype)
         return grad, None, None, None, None
 
