@@ -116,3 +116,21 @@ def test_eval_on_real_model_prints_perplexity_with_its_context():
     line = result.stdout.strip()
     assert line.startswith("perplexity ") and "pydoc (validation)" in line
     assert "4 windows of 128 tokens" in line and "508 tokens predicted" in line
+
+
+def test_prune_flags_reach_the_config(monkeypatch, tmp_path):
+    from loraprune import job
+
+    seen = {}
+
+    def fake_prune(config, out, **options):
+        seen["config"] = config
+        raise KeyboardInterrupt  # stop before any work: only the parsed config matters here
+
+    monkeypatch.setattr(job, "prune", fake_prune)
+    code = cli.main(["prune", "--out", str(tmp_path / "o"), "--criterion", "fisher", "--distill", "0.5",
+                 "--distill-temperature", "2", "--lora-rows-only"])
+    assert code == 130
+    config = seen["config"]
+    assert (config.criterion, config.distill, config.distill_temperature, config.lora_columns) == (
+        "fisher", 0.5, 2.0, False)

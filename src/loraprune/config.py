@@ -12,6 +12,8 @@ from loraprune.errors import LoraPruneError
 
 Criterion = Literal["lora", "fisher", "grad", "magnitude", "random"]
 CRITERIA: tuple[str, ...] = ("lora", "fisher", "grad", "magnitude", "random")
+# Flat setting names (the CLI's) that belong to the LoRA part of the config.
+LORA_FLAGS = {"lora_rank": "rank", "lora_alpha": "alpha", "lora_dropout": "dropout"}
 
 
 @dataclass
@@ -130,8 +132,8 @@ class PruneConfig:
         """A copy with some settings replaced; ``lora_rank``/``lora_alpha``/``lora_dropout`` reach the LoRA part."""
         d = self.to_dict()
         for key, value in overrides.items():
-            if key.startswith("lora_"):
-                d["lora"][{"lora_rank": "rank"}.get(key, key[len("lora_"):])] = value
+            if key in LORA_FLAGS:
+                d["lora"][LORA_FLAGS[key]] = value
             else:
                 d[key] = value
         return PruneConfig.from_dict(d)
