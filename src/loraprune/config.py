@@ -45,7 +45,7 @@ class PruneConfig:
     round_to: int = 1  # kept FFN width is a multiple of this
 
     # Importance (paper Eqs. 8-11).
-    criterion: Criterion = "lora"
+    criterion: Criterion = "fisher"  # chosen by benchmarks/quality.py; "lora" is the paper's
     score_power: Literal["square", "abs"] = "square"
     normalise_scores: bool = True
     lora_columns: bool = True  # lora also scores o_proj/down_proj columns, as the paper; False: rows only
