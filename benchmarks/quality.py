@@ -67,6 +67,7 @@ METHODS: dict[str, Method] = {
     "fisher+distill1.0": Method({"criterion": "fisher", "distill": 1.0}),
     "fisher+early": Method({"criterion": "fisher", **EARLY}),
     "fisher+distill+early": Method({"criterion": "fisher", **DISTILL, **EARLY}),
+    "fisher+global": Method({"criterion": "fisher", "allocation": "global"}),
     "llm-pruner": Method(LLM_PRUNER, one_shot=True),
     "llm-pruner+distill": Method({**LLM_PRUNER, **DISTILL}, one_shot=True),
     "magnitude": Method({"criterion": "magnitude"}),
@@ -94,9 +95,10 @@ class Settings:
         ("dense", 0.0, 0), ("fisher+distill", 0.2, 0), ("llm-pruner", 0.2, 0), ("fisher", 0.2, 0),
         ("llm-pruner+distill", 0.2, 0), ("fisher", 0.5, 0), ("fisher+distill", 0.5, 0), ("llm-pruner", 0.5, 0),
         ("dense+lora", 0.0, 0), ("fisher+early", 0.2, 0), ("fisher+distill1.0", 0.2, 0),
-        ("dense+lora+distill", 0.0, 0), ("llm-pruner+distill", 0.5, 0), ("lora", None, 0), ("grad", None, 0),
-        ("fisher+early", 0.5, 0), ("fisher+distill+early", None, 0), ("magnitude", None, 0), ("random", None, 0),
+        ("dense+lora+distill", 0.0, 0), ("fisher+global", None, 0), ("llm-pruner+distill", 0.5, 0),
+        ("lora", None, 0), ("grad", None, 0), ("magnitude", None, 0), ("random", None, 0),
         ("fisher", 0.2, 1), ("fisher+distill", 0.2, 1), ("llm-pruner+distill", 0.2, 1),
+        ("fisher+early", 0.5, 0), ("fisher+distill+early", None, 0),
     )
 
 

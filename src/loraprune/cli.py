@@ -119,13 +119,13 @@ PRUNE_SETTINGS = (
     "skip_first_layers", "skip_last_layers", "round_to", "criterion", "score_power", "ema", "steps",
     "warmup_fraction", "cooldown_fraction", "prune_every", "lr", "lr_schedule", "batch_size",
     "grad_accumulation", "seq_len", "seed", "lora_rank", "lora_alpha", "lora_dropout", "eval_tokens",
-    "eval_seq_len", "save_every", "lora_columns", "distill", "distill_temperature",
+    "eval_seq_len", "save_every", "lora_columns", "distill", "distill_temperature", "allocation",
 )
 
 
 def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of `loraprune prune`; defaults come from PruneConfig."""
-    from loraprune.config import CRITERIA, PruneConfig
+    from loraprune.config import ALLOCATIONS, CRITERIA, PruneConfig
 
     d = PruneConfig()
     parser.add_argument("--model", default=None, help=f"model to prune, any form eval takes (default: {d.model})")
@@ -154,6 +154,10 @@ def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
                         help="remove whole KV groups, or query heads inside each KV group")
     parser.add_argument("--attention-fraction", type=float, default=None,
                         help="share of attention units to remove (default: balanced with the FFN)")
+    parser.add_argument("--allocation", default=None, choices=ALLOCATIONS,
+                        help="uniform: every pruned layer keeps the same widths; global: units of all layers "
+                        "compete on estimated loss per parameter, each layer keeps its own widths (needs a "
+                        f"format that holds them) (default: {d.allocation})")
     parser.add_argument("--skip-first", dest="skip_first_layers", type=int, default=None,
                         help="leave the first N layers unpruned (needs --no-export)")
     parser.add_argument("--skip-last", dest="skip_last_layers", type=int, default=None,

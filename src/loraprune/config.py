@@ -12,6 +12,7 @@ from loraprune.errors import LoraPruneError
 
 Criterion = Literal["lora", "fisher", "grad", "magnitude", "random"]
 CRITERIA: tuple[str, ...] = ("lora", "fisher", "grad", "magnitude", "random")
+ALLOCATIONS: tuple[str, ...] = ("uniform", "global")
 # Flat setting names (the CLI's) that belong to the LoRA part of the config.
 LORA_FLAGS = {"lora_rank": "rank", "lora_alpha": "alpha", "lora_dropout": "dropout"}
 
@@ -43,6 +44,9 @@ class PruneConfig:
     skip_first_layers: int = 0
     skip_last_layers: int = 0
     round_to: int = 1  # kept FFN width is a multiple of this
+    # uniform: every pruned layer keeps the same widths (one transformers config); global: units of
+    # all layers compete on score per parameter, so each layer keeps its own widths (GGUF deci).
+    allocation: Literal["uniform", "global"] = "uniform"
 
     # Importance (paper Eqs. 8-11).
     criterion: Criterion = "fisher"  # chosen by benchmarks/quality.py; "lora" is the paper's
@@ -85,6 +89,8 @@ class PruneConfig:
             raise LoraPruneError(f"--criterion must be one of {', '.join(CRITERIA)}, got '{self.criterion}'")
         if self.attention_unit not in ("kv_group", "query_head"):
             raise LoraPruneError("--attention-unit must be kv_group or query_head")
+        if self.allocation not in ALLOCATIONS:
+            raise LoraPruneError(f"--allocation must be one of {', '.join(ALLOCATIONS)}, got '{self.allocation}'")
         if self.attention_fraction is not None and not 0.0 <= self.attention_fraction < 1.0:
             raise LoraPruneError("--attention-fraction must be in [0, 1)")
         positive = {"steps": self.steps, "prune-every": self.prune_every, "batch-size": self.batch_size,

@@ -28,7 +28,7 @@ from loraprune.models import spec_for
 from loraprune.models.loading import load_model
 from loraprune.pruning.masks import ModelMasks
 from loraprune.pruning.schedule import PruningSchedule
-from loraprune.pruning.target import PruneTarget, solve_model_target
+from loraprune.pruning.target import GlobalTarget, PruneTarget, solve_model_target
 from loraprune.training.checkpoint import LoadedCheckpoint, load_checkpoint, model_fingerprint
 from loraprune.training.lora import wrap_with_lora
 from loraprune.training.recipe import train_while_pruning
@@ -43,7 +43,7 @@ class PruneResult:
     """A finished run: where the pruned checkpoint is and how good it is."""
 
     output_dir: Path
-    target: PruneTarget
+    target: PruneTarget | GlobalTarget
     achieved_sparsity: float
     dense_perplexity: PerplexityResult
     pruned_perplexity: PerplexityResult
@@ -104,11 +104,11 @@ def _evaluate(model, tokenizer, config: PruneConfig, progress: bool) -> Perplexi
 
 
 def _check_exportable(config: PruneConfig) -> None:
-    if config.skip_first_layers or config.skip_last_layers:
+    if config.skip_first_layers or config.skip_last_layers or config.allocation == "global":
         raise LoraPruneError(
-            "--skip-first/--skip-last leave layers of different widths, which one transformers "
-            "config cannot describe; drop them (every layer is pruned alike) or pass --no-export "
-            "to keep only the masks and adapter")
+            "--skip-first/--skip-last and --allocation global leave layers of different widths, which "
+            "one transformers config cannot describe; drop them (every layer is pruned alike) or pass "
+            "--no-export to keep only the masks and adapter")
 
 
 def prune(config: PruneConfig | None = None, out: str | Path | None = None, *,

@@ -1,11 +1,15 @@
-"""Turn a whole-model sparsity into per-layer counts of attention units and FFN channels.
+"""Turn a whole-model sparsity into what the masks must remove.
 
-Counts are the same in every pruned layer so that the exported model keeps one config.
+Uniform allocation: the same counts of attention units and FFN channels in every pruned layer, so
+the exported model keeps one config. Global allocation: one parameter budget for the whole model,
+spent wherever units cost the least estimated loss per parameter (per-layer widths, which GGUF's
+``deci`` architecture can hold but a transformers Llama config cannot).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from torch import nn
 
@@ -13,6 +17,8 @@ from loraprune.config import PruneConfig
 from loraprune.errors import LoraPruneError
 from loraprune.models import count_parameters, projection_biases, spec_for
 from loraprune.pruning.groups import AttentionUnit, LayerShape
+
+Allocation = Literal["uniform", "global"]
 
 
 def structure_sizes(shape: LayerShape, attention_bias: bool, mlp_bias: bool) -> tuple[int, int, int]:
@@ -66,6 +72,29 @@ class PruneTarget:
                 f"(whole-model sparsity {self.achieved_sparsity:.4f})")
 
 
+@dataclass(frozen=True)
+class GlobalTarget:
+    """A parameter budget for the pruned layers together; each layer ends at its own widths."""
+
+    pruned_layers: tuple[int, ...]
+    attention_unit: AttentionUnit
+    sizes: UnitSizes
+    round_to: int
+    total_parameters: int
+    removed_parameters: int  # the budget; masks reach it to within one FFN channel
+
+    @property
+    def achieved_sparsity(self) -> float:
+        return self.removed_parameters / self.total_parameters
+
+    def describe(self, shape: LayerShape) -> str:
+        """One line for the log: the budget and where it may be spent."""
+        return (f"global allocation over {len(self.pruned_layers)} layers: {self.removed_parameters:,} of "
+                f"{self.total_parameters:,} parameters removed where they cost least (whole-model sparsity "
+                f"{self.achieved_sparsity:.4f}; every layer keeps at least one attention unit and "
+                f"{min(self.round_to, shape.intermediate_size)} FFN channels)")
+
+
 def pruned_layer_indices(num_layers: int, skip_first: int, skip_last: int) -> tuple[int, ...]:
     """Layers that are pruned once the first and last few are left alone."""
     return tuple(range(skip_first, num_layers - skip_last))
@@ -84,14 +113,20 @@ def solve_target(
     shape: LayerShape, num_layers: int, total_parameters: int, sparsity: float, *,
     unit: AttentionUnit = "kv_group", attention_fraction: float | None = None,
     skip_first: int = 0, skip_last: int = 0, round_to: int = 1,
-    attention_bias: bool = False, mlp_bias: bool = False,
-) -> PruneTarget:
-    """Choose per-layer removal counts whose whole-model sparsity is closest to ``sparsity``."""
+    attention_bias: bool = False, mlp_bias: bool = False, allocation: Allocation = "uniform",
+) -> PruneTarget | GlobalTarget:
+    """Per-layer removal counts (uniform) or a whole-model budget (global) closest to ``sparsity``."""
     layers = pruned_layer_indices(num_layers, skip_first, skip_last)
     if not layers:
         raise LoraPruneError(f"--skip-first {skip_first} and --skip-last {skip_last} leave none of the "
                              f"{num_layers} layers to prune; lower them")
     sizes = UnitSizes.of(shape, unit, attention_bias, mlp_bias)
+    if allocation == "global":
+        if attention_fraction is not None:
+            raise LoraPruneError("--attention-fraction fixes the attention share of every layer; global "
+                                 "allocation chooses it by score, so drop one of the two")
+        _check_reachable(sparsity, shape, layers, num_layers, total_parameters, unit, round_to, sizes)
+        return GlobalTarget(layers, unit, sizes, round_to, total_parameters, round(sparsity * total_parameters))
     wanted = sparsity * total_parameters
     width = shape.intermediate_size
     kept_widths = [w for w in range(round_to, width + 1, round_to)] or [width]
@@ -123,23 +158,30 @@ def solve_target(
             best_key = key
             best = PruneTarget(layers, unit, attention_removed, ffn_removed, total_parameters, int(removed))
 
+    _check_reachable(sparsity, shape, layers, num_layers, total_parameters, unit, round_to, sizes,
+                     missed=best_key[0])
+    return best
+
+
+def _check_reachable(sparsity: float, shape: LayerShape, layers: tuple[int, ...], num_layers: int,
+                     total_parameters: int, unit: AttentionUnit, round_to: int, sizes: UnitSizes,
+                     missed: bool = False) -> None:
     maximum = maximum_sparsity(shape, len(layers), total_parameters, unit, round_to, sizes)
-    if sparsity > maximum + 1e-9 or best_key[0]:
+    if sparsity > maximum + 1e-9 or missed:
         raise LoraPruneError(
             f"sparsity {sparsity} is not reachable: with {len(layers)} of {num_layers} layers pruned "
             f"(attention unit {unit}, round-to {round_to}) at most {maximum:.4f} of the parameters can "
             f"be removed; lower --sparsity or prune more layers (--skip-first/--skip-last)")
-    return best
 
 
-def solve_model_target(model: nn.Module, config: PruneConfig) -> PruneTarget:
-    """Per-layer removal counts for this model and config (fails early if unreachable)."""
+def solve_model_target(model: nn.Module, config: PruneConfig) -> PruneTarget | GlobalTarget:
+    """What the masks must remove for this model and config (fails early if unreachable)."""
     attention_bias, mlp_bias = projection_biases(model, spec_for(model.config))
     return solve_target(
         LayerShape.from_config(model.config), model.config.num_hidden_layers, count_parameters(model),
         config.sparsity, unit=config.attention_unit, attention_fraction=config.attention_fraction,
         skip_first=config.skip_first_layers, skip_last=config.skip_last_layers, round_to=config.round_to,
-        attention_bias=attention_bias, mlp_bias=mlp_bias)
+        attention_bias=attention_bias, mlp_bias=mlp_bias, allocation=config.allocation)
 
 
 def maximum_sparsity(shape: LayerShape, pruned_layers: int, total_parameters: int, unit: AttentionUnit,

@@ -16,14 +16,14 @@ from loraprune.pruning.groups import LayerShape
 from loraprune.pruning.masks import ModelMasks
 from loraprune.pruning.scorers import ScoringPlan, build_scorer
 from loraprune.pruning.scores import LayerScores
-from loraprune.pruning.selection import update_layer_mask
-from loraprune.pruning.target import PruneTarget
+from loraprune.pruning.selection import shrink_masks
+from loraprune.pruning.target import GlobalTarget, PruneTarget
 from loraprune.training.lora import wrap_with_lora
 from loraprune.training.losses import NextTokenCrossEntropy
 
 
 def calibration_scores(model: PreTrainedModel, blocks: torch.Tensor, config: PruneConfig,
-                       target: PruneTarget) -> dict[int, LayerScores]:
+                       target: PruneTarget | GlobalTarget) -> dict[int, LayerScores]:
     """Group scores of every pruned layer from one pass over ``blocks`` (the model is left as it was)."""
     spec, shape = spec_for(model.config), LayerShape.from_config(model.config)
     # Fresh adapters (B = 0) leave the model's outputs unchanged, so every criterion scores the
@@ -46,17 +46,15 @@ def calibration_scores(model: PreTrainedModel, blocks: torch.Tensor, config: Pru
 
 
 def masks_from_scores(scores: dict[int, LayerScores], shape: LayerShape, num_layers: int,
-                      target: PruneTarget, device: torch.device | str = "cpu") -> ModelMasks:
-    """Masks that remove exactly the target's units, the lowest-scored in each pruned layer."""
+                      target: PruneTarget | GlobalTarget, device: torch.device | str = "cpu") -> ModelMasks:
+    """Masks that remove exactly the target, the lowest-scored units first."""
     masks = ModelMasks.full(shape, num_layers, device)
-    for index, layer_scores in scores.items():
-        update_layer_mask(masks.layers[index], layer_scores, shape, target.attention_unit,
-                          target.attention_units_removed, target.ffn_channels_removed)
+    shrink_masks(masks, scores, shape, target, 1.0)
     return masks
 
 
 def one_shot_masks(model: PreTrainedModel, blocks: torch.Tensor, config: PruneConfig,
-                   target: PruneTarget) -> ModelMasks:
+                   target: PruneTarget | GlobalTarget) -> ModelMasks:
     """Score once on ``blocks`` with ``config.criterion`` and prune straight to ``target``."""
     scores = calibration_scores(model, blocks, config, target)
     return masks_from_scores(scores, LayerShape.from_config(model.config), model.config.num_hidden_layers,

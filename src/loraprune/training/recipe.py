@@ -31,8 +31,8 @@ from loraprune.pruning.masks import ModelMasks, removed_parameters
 from loraprune.pruning.schedule import PruningSchedule
 from loraprune.pruning.scorers import Scorer, ScoringPlan, build_scorer
 from loraprune.pruning.scores import LayerScores, MovingAverageScores
-from loraprune.pruning.selection import update_layer_mask
-from loraprune.pruning.target import PruneTarget, solve_model_target
+from loraprune.pruning.selection import shrink_masks
+from loraprune.pruning.target import GlobalTarget, PruneTarget, solve_model_target
 from loraprune.training.checkpoint import (
     LoadedCheckpoint,
     RngSnapshot,
@@ -60,7 +60,7 @@ class TrainingOutcome:
 
     model: torch.nn.Module  # PEFT model with masks attached
     masks: ModelMasks
-    target: PruneTarget | None  # None when masks were given, not solved
+    target: PruneTarget | GlobalTarget | None  # None when masks were given, not solved
     achieved_sparsity: float
     steps: int
     seconds: float
@@ -229,16 +229,8 @@ class PruningRecipe:
         return record
 
     def _update_masks(self, fraction: float) -> None:
-        """Shrink every pruned layer's mask to ``fraction`` of the target's removal counts."""
-        attention_removed = round(fraction * self.target.attention_units_removed)
-        ffn_removed = round(fraction * self.target.ffn_channels_removed)
-        for index in self.target.pruned_layers:
-            layer_scores = self.scores.layers.get(index)
-            if layer_scores is None:
-                log.warning("layer %d has no finite scores yet; its mask waits for the next update", index)
-                continue
-            update_layer_mask(self.masks.layers[index], layer_scores, self.shape, self.target.attention_unit,
-                              attention_removed, ffn_removed)
+        """Shrink the masks to ``fraction`` of the target, lowest moving-average scores first."""
+        shrink_masks(self.masks, self.scores.layers, self.shape, self.target, fraction)
 
     def _sparsity(self) -> float:
         return removed_parameters(self.masks, self.shape, *self.biases) / self.total_parameters
