@@ -74,6 +74,7 @@ METHODS: dict[str, Method] = {
     "random": Method({"criterion": "random"}),
 }
 DEFAULT_METHOD = "fisher"  # what PruneConfig() runs
+WIDTHS_PLOTTED = (DEFAULT_METHOD, "fisher+global")  # uniform against global allocation, layer by layer
 
 
 @dataclass(frozen=True)
@@ -248,6 +249,13 @@ def summary_lines(results: dict) -> list[str]:
             ratio = default["ppl_austen"] / baseline["ppl_austen"]
             verdict = "met" if ratio <= 0.5 else f"missed by {ratio / 0.5 - 1:.0%}"
             lines.append(f"  Target ≤ 0.5× `llm-pruner` at 0.5: {ratio:.2f}×, {verdict}.")
+    for sparsity in results["settings"]["sparsities"]:
+        uniform = next((r for r in rows if r["method"] == "fisher" and r["target_sparsity"] == sparsity), None)
+        spread = next((r for r in rows if r["method"] == "fisher+global" and r["target_sparsity"] == sparsity), None)
+        if uniform and spread:
+            lines.append(f"- Allocation at {sparsity}: global {spread['ppl_austen']:.2f} against uniform "
+                         f"{uniform['ppl_austen']:.2f} ({spread['ppl_austen'] / uniform['ppl_austen']:.2f}×), "
+                         "same scorer and steps.")
     all_rows = _rows(results)
     for method in METHODS:
         for sparsity in results["settings"]["sparsities"]:
@@ -272,7 +280,9 @@ def quality_section(results: dict, command: str) -> str:
          "otherwise. `lora` is the paper's criterion (rows and columns); `lora-rows` leaves out the o/down "
          "column estimates. `fisher` is the mask-gradient criterion; `+distill` trains on ½ cross-entropy + "
          "½ KL(dense base ‖ pruned model) at τ = 1 (`distill1.0`: KL only); `+early` ramps over the first "
-         f"third of the steps and recovers for the rest. `llm-pruner` scores once with |∇W⊙W| summed over each "
+         "third of the steps and recovers for the rest. `+global` spends one whole-model budget on the units "
+         "with the least score per parameter in any layer (per-layer widths); every other row removes the same "
+         "counts in every layer. `llm-pruner` scores once with |∇W⊙W| summed over each "
          f"group, no normalisation (LLM-Pruner's element-wise first-order criterion), on {s['calibration_blocks']} "
          "random training blocks, prunes, then recovers with LoRA for the same steps. Perplexity of the masked "
          f"model (identical to the exported one) on Northanger Abbey ({ev['austen']['tokens']} tokens in "
@@ -336,14 +346,16 @@ def plot(results: dict, folder: Path) -> None:
 
     fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
     for r in runs:
-        if r["method"] == DEFAULT_METHOD:
+        if r["method"] in WIDTHS_PLOTTED and r.get("kept_per_layer"):
             layers = range(len(r["kept_per_layer"]))
-            ax[0].plot(layers, [k["heads"] for k in r["kept_per_layer"]], marker=".", label=f"{r['target_sparsity']}")
-            ax[1].plot(layers, [k["ffn"] for k in r["kept_per_layer"]], marker=".", label=f"{r['target_sparsity']}")
-    ax[0].set(xlabel="layer", ylabel="kept query heads", title=f"{DEFAULT_METHOD}: attention")
-    ax[1].set(xlabel="layer", ylabel="kept FFN channels", title=f"{DEFAULT_METHOD}: FFN")
+            label = f"{r['method']} {r['target_sparsity']}"
+            style = "-" if r["method"] == DEFAULT_METHOD else "--"
+            ax[0].plot(layers, [k["heads"] for k in r["kept_per_layer"]], style, marker=".", label=label)
+            ax[1].plot(layers, [k["ffn"] for k in r["kept_per_layer"]], style, marker=".", label=label)
+    ax[0].set(xlabel="layer", ylabel="kept query heads", title="attention")
+    ax[1].set(xlabel="layer", ylabel="kept FFN channels", title="FFN")
     for a in ax:
-        a.legend(title="sparsity")
+        a.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(folder / "kept_widths.png", dpi=110)
     plt.close(fig)
