@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import sys
 import tempfile
 import time
@@ -90,7 +91,8 @@ class Settings:
     eval_tokens: int = 8192
     eval_seq_len: int = 512
     seed: int = 0
-    # Runs in this order (the most telling first, so a partial suite already decides the default);
+    # Runs in this order (the most telling first, so a partial suite already decides the default; a
+    # second process --from-the-end starts with the second seeds);
     # (method, sparsity, seed); sparsity None stands for every one of ``sparsities``.
     plan: tuple[tuple[str, float | None, int], ...] = (
         ("dense", 0.0, 0), ("fisher+distill", 0.2, 0), ("llm-pruner", 0.2, 0), ("fisher", 0.2, 0),
@@ -98,8 +100,8 @@ class Settings:
         ("dense+lora", 0.0, 0), ("fisher+early", 0.2, 0), ("fisher+distill1.0", 0.2, 0),
         ("dense+lora+distill", 0.0, 0), ("fisher+global", None, 0), ("llm-pruner+distill", 0.5, 0),
         ("lora", None, 0), ("grad", None, 0), ("magnitude", None, 0), ("random", None, 0),
-        ("fisher", 0.2, 1), ("fisher+distill", 0.2, 1), ("llm-pruner+distill", 0.2, 1),
         ("fisher+early", 0.5, 0), ("fisher+distill+early", None, 0),
+        ("fisher", 0.2, 1), ("fisher+distill", 0.2, 1), ("llm-pruner+distill", 0.2, 1),
     )
 
 
@@ -178,11 +180,19 @@ def expanded_plan(settings: Settings) -> list[tuple[str, float, int]]:
     return runs
 
 
-def run_suite(settings: Settings, results_path: Path) -> dict:
-    """Run the plan, skipping runs already recorded with the same budget."""
+def _recorded_runs(settings: Settings, results_path: Path) -> dict:
+    """Runs already in the results file with this budget (another process may be adding to it)."""
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
-    if results.get("settings") != _budget(settings):
-        results = {"settings": _budget(settings), "runs": {}}
+    return results["runs"] if results.get("settings") == _budget(settings) else {}
+
+
+def run_suite(settings: Settings, results_path: Path, from_the_end: bool = False) -> dict:
+    """Run the plan, skipping runs already recorded with the same budget.
+
+    Two processes can share one results file, one of them ``from_the_end``: each re-reads the file
+    before a run and merges into it after one, so neither repeats nor erases the other's runs.
+    """
+    results = {"settings": _budget(settings), "runs": _recorded_runs(settings, results_path)}
     base, tokenizer = load_model("smollm2-135m")
     train_blocks = token_blocks(tokenizer, load_text("austen", "train"), settings.seq_len)
     eval_sets = {
@@ -193,20 +203,22 @@ def run_suite(settings: Settings, results_path: Path) -> dict:
     }
     results["eval"] = {name: {"windows": int(b.shape[0]), "seq_len": int(b.shape[1]),
                               "tokens": int(b.numel())} for name, b in eval_sets.items()}
-    for name, sparsity, seed in expanded_plan(settings):
+    plan = expanded_plan(settings)
+    for name, sparsity, seed in reversed(plan) if from_the_end else plan:
         key = run_key(name, sparsity, seed)
-        if key in results["runs"]:
+        if key in _recorded_runs(settings, results_path) or key in results["runs"]:
             continue
         print(f"--- {key}", flush=True)
         exported = name == DEFAULT_METHOD and seed == settings.seed and settings != QUICK
         export_to = EXPORTS / f"{name}-{sparsity}" if exported else None
-        results["runs"][key] = run_one(base, name, sparsity, seed, settings, train_blocks, eval_sets,
-                                       export_to, tokenizer)
-        print(json.dumps({k: v for k, v in results["runs"][key].items()
-                          if k not in ("kept_per_layer", "loss_curve")}), flush=True)
+        row = run_one(base, name, sparsity, seed, settings, train_blocks, eval_sets, export_to, tokenizer)
+        print(json.dumps({k: v for k, v in row.items() if k not in ("kept_per_layer", "loss_curve")}), flush=True)
+        results["runs"] = {**_recorded_runs(settings, results_path), **results["runs"], key: row}
         results["machine"] = machine_line()
         results_path.parent.mkdir(parents=True, exist_ok=True)
-        results_path.write_text(json.dumps(results, indent=1) + "\n")
+        partial = results_path.with_suffix(f".{os.getpid()}.tmp")
+        partial.write_text(json.dumps(results, indent=1) + "\n")
+        partial.replace(results_path)
     return results
 
 
@@ -368,6 +380,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", type=Path, default=None, help="JSON file (default docs/results/quality.json)")
     parser.add_argument("--no-docs", action="store_true", help="do not write docs/benchmarks.md or plots")
     parser.add_argument("--from-json", action="store_true", help="rewrite the docs from saved results, no runs")
+    parser.add_argument("--from-the-end", action="store_true",
+                        help="take the plan from its last run backwards (a second process sharing the file)")
     args = parser.parse_args(argv)
     settings = QUICK if args.quick else Settings()
     if args.steps:
@@ -377,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
         results = json.loads(path.read_text())
         args.steps = results["settings"]["steps"] if results["settings"]["steps"] != Settings().steps else None
     else:
-        results = run_suite(settings, path)
+        results = run_suite(settings, path, args.from_the_end)
     if not args.no_docs:
         command = "python benchmarks/quality.py" + (" --quick" if args.quick else "") + \
                   (f" --steps {args.steps}" if args.steps else "")
