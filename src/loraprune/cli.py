@@ -183,7 +183,17 @@ def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
                         help="continue an interrupted run (its RUN_DIR, or the --out it was writing)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     parser.add_argument("--no-export", action="store_true", help="keep only the run folder (masks, adapter)")
+    add_format_arguments(parser)
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def add_format_arguments(parser: argparse.ArgumentParser) -> None:
+    """--format and --gguf-type, shared by `prune` and `export`."""
+    parser.add_argument("--format", dest="export_format", default="transformers", choices=["transformers", "gguf"],
+                        help="transformers: a Hugging Face folder (one width for all layers); gguf: OUT/model.gguf "
+                        "for llama.cpp, layers may keep their own widths (default: %(default)s)")
+    parser.add_argument("--gguf-type", default="f32", choices=["f32", "f16", "q8_0"],
+                        help="with --format gguf: weight type of the file (default: %(default)s)")
 
 
 def prune_command(args: argparse.Namespace) -> int:
@@ -196,7 +206,8 @@ def prune_command(args: argparse.Namespace) -> int:
     base = saved_run_config(args.resume if isinstance(args.resume, str) else args.out) if args.resume else PruneConfig()
     config = base.with_overrides({k: v for k, v in overrides.items() if v is not None})
     result = prune(config, args.out, resume=args.resume, overwrite=args.overwrite,
-                   export=not args.no_export, progress=not args.no_progress)
+                   export=not args.no_export, progress=not args.no_progress,
+                   export_format=args.export_format, gguf_type=args.gguf_type)
     if not result.main_process:  # under torchrun every process ran the job; one reports it
         return 0
     before, after = result.dense_perplexity, result.pruned_perplexity
@@ -213,8 +224,9 @@ def prune_command(args: argparse.Namespace) -> int:
 def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of `loraprune export`."""
     parser.add_argument("run", metavar="RUN_DIR", help="a finished --out folder or an interrupted run folder")
-    parser.add_argument("--out", required=True, help="folder the standard checkpoint is written to")
+    parser.add_argument("--out", required=True, help="folder the pruned model is written to")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    add_format_arguments(parser)
     parser.add_argument("--skip-logit-check", action="store_true",
                         help="write the model even if its logits differ from the masked model's beyond float "
                         "rounding (the difference is recorded in loraprune.json)")
@@ -224,7 +236,8 @@ def export_command(args: argparse.Namespace) -> int:
     """Merge, slice and write the model of a saved run."""
     from loraprune.job import export_run
 
-    written = export_run(args.run, args.out, overwrite=args.overwrite, check_logits=not args.skip_logit_check)
+    written = export_run(args.run, args.out, overwrite=args.overwrite, check_logits=not args.skip_logit_check,
+                         export_format=args.export_format, gguf_type=args.gguf_type)
     print(f"pruned model written to {written}")
     return 0
 
@@ -274,7 +287,8 @@ COMMANDS: dict[
 ] = {
     "eval": ("measure perplexity on a text", add_eval_arguments, eval_command),
     "prune": ("prune a model while fine-tuning LoRA, then export it", add_prune_arguments, prune_command),
-    "export": ("write a saved run's pruned model as a standard checkpoint", add_export_arguments, export_command),
+    "export": ("write a saved run's pruned model as a standard checkpoint or a GGUF file", add_export_arguments,
+               export_command),
     "info": ("describe a checkpoint folder: size, architecture, widths", add_info_arguments, info_command),
     "bench": ("measure prefill and decode speed of pruned vs dense", add_bench_arguments, bench_command),
 }

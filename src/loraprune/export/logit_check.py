@@ -12,10 +12,16 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from loraprune.errors import LoraPruneError
+
 # Slicing only reorders sums, so it stays within a few roundings of the floor; a slicing bug
 # (a wrong head or channel kept) moves logits by orders of magnitude more (see the tests).
 NOISE_MARGIN = 10.0
 PROBE_TOKENS = 16
+
+
+class LogitCheckFailed(LoraPruneError):
+    """The exported model does not compute what the masked model computed, beyond float rounding."""
 
 
 @dataclass(frozen=True)
