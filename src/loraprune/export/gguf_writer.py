@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter, LlamaFileType, RopeScalingType, quants
+from gguf import GGMLQuantizationType, GGUFWriter, LlamaFileType, RopeScalingType, quants
 from torch import nn
 from transformers import PreTrainedModel
 
@@ -88,7 +88,7 @@ def export_gguf(model: nn.Module, tokenizer, masks: ModelMasks, spec: ArchSpec, 
         path = tmp / GGUF_NAME
         vocab_source = write_gguf(path, sliced, spec, widths, architecture, gguf_type, tokenizer, source_gguf)
         type_floor = weight_rounding_floor(sliced, gguf_type, probe, reference)
-        check = llamacpp_check(path, sliced, probe, reference, adapted, rounding, type_floor, threads)
+        check = llamacpp_check(path, sliced, gguf_type, probe, reference, adapted, rounding, type_floor, threads)
         summary = {"format": "gguf", "file": GGUF_NAME, "gguf_type": gguf_type, "architecture": architecture,
                    "source_architecture": source_architecture, "tokenizer": vocab_source,
                    "parameters_before": params_before, "parameters_after": sliced.num_parameters(),
@@ -224,14 +224,14 @@ def weight_rounding_floor(model: PreTrainedModel, gguf_type: str, probe: torch.T
     return compare_logits(logits_of(rounded, probe), reference).relative_difference
 
 
-def llamacpp_check(path: Path, sliced: PreTrainedModel, probe: torch.Tensor, reference: torch.Tensor,
+def llamacpp_check(path: Path, sliced: PreTrainedModel, gguf_type: str, probe: torch.Tensor, reference: torch.Tensor,
                    adapted: torch.Tensor, rounding_floor: float, type_floor: float, threads: int | None) -> dict:
     """Load the file in llama.cpp: its logits on the probe and its greedy continuation, against PyTorch."""
     ids = probe[0].tolist()
     prompt = ids[:GREEDY_PROMPT_TOKENS]
     runtime = LlamaCpp(path, context=_context_for(len(ids) + GREEDY_NEW_TOKENS), threads=threads, embeddings=True)
     try:
-        llama_logits = logits_from_hidden(runtime.hidden_states(ids), path)
+        llama_logits = logits_from_hidden(runtime.hidden_states(ids), sliced, gguf_type)
         greedy = runtime.greedy(prompt, GREEDY_NEW_TOKENS, candidates=GREEDY_CANDIDATES)
     finally:
         runtime.close()
@@ -262,11 +262,10 @@ def greedy_comparison(model: nn.Module, prompt: list[int], greedy: GreedyRun) ->
             "max_logprob_difference": float(raw.max()), "max_relative_logprob_difference": relative}
 
 
-def logits_from_hidden(hidden: np.ndarray, path: Path) -> torch.Tensor:
-    """llama.cpp's final hidden states times the file's own output matrix: logits (1, tokens, vocab)."""
-    tensors = {t.name: t for t in GGUFReader(path).tensors}
-    output = tensors["output.weight" if "output.weight" in tensors else "token_embd.weight"]
-    matrix = quants.dequantize(output.data, output.tensor_type).reshape(-1, hidden.shape[1])
+def logits_from_hidden(hidden: np.ndarray, model: PreTrainedModel, gguf_type: str) -> torch.Tensor:
+    """llama.cpp's final hidden states times the output matrix as stored in the file: (1, tokens, vocab)."""
+    stored, raw_type = stored_tensor(model.get_output_embeddings().weight.detach().float().cpu().numpy(), gguf_type)
+    matrix = quants.dequantize(stored, raw_type).reshape(-1, hidden.shape[1])
     return torch.from_numpy(hidden.astype(np.float64) @ matrix.astype(np.float64).T)[None]
 
 
