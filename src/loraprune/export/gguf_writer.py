@@ -72,13 +72,14 @@ def export_gguf(model: nn.Module, tokenizer, masks: ModelMasks, spec: ArchSpec, 
     try:
         model.eval()
         probe = probe if probe is not None else probe_ids(base.config.vocab_size)
+        has_adapters = callable(getattr(model, "merge_and_unload", None))
         masks.attach(model, spec)
-        adapted = logits_of(model, probe)
+        adapted = logits_of(model, probe) if has_adapters else None
         masks.detach()
         merged = merge_lora(model)
         masks.attach(merged, spec)
         reference = logits_of(merged, probe)
-        rounding = rounding_noise_floor(merged, probe)
+        rounding = rounding_noise_floor(merged, probe, reference=reference)
         masks.detach()
         params_before = merged.num_parameters()
         source_architecture = type(merged).__name__
@@ -88,7 +89,8 @@ def export_gguf(model: nn.Module, tokenizer, masks: ModelMasks, spec: ArchSpec, 
         path = tmp / GGUF_NAME
         vocab_source = write_gguf(path, sliced, spec, widths, architecture, gguf_type, tokenizer, source_gguf)
         type_floor = weight_rounding_floor(sliced, gguf_type, probe, reference)
-        check = llamacpp_check(path, sliced, gguf_type, probe, reference, adapted, rounding, type_floor, threads)
+        check = llamacpp_check(path, sliced, gguf_type, probe, reference, reference if adapted is None else adapted,
+                               rounding, type_floor, threads)
         summary = {"format": "gguf", "file": GGUF_NAME, "gguf_type": gguf_type, "architecture": architecture,
                    "source_architecture": source_architecture, "tokenizer": vocab_source,
                    "parameters_before": params_before, "parameters_after": sliced.num_parameters(),

@@ -64,7 +64,8 @@ def logits_of(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def rounding_noise_floor(model: nn.Module, input_ids: torch.Tensor, seed: int = 0) -> float:
+def rounding_noise_floor(model: nn.Module, input_ids: torch.Tensor, seed: int = 0,
+                         reference: torch.Tensor | None = None) -> float:
     """Relative logit change when every nn.Linear output is perturbed by ±1 unit roundoff of its dtype.
 
     This is the difference float rounding alone can make on this model and input: an honest
@@ -77,7 +78,7 @@ def rounding_noise_floor(model: nn.Module, input_ids: torch.Tensor, seed: int = 
         noise = torch.rand(output.shape, generator=generator).to(output.device, output.dtype) * 2 - 1
         return output + output * noise * unit_roundoff
 
-    reference = logits_of(model, input_ids)
+    reference = reference if reference is not None else logits_of(model, input_ids)
     handles = [m.register_forward_hook(perturb) for m in model.modules() if isinstance(m, nn.Linear)]
     try:
         perturbed = logits_of(model, input_ids)
