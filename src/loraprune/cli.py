@@ -260,17 +260,31 @@ def info_command(args: argparse.Namespace) -> int:
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of `loraprune bench speed`."""
     parser.add_argument("what", choices=["speed"], help="what to measure")
-    parser.add_argument("--model", default="smollm2-135m", help="the dense model (default: %(default)s)")
-    parser.add_argument("--pruned", nargs="+", required=True, metavar="DIR", help="pruned checkpoint folders")
+    parser.add_argument("--runtime", default="transformers", choices=["transformers", "llamacpp"],
+                        help="transformers: time checkpoint folders in PyTorch; llamacpp: time GGUF files in "
+                        "llama.cpp via xllamacpp (default: %(default)s)")
+    parser.add_argument("--model", default="smollm2-135m",
+                        help="the dense model; with --runtime llamacpp a .gguf file, or a model that is first "
+                        "written as a dense GGUF of the pruned files' type (default: %(default)s)")
+    parser.add_argument("--pruned", nargs="+", required=True, metavar="PATH",
+                        help="pruned checkpoint folders (llamacpp: .gguf files or folders holding model.gguf)")
     parser.add_argument("--prompt-tokens", type=int, default=512, help="prefill length (default: %(default)s)")
     parser.add_argument("--new-tokens", type=int, default=128, help="decoded tokens (default: %(default)s)")
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats, median kept (default: %(default)s)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch / llama.cpp threads (default: torch's choice / all cores)")
     parser.add_argument("--json", action="store_true", help="print the full result as JSON")
 
 
 def bench_command(args: argparse.Namespace) -> int:
     """Time prefill and decode of the dense and pruned models; print speedups next to the ideal."""
+    if args.runtime == "llamacpp":
+        from loraprune.evaluation import llamacpp_speed
+
+        result = llamacpp_speed.benchmark_gguf_speed(args.model, args.pruned, args.prompt_tokens, args.new_tokens,
+                                                     args.repeats, args.threads)
+        print(json.dumps(result) if args.json else llamacpp_speed.speed_table(result))
+        return 0
     from loraprune.evaluation.speed import benchmark_speed, speed_table
     from loraprune.models.loading import resolve_model_dir
 

@@ -28,7 +28,7 @@ from loraprune.export.gguf_writer import check_architecture, check_gguf_type, ex
 from loraprune.export.logit_check import LogitCheckFailed
 from loraprune.export.transformers_writer import export_checkpoint
 from loraprune.models import spec_for, unwrap
-from loraprune.models.loading import BUILTIN_MODEL, builtin_gguf_path, load_model
+from loraprune.models.loading import load_model, source_gguf_file
 from loraprune.pruning.masks import ModelMasks
 from loraprune.pruning.schedule import PruningSchedule
 from loraprune.pruning.target import PruneTarget, solve_model_target
@@ -115,13 +115,6 @@ def _check_exportable(config: PruneConfig, export_format: str) -> None:
             "--skip-first/--skip-last leave layers of different widths, which one transformers "
             "config cannot describe; export with --format gguf (per-layer widths), drop them "
             "(every layer is pruned alike) or pass --no-export to keep only the masks and adapter")
-
-
-def source_gguf_file(model: str) -> Path | None:
-    """The GGUF file a model name refers to (its tokenizer keys are carried into a GGUF export)."""
-    if model == BUILTIN_MODEL:
-        return builtin_gguf_path()
-    return Path(model).expanduser() if model.endswith(".gguf") else None
 
 
 def _check_format_fits(model, tokenizer, config: PruneConfig, export_format: str, gguf_type: str) -> None:

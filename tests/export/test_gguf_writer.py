@@ -41,20 +41,6 @@ UNIFORM = [([0, 1, 4, 5], 64), ([2, 3, 4, 5], 64), ([0, 1, 2, 3], 64), ([0, 1, 4
 GREEDY_PROMPT, GREEDY_NEW = 12, 12
 
 
-@pytest.fixture(scope="module")
-def smollm2_tokenizer():
-    """SmolLM2's byte-level BPE tokenizer, read from the packaged GGUF (no model conversion)."""
-    from transformers import AutoTokenizer
-
-    from loraprune.models.loading import builtin_gguf_path
-
-    try:
-        path = builtin_gguf_path()
-    except LoraPruneError as e:
-        pytest.skip(str(e))
-    return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-
-
 def tiny_llama(tie: bool = True, seed: int = 0):
     torch.manual_seed(seed)
     config = LlamaConfig(**{**CONFIG, "tie_word_embeddings": tie})

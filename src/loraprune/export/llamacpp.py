@@ -32,8 +32,8 @@ class GreedyRun:
     tokens: list[int]
     logprobs: list[float]
     top: list[list[tuple[int, float]]]  # per step: (token, log-probability) of the best candidates
-    prompt_seconds: float
-    decode_seconds: float
+    prefill_tokens_per_second: float  # llama.cpp's own timings
+    decode_tokens_per_second: float
 
 
 class LlamaCpp:
@@ -87,7 +87,7 @@ class LlamaCpp:
         timings = result.get("timings", {})
         top = [[(int(t["id"]), float(t["logprob"])) for t in c["top_logprobs"]] for c in content]
         return GreedyRun([int(c["id"]) for c in content], [float(c["logprob"]) for c in content], top,
-                         timings.get("prompt_ms", float("nan")) / 1000, timings.get("predicted_ms", float("nan")) / 1000)
+                         timings.get("prompt_per_second", float("nan")), timings.get("predicted_per_second", float("nan")))
 
     def hidden_states(self, ids: list[int]) -> np.ndarray:
         """Output of the final norm at every position of ``ids``, shape (tokens, hidden), float32."""
