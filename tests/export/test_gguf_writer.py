@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import json
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -23,7 +22,6 @@ from loraprune.export.llamacpp import LlamaCpp
 from loraprune.export.slicing import LayerWidths, slice_model, sliced_layer_widths
 from loraprune.models import spec_for
 from loraprune.pruning.masks import LayerMask, ModelMasks
-from tests.conftest import tiny_prune_command
 
 pytest.importorskip("xllamacpp")
 
@@ -97,8 +95,10 @@ def test_gguf_gives_the_masked_models_greedy_tokens_and_logprobs_in_llamacpp(
     runtime = LlamaCpp(out / GGUF_NAME, context=256, threads=1)
     try:
         greedy = runtime.greedy(prompt, GREEDY_NEW, candidates=5)
+        llamacpp_ids = runtime.tokenize(TEXT)
     finally:
         runtime.close()
+    assert llamacpp_ids == smollm2_tokenizer(TEXT)["input_ids"]  # the vocabulary was carried over
     assert greedy.tokens == expected_tokens
     assert len(set(expected_tokens)) > 3  # a continuation, not one token repeated
     expected_logprobs = torch.log_softmax(expected_logits, dim=-1)
@@ -119,6 +119,9 @@ def test_gguf_gives_the_masked_models_greedy_tokens_and_logprobs_in_llamacpp(
     assert reader.fields[f"{architecture}.attention.key_length"].contents() == 16
     assert reader.fields[f"{architecture}.rope.dimension_count"].contents() == 16
     assert "output.weight" not in {t.name for t in reader.tensors}  # tied: llama.cpp reuses token_embd
+    assert reader.fields["tokenizer.ggml.pre"].contents() == "gpt-2"  # the tokenizer's plain ByteLevel
+    assert reader.fields["tokenizer.ggml.bos_token_id"].contents() == smollm2_tokenizer.bos_token_id
+    assert "<|im_start|>" in reader.fields["tokenizer.chat_template"].contents()
     check = json.loads((out / "loraprune.json").read_text())["export"]["logit_check"]
     assert check["passed"] and check["llamacpp"]["top1_agreement"] == 1.0
     assert check["llamacpp"]["relative_difference"] < 1e-5
@@ -146,19 +149,6 @@ def test_untied_lora_model_in_f32_f16_and_q8_0_passes_its_check_and_shrinks_the_
     # Rows of 40 / 70 / 33 FFN channels are no multiple of Q8_0's 32-wide blocks: those fall back to F16.
     assert (tensors["output.weight"], tensors["blk.0.ffn_down.weight"], tensors["blk.1.ffn_down.weight"],
             tensors["blk.0.attn_norm.weight"]) == ("Q8_0", "Q8_0", "F16", "F32")
-
-
-def test_llamacpp_tokenizes_text_as_the_source_tokenizer(smollm2_tokenizer, tmp_path):
-    out = export(tiny_llama(), smollm2_tokenizer, masks_keeping(UNIFORM), tmp_path / "pruned")
-    reader = GGUFReader(out / GGUF_NAME)
-    assert reader.fields["tokenizer.ggml.pre"].contents() == "gpt-2"  # the tokenizer's plain ByteLevel
-    assert reader.fields["tokenizer.ggml.bos_token_id"].contents() == smollm2_tokenizer.bos_token_id
-    assert "<|im_start|>" in reader.fields["tokenizer.chat_template"].contents()
-    runtime = LlamaCpp(out / GGUF_NAME, context=256, threads=1)
-    try:
-        assert runtime.tokenize(TEXT) == smollm2_tokenizer(TEXT)["input_ids"]
-    finally:
-        runtime.close()
 
 
 def test_source_gguf_tokenizer_keys_are_copied(smollm2_tokenizer, tmp_path):
@@ -218,13 +208,14 @@ def test_unsupported_type_and_existing_output_are_refused(smollm2_tokenizer, tmp
 
 
 def test_prune_refuses_gguf_for_a_word_level_tokenizer_before_training(tiny_run_inputs, tmp_path):
+    from loraprune.config import PruneConfig
+    from loraprune.job import prune
+
     model_dir, text = tiny_run_inputs
     out = tmp_path / "out"
-    result = subprocess.run(tiny_prune_command(model_dir, text, out, "--format", "gguf"), capture_output=True,
-                            text=True, check=False)
-    assert result.returncode == 2
-    assert "byte-level BPE" in result.stderr and "--format transformers" in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1
+    with pytest.raises(LoraPruneError, match="byte-level BPE.*--format transformers"):
+        prune(PruneConfig(model=str(model_dir), data=f"text:{text}", sparsity=0.3, steps=12), out,
+              progress=False, export_format="gguf")
     assert not out.exists() and not (tmp_path / "out.partial").exists()
 
 
