@@ -115,6 +115,20 @@ def smollm2():
     return load_model("smollm2-135m")
 
 
+@pytest.fixture(scope="session")
+def smollm2_tokenizer():
+    """SmolLM2's byte-level BPE tokenizer, read from the packaged GGUF (no model conversion)."""
+    from transformers import AutoTokenizer
+
+    from loraprune.models.loading import builtin_gguf_path
+
+    try:
+        path = builtin_gguf_path()
+    except LoraPruneError as e:
+        pytest.skip(str(e))
+    return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+
+
 def save_tiny_run_inputs(folder: Path, seed: int = 0) -> tuple[Path, Path]:
     """Save a tiny LLaMA with a word tokenizer and a text file of its words; return both paths."""
     words = [f"w{i}" for i in range(100)]

@@ -187,7 +187,17 @@ def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
                         help="continue an interrupted run (its RUN_DIR, or the --out it was writing)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     parser.add_argument("--no-export", action="store_true", help="keep only the run folder (masks, adapter)")
+    add_format_arguments(parser)
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def add_format_arguments(parser: argparse.ArgumentParser) -> None:
+    """--format and --gguf-type, shared by `prune` and `export`."""
+    parser.add_argument("--format", dest="export_format", default="transformers", choices=["transformers", "gguf"],
+                        help="transformers: a Hugging Face folder (one width for all layers); gguf: OUT/model.gguf "
+                        "for llama.cpp, layers may keep their own widths (default: %(default)s)")
+    parser.add_argument("--gguf-type", default="f32", choices=["f32", "f16", "q8_0"],
+                        help="with --format gguf: weight type of the file (default: %(default)s)")
 
 
 def prune_command(args: argparse.Namespace) -> int:
@@ -200,7 +210,8 @@ def prune_command(args: argparse.Namespace) -> int:
     base = saved_run_config(args.resume if isinstance(args.resume, str) else args.out) if args.resume else PruneConfig()
     config = base.with_overrides({k: v for k, v in overrides.items() if v is not None})
     result = prune(config, args.out, resume=args.resume, overwrite=args.overwrite,
-                   export=not args.no_export, progress=not args.no_progress)
+                   export=not args.no_export, progress=not args.no_progress,
+                   export_format=args.export_format, gguf_type=args.gguf_type)
     if not result.main_process:  # under torchrun every process ran the job; one reports it
         return 0
     before, after = result.dense_perplexity, result.pruned_perplexity
@@ -217,8 +228,9 @@ def prune_command(args: argparse.Namespace) -> int:
 def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of `loraprune export`."""
     parser.add_argument("run", metavar="RUN_DIR", help="a finished --out folder or an interrupted run folder")
-    parser.add_argument("--out", required=True, help="folder the standard checkpoint is written to")
+    parser.add_argument("--out", required=True, help="folder the pruned model is written to")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    add_format_arguments(parser)
     parser.add_argument("--skip-logit-check", action="store_true",
                         help="write the model even if its logits differ from the masked model's beyond float "
                         "rounding (the difference is recorded in loraprune.json)")
@@ -228,7 +240,8 @@ def export_command(args: argparse.Namespace) -> int:
     """Merge, slice and write the model of a saved run."""
     from loraprune.job import export_run
 
-    written = export_run(args.run, args.out, overwrite=args.overwrite, check_logits=not args.skip_logit_check)
+    written = export_run(args.run, args.out, overwrite=args.overwrite, check_logits=not args.skip_logit_check,
+                         export_format=args.export_format, gguf_type=args.gguf_type)
     print(f"pruned model written to {written}")
     return 0
 
@@ -251,17 +264,31 @@ def info_command(args: argparse.Namespace) -> int:
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of `loraprune bench speed`."""
     parser.add_argument("what", choices=["speed"], help="what to measure")
-    parser.add_argument("--model", default="smollm2-135m", help="the dense model (default: %(default)s)")
-    parser.add_argument("--pruned", nargs="+", required=True, metavar="DIR", help="pruned checkpoint folders")
+    parser.add_argument("--runtime", default="transformers", choices=["transformers", "llamacpp"],
+                        help="transformers: time checkpoint folders in PyTorch; llamacpp: time GGUF files in "
+                        "llama.cpp via xllamacpp (default: %(default)s)")
+    parser.add_argument("--model", default="smollm2-135m",
+                        help="the dense model; with --runtime llamacpp a .gguf file, or a model that is first "
+                        "written as a dense GGUF of the pruned files' type (default: %(default)s)")
+    parser.add_argument("--pruned", nargs="+", required=True, metavar="PATH",
+                        help="pruned checkpoint folders (llamacpp: .gguf files or folders holding model.gguf)")
     parser.add_argument("--prompt-tokens", type=int, default=512, help="prefill length (default: %(default)s)")
     parser.add_argument("--new-tokens", type=int, default=128, help="decoded tokens (default: %(default)s)")
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats, median kept (default: %(default)s)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch / llama.cpp threads (default: torch's choice / all cores)")
     parser.add_argument("--json", action="store_true", help="print the full result as JSON")
 
 
 def bench_command(args: argparse.Namespace) -> int:
     """Time prefill and decode of the dense and pruned models; print speedups next to the ideal."""
+    if args.runtime == "llamacpp":
+        from loraprune.evaluation import llamacpp_speed
+
+        result = llamacpp_speed.benchmark_gguf_speed(args.model, args.pruned, args.prompt_tokens, args.new_tokens,
+                                                     args.repeats, args.threads)
+        print(json.dumps(result) if args.json else llamacpp_speed.speed_table(result))
+        return 0
     from loraprune.evaluation.speed import benchmark_speed, speed_table
     from loraprune.models.loading import resolve_model_dir
 
@@ -278,7 +305,8 @@ COMMANDS: dict[
 ] = {
     "eval": ("measure perplexity on a text", add_eval_arguments, eval_command),
     "prune": ("prune a model while fine-tuning LoRA, then export it", add_prune_arguments, prune_command),
-    "export": ("write a saved run's pruned model as a standard checkpoint", add_export_arguments, export_command),
+    "export": ("write a saved run's pruned model as a standard checkpoint or a GGUF file", add_export_arguments,
+               export_command),
     "info": ("describe a checkpoint folder: size, architecture, widths", add_info_arguments, info_command),
     "bench": ("measure prefill and decode speed of pruned vs dense", add_bench_arguments, bench_command),
 }

@@ -23,9 +23,12 @@ from loraprune.data import load_text, token_blocks, tokenize_cached
 from loraprune.errors import LoraPruneError
 from loraprune.evaluation.perplexity import PerplexityResult, evaluate_perplexity
 from loraprune.evaluation.samples import SAMPLE_PROMPTS, greedy_samples
-from loraprune.export.transformers_writer import LogitCheckFailed, export_checkpoint
-from loraprune.models import spec_for
-from loraprune.models.loading import load_model
+from loraprune.export.gguf_vocab import check_vocab
+from loraprune.export.gguf_writer import check_architecture, check_gguf_type, export_gguf
+from loraprune.export.logit_check import LogitCheckFailed
+from loraprune.export.transformers_writer import export_checkpoint
+from loraprune.models import spec_for, unwrap
+from loraprune.models.loading import load_model, source_gguf_file
 from loraprune.pruning.masks import ModelMasks
 from loraprune.pruning.schedule import PruningSchedule
 from loraprune.pruning.target import GlobalTarget, PruneTarget, solve_model_target
@@ -36,6 +39,7 @@ from loraprune.training.run_folder import PARTIAL_SUFFIX, partial_dir
 
 RUN_SUBDIR = "run"
 EXPORT_PROBE_TOKENS = 128  # validation text the exported model's logits are checked on
+EXPORT_FORMATS = ("transformers", "gguf")
 
 
 @dataclass
@@ -103,18 +107,44 @@ def _evaluate(model, tokenizer, config: PruneConfig, progress: bool) -> Perplexi
                                austen_dir=config.austen_dir, progress=progress)
 
 
-def _check_exportable(config: PruneConfig) -> None:
-    if config.skip_first_layers or config.skip_last_layers or config.allocation == "global":
+def _check_exportable(config: PruneConfig, export_format: str) -> None:
+    if export_format not in EXPORT_FORMATS:
+        raise LoraPruneError(f"--format must be one of {', '.join(EXPORT_FORMATS)}, got {export_format!r}")
+    per_layer = config.skip_first_layers or config.skip_last_layers or config.allocation == "global"
+    if export_format == "transformers" and per_layer:
         raise LoraPruneError(
             "--skip-first/--skip-last and --allocation global leave layers of different widths, which "
-            "one transformers config cannot describe; drop them (every layer is pruned alike) or pass "
-            "--no-export to keep only the masks and adapter")
+            "one transformers config cannot describe; export with --format gguf (per-layer widths), "
+            "drop them (every layer is pruned alike) or pass --no-export to keep only the masks and adapter")
+
+
+def _check_format_fits(model, tokenizer, config: PruneConfig, export_format: str, gguf_type: str) -> None:
+    """Refuse, before training, a model or tokenizer the chosen format cannot hold."""
+    if export_format == "gguf":
+        check_gguf_type(gguf_type)
+        check_architecture(model, spec_for(model.config))
+        check_vocab(tokenizer, source_gguf_file(config.model))
+
+
+def _export(model, tokenizer, masks: ModelMasks, report: dict, out: Path, config: PruneConfig, *,
+            export_format: str, gguf_type: str, overwrite: bool, check_logits: bool = True) -> Path:
+    """Write the model in the chosen format, validated before it is put in place."""
+    spec, probe = spec_for(unwrap(model).config), export_probe(tokenizer, config)
+    if export_format == "gguf":
+        return export_gguf(model, tokenizer, masks, spec, report, out, gguf_type=gguf_type, overwrite=overwrite,
+                           probe=probe, check_logits=check_logits, source_gguf=source_gguf_file(config.model))
+    return export_checkpoint(model, tokenizer, masks, spec, report, out, overwrite=overwrite, probe=probe,
+                             check_logits=check_logits)
 
 
 def prune(config: PruneConfig | None = None, out: str | Path | None = None, *,
           resume: bool | str | Path = False, overwrite: bool = False, export: bool = True,
-          progress: bool = True) -> PruneResult:
-    """Prune ``config.model`` while fine-tuning LoRA and write the smaller model to ``out``."""
+          progress: bool = True, export_format: str = "transformers", gguf_type: str = "f32") -> PruneResult:
+    """Prune ``config.model`` while fine-tuning LoRA and write the smaller model to ``out``.
+
+    ``export_format`` "transformers" writes a Hugging Face folder, "gguf" ``out/model.gguf`` for
+    llama.cpp (weights in ``gguf_type``: f32, f16 or q8_0).
+    """
     out_path = Path(out) if out is not None else None
     resume_arg = Path(resume) if isinstance(resume, (str, Path)) else resume
     if resume_arg is True and out_path is not None:
@@ -128,7 +158,7 @@ def prune(config: PruneConfig | None = None, out: str | Path | None = None, *,
     config.validate()
     PruningSchedule.build(config.steps, config.warmup_fraction, config.cooldown_fraction, config.prune_every)
     if export:
-        _check_exportable(config)
+        _check_exportable(config, export_format)
     _check_folders(out_path, run_dir, resuming, overwrite)
 
     # Everything that can fail on bad input happens before a folder is created.
@@ -136,6 +166,8 @@ def prune(config: PruneConfig | None = None, out: str | Path | None = None, *,
     load_text(config.data, "validation", config.austen_dir)
     model, tokenizer = load_model(config.model, config.dtype)
     spec_for(model.config)
+    if export:
+        _check_format_fits(model, tokenizer, config, export_format, gguf_type)
     solve_model_target(model, config)
     train_blocks = token_blocks(tokenizer, train_text, config.seq_len)
     if checkpoint is not None and checkpoint.state.model_fingerprint != model_fingerprint(model):
@@ -164,16 +196,17 @@ def prune(config: PruneConfig | None = None, out: str | Path | None = None, *,
               "greedy_samples": samples}
     if export and processes.is_main_process:
         with _run_kept_on_failed_check(run_dir, out_path):
-            export_checkpoint(outcome.model, tokenizer, outcome.masks, spec_for(model.config), report,
-                              out_path, overwrite=overwrite, probe=export_probe(tokenizer, config))
+            _export(outcome.model, tokenizer, outcome.masks, report, out_path, config,
+                    export_format=export_format, gguf_type=gguf_type, overwrite=overwrite)
         os.replace(run_dir, out_path / RUN_SUBDIR)
     processes.wait_for_everyone()
     return PruneResult(out_path, outcome.target, outcome.achieved_sparsity, dense, pruned, report,
                        processes.is_main_process)
 
 
-def export_run(run: str | Path, out: str | Path, *, overwrite: bool = False, check_logits: bool = True) -> Path:
-    """Export the model of a saved run (finished or interrupted) as a standard checkpoint.
+def export_run(run: str | Path, out: str | Path, *, overwrite: bool = False, check_logits: bool = True,
+               export_format: str = "transformers", gguf_type: str = "f32") -> Path:
+    """Export the model of a saved run (finished or interrupted) as a standard checkpoint or a GGUF file.
 
     With ``check_logits`` False, a logit comparison that fails is recorded in loraprune.json
     instead of stopping the export.
@@ -182,8 +215,9 @@ def export_run(run: str | Path, out: str | Path, *, overwrite: bool = False, che
     run_dir = run / RUN_SUBDIR if (run / RUN_SUBDIR).is_dir() else run
     checkpoint = load_checkpoint(run_dir)
     config = PruneConfig.from_dict(checkpoint.state.config)
-    _check_exportable(config)
+    _check_exportable(config, export_format)
     model, tokenizer = load_model(config.model, config.dtype)
+    _check_format_fits(model, tokenizer, config, export_format, gguf_type)
     if checkpoint.state.model_fingerprint != model_fingerprint(model):
         raise LoraPruneError(f"the run in {run_dir} was made from another model than {config.model}")
     spec = spec_for(model.config)
@@ -193,8 +227,8 @@ def export_run(run: str | Path, out: str | Path, *, overwrite: bool = False, che
     masks.load_state_dict(checkpoint.masks)
     report = {**run_report(config, checkpoint.state.step), "finished": checkpoint.state.step >= config.steps}
     with _run_kept_on_failed_check(run_dir, Path(out)):
-        return export_checkpoint(peft_model, tokenizer, masks, spec, report, Path(out), overwrite=overwrite,
-                                 probe=export_probe(tokenizer, config), check_logits=check_logits)
+        return _export(peft_model, tokenizer, masks, report, Path(out), config, export_format=export_format,
+                       gguf_type=gguf_type, overwrite=overwrite, check_logits=check_logits)
 
 
 def export_probe(tokenizer, config: PruneConfig) -> torch.Tensor:

@@ -2,5 +2,6 @@
 
 slicing.py is format-free (masked LoRA model → smaller dense transformers model); each writer takes
 that model and writes one format, validating it before the folder is put in place:
-transformers_writer.py writes a standard Hugging Face checkpoint.
+transformers_writer.py writes a standard Hugging Face checkpoint (one width for all layers),
+gguf_writer.py a GGUF file for llama.cpp (per-layer widths allowed; checked in llama.cpp via llamacpp.py).
 """

@@ -12,10 +12,16 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from loraprune.errors import LoraPruneError
+
 # Slicing only reorders sums, so it stays within a few roundings of the floor; a slicing bug
 # (a wrong head or channel kept) moves logits by orders of magnitude more (see the tests).
 NOISE_MARGIN = 10.0
 PROBE_TOKENS = 16
+
+
+class LogitCheckFailed(LoraPruneError):
+    """The exported model does not compute what the masked model computed, beyond float rounding."""
 
 
 @dataclass(frozen=True)
@@ -58,7 +64,8 @@ def logits_of(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def rounding_noise_floor(model: nn.Module, input_ids: torch.Tensor, seed: int = 0) -> float:
+def rounding_noise_floor(model: nn.Module, input_ids: torch.Tensor, seed: int = 0,
+                         reference: torch.Tensor | None = None) -> float:
     """Relative logit change when every nn.Linear output is perturbed by ±1 unit roundoff of its dtype.
 
     This is the difference float rounding alone can make on this model and input: an honest
@@ -71,7 +78,7 @@ def rounding_noise_floor(model: nn.Module, input_ids: torch.Tensor, seed: int = 
         noise = torch.rand(output.shape, generator=generator).to(output.device, output.dtype) * 2 - 1
         return output + output * noise * unit_roundoff
 
-    reference = logits_of(model, input_ids)
+    reference = reference if reference is not None else logits_of(model, input_ids)
     handles = [m.register_forward_hook(perturb) for m in model.modules() if isinstance(m, nn.Linear)]
     try:
         perturbed = logits_of(model, input_ids)

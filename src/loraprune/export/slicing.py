@@ -1,9 +1,12 @@
 """Turn a masked LoRA model into a smaller dense one: merge LoRA, cut pruned rows and columns.
 
 Slicing is pure index_select on weights, so the sliced model computes what the masked model did.
+Layers may keep different widths (``per_layer``); a format that has one width per model refuses them.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 from huggingface_hub.errors import StrictDataclassClassValidationError
@@ -26,8 +29,22 @@ def merge_lora(model: nn.Module) -> PreTrainedModel:
     return unwrap(model)
 
 
-def slice_model(model: PreTrainedModel, masks: ModelMasks, spec: ArchSpec) -> PreTrainedModel:
-    """Remove pruned heads and FFN channels in place; returns the model (a new one if re-typed)."""
+class LayerWidths(NamedTuple):
+    """What one sliced decoder layer keeps: query heads, key/value heads, FFN channels."""
+
+    heads: int
+    kv_heads: int
+    ffn: int
+
+
+def slice_model(model: PreTrainedModel, masks: ModelMasks, spec: ArchSpec,
+                per_layer: bool = False) -> PreTrainedModel:
+    """Remove pruned heads and FFN channels in place; returns the model (a new one if re-typed).
+
+    With ``per_layer`` each layer may keep its own widths (each attention module gets its own
+    ``num_key_value_groups``); the config then still states the source widths, and
+    ``sliced_layer_widths`` reads the real ones. Otherwise every layer must keep the same widths.
+    """
     if callable(getattr(model, "merge_and_unload", None)):
         raise LoraPruneError("slice_model needs a merged model; call merge_lora(model) first")
     shape = LayerShape.from_config(model.config)
@@ -35,41 +52,63 @@ def slice_model(model: PreTrainedModel, masks: ModelMasks, spec: ArchSpec) -> Pr
     if len(layers) != len(masks.layers):
         raise LoraPruneError(f"masks cover {len(masks.layers)} layers but the model has "
                              f"{len(layers)}; export with the masks of this model's run")
-    heads, kv_heads, ffn = uniform_widths(masks, shape)
+    widths = layer_widths(masks, shape) if per_layer else [uniform_widths(masks, shape)] * len(layers)
     for layer, mask in zip(layers, masks.layers):
         _slice_attention(getattr(layer, spec.attention), mask.heads, mask.kv_heads(shape), shape, spec)
         _slice_mlp(getattr(layer, spec.mlp), mask.ffn, spec)
+    if len(set(widths)) > 1:
+        return model
     config = model.config
-    config.num_attention_heads = heads
-    config.num_key_value_heads = kv_heads
-    config.intermediate_size = ffn
+    config.num_attention_heads, config.num_key_value_heads, config.intermediate_size = widths[0]
     config.head_dim = shape.head_dim
     if _config_accepts(config):
         return model
     return as_mistral(model)
 
 
-def uniform_widths(masks: ModelMasks, shape: LayerShape) -> tuple[int, int, int]:
-    """Kept (query heads, kv heads, FFN channels), the same in every layer, or a LoraPruneError."""
-    widths = set()
-    for mask in masks.layers:
+def layer_widths(masks: ModelMasks, shape: LayerShape) -> list[LayerWidths]:
+    """Kept widths of every layer, or a LoraPruneError for a layer no runtime can run."""
+    widths = []
+    for index, mask in enumerate(masks.layers):
         per_kv = mask.heads.view(shape.num_kv_heads, shape.queries_per_kv).sum(dim=1)
         kept_per_kv = set(per_kv[per_kv > 0].tolist())
         if len(kept_per_kv) > 1:
             raise LoraPruneError(
-                "kept key/value heads keep different numbers of query heads "
-                f"({sorted(kept_per_kv)}); a standard checkpoint needs the same count per KV group, "
-                "so prune with uniform masks")
-        widths.add((int(mask.heads.sum()), int(mask.kv_heads(shape).sum()), int(mask.ffn.sum())))
-    if len(widths) != 1:
+                f"layer {index}: kept key/value heads keep different numbers of query heads "
+                f"({sorted(kept_per_kv)}); grouped-query attention needs the same count per KV group, "
+                "so prune whole KV groups (--attention-unit kv_group)")
+        heads, ffn = int(mask.heads.sum()), int(mask.ffn.sum())
+        # A layer without heads or FFN channels would need a runtime that skips the block; the
+        # transformers modules cannot, and llama.cpp's deci graph drops the attention output of
+        # a layer whose FFN width is 0 (see CONTRIBUTING, "Add an export format").
+        if heads == 0 or ffn == 0:
+            raise LoraPruneError(f"layer {index} keeps no attention heads or no FFN channels; "
+                                 "lower the target sparsity or keep that layer (--skip-first/--skip-last)")
+        widths.append(LayerWidths(heads, int(mask.kv_heads(shape).sum()), ffn))
+    return widths
+
+
+def uniform_widths(masks: ModelMasks, shape: LayerShape) -> LayerWidths:
+    """The one width every layer keeps, or a LoraPruneError (a transformers config has one width)."""
+    widths = layer_widths(masks, shape)
+    if len(set(widths)) != 1:
         raise LoraPruneError(
-            f"layers keep different widths {sorted(widths)} (heads, kv heads, ffn); a standard "
-            "checkpoint has one config for all layers, so prune with the same count per layer")
-    heads, kv_heads, ffn = widths.pop()
-    if heads == 0 or ffn == 0:
-        raise LoraPruneError("masks remove every attention head or every FFN channel of a layer; "
-                             "lower the target sparsity")
-    return heads, kv_heads, ffn
+            f"layers keep different widths {sorted(set(map(tuple, widths)))} (heads, kv heads, ffn); a "
+            "standard checkpoint has one config for all layers, so prune with the same count per layer, "
+            "or export with --format gguf, which stores per-layer widths")
+    return widths[0]
+
+
+def sliced_layer_widths(model: nn.Module, spec: ArchSpec) -> list[LayerWidths]:
+    """Widths of every layer of a sliced model, read from its projections' shapes."""
+    head_dim = LayerShape.from_config(unwrap(model).config).head_dim
+    widths = []
+    for layer in decoder_layers(model, spec):
+        attention, mlp = getattr(layer, spec.attention), getattr(layer, spec.mlp)
+        widths.append(LayerWidths(getattr(attention, spec.q_proj).out_features // head_dim,
+                                  getattr(attention, spec.k_proj).out_features // head_dim,
+                                  getattr(mlp, spec.up_proj).out_features))
+    return widths
 
 
 def _slice_attention(attention: nn.Module, heads: torch.Tensor, kv_heads: torch.Tensor,

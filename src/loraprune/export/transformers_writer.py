@@ -6,9 +6,7 @@ The folder is built beside `out_dir`, reloaded with plain transformers and check
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -18,11 +16,13 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 from loraprune.errors import LoraPruneError
 from loraprune.export.logit_check import (
     NOISE_MARGIN,
+    LogitCheckFailed,
     compare_logits,
     logits_of,
     probe_ids,
     rounding_noise_floor,
 )
+from loraprune.export.placement import move_into_place, temporary_folder_beside
 from loraprune.export.slicing import merge_lora, slice_model
 from loraprune.models import ArchSpec, unwrap
 from loraprune.models.loading import drop_quantizer
@@ -30,10 +30,6 @@ from loraprune.pruning.groups import LayerShape
 from loraprune.pruning.masks import ModelMasks
 
 REPORT_NAME = "loraprune.json"
-
-
-class LogitCheckFailed(LoraPruneError):
-    """The exported model does not compute what the masked model computed, beyond float rounding."""
 
 
 def export_checkpoint(model: nn.Module, tokenizer, masks: ModelMasks, spec: ArchSpec, report: dict,
@@ -47,9 +43,7 @@ def export_checkpoint(model: nn.Module, tokenizer, masks: ModelMasks, spec: Arch
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise LoraPruneError(f"{out_dir} exists; pass --overwrite or choose another --out")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private; a checkpoint is an ordinary folder
+    tmp = temporary_folder_beside(out_dir)
     try:
         model.eval()
         shape = LayerShape.from_config(unwrap(model).config)
@@ -85,7 +79,7 @@ def export_checkpoint(model: nn.Module, tokenizer, masks: ModelMasks, spec: Arch
                 f"(relative difference {slicing['relative_difference']:.2e}, limit {check['tolerance']:.1e} = "
                 f"{NOISE_MARGIN:.0f}× the measured noise floor; max |Δlogit| {slicing['max_abs_difference']:.2e}, "
                 f"top-1 agreement {slicing['top1_agreement']:.3f}); nothing was written. Please report this")
-        _move_into_place(tmp, out_dir)
+        move_into_place(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
@@ -176,19 +170,3 @@ def _export_summary(model: PreTrainedModel, masks: ModelMasks, shape: LayerShape
                     "ffn_kept": m.ffn.nonzero().flatten().tolist()}
                    for m in masks.layers],
     }
-
-
-def _move_into_place(tmp: Path, out_dir: Path) -> None:
-    """Rename the validated folder to `out_dir`, replacing an old one only after that worked."""
-    if not out_dir.exists():
-        os.replace(tmp, out_dir)
-        return
-    trash = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-    os.replace(out_dir, trash / out_dir.name)
-    try:
-        os.replace(tmp, out_dir)
-    except OSError:
-        os.replace(trash / out_dir.name, out_dir)
-        raise
-    finally:
-        shutil.rmtree(trash, ignore_errors=True)

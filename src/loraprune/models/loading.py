@@ -53,6 +53,13 @@ def builtin_gguf_path() -> Path:
     return path
 
 
+def source_gguf_file(model: str) -> Path | None:
+    """The GGUF file a model name refers to, if any (a GGUF export copies its tokenizer keys)."""
+    if model == BUILTIN_MODEL:
+        return builtin_gguf_path()
+    return Path(model).expanduser() if model.endswith(".gguf") else None
+
+
 def resolve_model_dir(model: str) -> Path:
     """Return a local Hugging Face folder for `model`, converting a GGUF file on first use."""
     if model == BUILTIN_MODEL:

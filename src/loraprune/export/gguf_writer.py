@@ -1,0 +1,289 @@
+"""Write a pruned model as one GGUF file for llama.cpp, validated in llama.cpp before it is put in place.
+
+Arch ``llama`` when every layer keeps the same widths, ``deci`` (which builds each layer with its
+own head, KV-head and FFN counts) when they differ. Conventions follow llama.cpp's own
+convert_hf_to_gguf.py (LlamaModel, DeciModel): Q and K rows permuted for its RoPE layout, head
+size and RoPE dimensions written explicitly, norms kept in float32.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType, GGUFWriter, LlamaFileType, RopeScalingType, quants
+from torch import nn
+from transformers import PreTrainedModel
+
+from loraprune.errors import LoraPruneError
+from loraprune.export.gguf_vocab import add_vocab, check_vocab
+from loraprune.export.llamacpp import GreedyRun, LlamaCpp
+from loraprune.export.logit_check import (
+    NOISE_MARGIN,
+    LogitCheckFailed,
+    compare_logits,
+    logits_of,
+    probe_ids,
+    rounding_noise_floor,
+)
+from loraprune.export.placement import move_into_place, temporary_folder_beside
+from loraprune.export.slicing import LayerWidths, layer_widths, merge_lora, slice_model
+from loraprune.models import ArchSpec, decoder_layers, unwrap
+from loraprune.models.loading import drop_quantizer
+from loraprune.pruning.groups import LayerShape
+from loraprune.pruning.masks import ModelMasks
+
+GGUF_NAME = "model.gguf"
+REPORT_NAME = "loraprune.json"
+# name -> (type of 2-D weights, file type recorded in general.file_type)
+GGUF_TYPES = {
+    "f32": (GGMLQuantizationType.F32, LlamaFileType.ALL_F32),
+    "f16": (GGMLQuantizationType.F16, LlamaFileType.MOSTLY_F16),
+    "q8_0": (GGMLQuantizationType.Q8_0, LlamaFileType.MOSTLY_Q8_0),
+}
+GREEDY_PROMPT_TOKENS = 16
+GREEDY_NEW_TOKENS = 16
+GREEDY_CANDIDATES = 5
+
+
+def export_gguf(model: nn.Module, tokenizer, masks: ModelMasks, spec: ArchSpec, report: dict, out_dir: Path,
+                gguf_type: str = "f32", overwrite: bool = False, probe: torch.Tensor | None = None,
+                check_logits: bool = True, source_gguf: Path | None = None, threads: int | None = None) -> Path:
+    """Merge, slice and write ``out_dir/model.gguf`` (+ loraprune.json); consumes the model.
+
+    ``source_gguf``: the GGUF file the model was loaded from, whose tokenizer keys are copied.
+    The file is loaded in llama.cpp and its logits on ``probe`` (1, tokens) compared with the
+    masked model's before the folder is renamed into place.
+    """
+    out_dir = Path(out_dir)
+    base = unwrap(model)
+    shape = LayerShape.from_config(base.config)
+    check_gguf_type(gguf_type)
+    check_architecture(base, spec)
+    widths = layer_widths(masks, shape)
+    check_vocab(tokenizer, source_gguf)
+    if out_dir.exists() and not overwrite:
+        raise LoraPruneError(f"{out_dir} exists; pass --overwrite or choose another --out")
+    tmp = temporary_folder_beside(out_dir)
+    try:
+        model.eval()
+        probe = probe if probe is not None else probe_ids(base.config.vocab_size)
+        has_adapters = callable(getattr(model, "merge_and_unload", None))
+        masks.attach(model, spec)
+        adapted = logits_of(model, probe) if has_adapters else None
+        masks.detach()
+        merged = merge_lora(model)
+        masks.attach(merged, spec)
+        reference = logits_of(merged, probe)
+        rounding = rounding_noise_floor(merged, probe, reference=reference)
+        masks.detach()
+        params_before = merged.num_parameters()
+        source_architecture = type(merged).__name__
+        sliced = slice_model(merged, masks, spec, per_layer=True)
+        drop_quantizer(sliced)
+        architecture = "llama" if len(set(widths)) == 1 else "deci"
+        path = tmp / GGUF_NAME
+        vocab_source = write_gguf(path, sliced, spec, widths, architecture, gguf_type, tokenizer, source_gguf)
+        type_floor = weight_rounding_floor(sliced, gguf_type, probe, reference)
+        check = llamacpp_check(path, sliced, gguf_type, probe, reference, reference if adapted is None else adapted,
+                               rounding, type_floor, threads)
+        summary = {"format": "gguf", "file": GGUF_NAME, "gguf_type": gguf_type, "architecture": architecture,
+                   "source_architecture": source_architecture, "tokenizer": vocab_source,
+                   "parameters_before": params_before, "parameters_after": sliced.num_parameters(),
+                   "file_bytes": path.stat().st_size, "layers": _layers_report(masks, shape, widths)}
+        full_report = {**report, "export": {**summary, "logit_check": check}}
+        (tmp / REPORT_NAME).write_text(json.dumps(full_report, indent=2) + "\n")
+        if check_logits and not check["passed"]:
+            llama = check["llamacpp"]
+            raise LogitCheckFailed(
+                f"llama.cpp's logits for the written GGUF differ from the masked model's beyond rounding "
+                f"(relative difference {llama['relative_difference']:.2e}, limit {check['tolerance']:.1e} = "
+                f"{NOISE_MARGIN:.0f}× the measured noise floor; top-1 agreement {llama['top1_agreement']:.3f}); "
+                "nothing was written. Try --gguf-type f32, or report this")
+        move_into_place(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def check_gguf_type(gguf_type: str) -> None:
+    """Refuse a weight type this writer does not produce."""
+    if gguf_type not in GGUF_TYPES:
+        raise LoraPruneError(f"--gguf-type must be one of {', '.join(GGUF_TYPES)}, got {gguf_type!r}")
+
+
+def check_architecture(model: PreTrainedModel, spec: ArchSpec) -> None:
+    """Refuse a model llama.cpp's llama/deci graphs would not compute the same way."""
+    config = model.config
+    if spec.family not in ("llama", "mistral"):
+        raise LoraPruneError(f"GGUF export writes Llama and Mistral models, not {spec.family}; "
+                             "export --format transformers")
+    if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
+        raise LoraPruneError("GGUF export writes bias-free Llama models; export --format transformers")
+    if getattr(config, "sliding_window", None):
+        raise LoraPruneError("GGUF export does not write sliding-window attention; export --format transformers")
+    if _rope(config)[1] not in ("default", "linear"):
+        raise LoraPruneError(f"GGUF export writes default or linear RoPE, not {_rope(config)[1]!r}; "
+                             "export --format transformers and convert with llama.cpp's convert_hf_to_gguf.py")
+
+
+def write_gguf(path: Path, model: PreTrainedModel, spec: ArchSpec, widths: list[LayerWidths], architecture: str,
+               gguf_type: str, tokenizer, source_gguf: Path | None) -> str:
+    """Write the sliced model's hyper-parameters, tokenizer and weights; returns the tokenizer's origin."""
+    config = model.config
+    head_dim = LayerShape.from_config(config).head_dim
+    writer = GGUFWriter(path, architecture)
+    writer.add_type("model")
+    writer.add_name(str(getattr(config, "_name_or_path", "") or "loraprune-pruned"))
+    writer.add_file_type(GGUF_TYPES[gguf_type][1])
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(len(widths))
+    per_layer = architecture == "deci"
+    # Plain Python ints: the gguf writer refuses numpy integers in arrays.
+    writer.add_head_count([w.heads for w in widths] if per_layer else widths[0].heads)
+    writer.add_head_count_kv([w.kv_heads for w in widths] if per_layer else widths[0].kv_heads)
+    writer.add_feed_forward_length([w.ffn for w in widths] if per_layer else widths[0].ffn)
+    # Without these llama.cpp derives the head size from hidden / heads of layer 0.
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_rope_dimension_count(head_dim)
+    theta, rope_type, factor = _rope(config)
+    writer.add_rope_freq_base(theta)
+    if rope_type == "linear":
+        writer.add_rope_scaling_type(RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(factor)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_vocab_size(config.vocab_size)
+    vocab_source = add_vocab(writer, tokenizer, config.vocab_size, source_gguf)
+    for name, array in gguf_tensors(model, spec, widths):
+        stored, raw_type = stored_tensor(array, gguf_type)
+        writer.add_tensor(name, stored, raw_dtype=raw_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return vocab_source
+
+
+def gguf_tensors(model: PreTrainedModel, spec: ArchSpec, widths: list[LayerWidths]):
+    """(GGUF name, float32 array) of every weight, Q and K permuted per layer for llama.cpp's RoPE."""
+    def array(tensor: torch.Tensor) -> np.ndarray:
+        return tensor.detach().to(torch.float32).cpu().numpy()
+
+    yield "token_embd.weight", array(model.get_input_embeddings().weight)
+    for index, (layer, width) in enumerate(zip(decoder_layers(model, spec), widths)):
+        attention, mlp = getattr(layer, spec.attention), getattr(layer, spec.mlp)
+        prefix = f"blk.{index}"
+        yield f"{prefix}.attn_norm.weight", array(layer.input_layernorm.weight)
+        yield f"{prefix}.attn_q.weight", rope_permuted(array(getattr(attention, spec.q_proj).weight), width.heads)
+        yield f"{prefix}.attn_k.weight", rope_permuted(array(getattr(attention, spec.k_proj).weight), width.kv_heads)
+        yield f"{prefix}.attn_v.weight", array(getattr(attention, spec.v_proj).weight)
+        yield f"{prefix}.attn_output.weight", array(getattr(attention, spec.o_proj).weight)
+        yield f"{prefix}.ffn_norm.weight", array(layer.post_attention_layernorm.weight)
+        yield f"{prefix}.ffn_gate.weight", array(getattr(mlp, spec.gate_proj).weight)
+        yield f"{prefix}.ffn_up.weight", array(getattr(mlp, spec.up_proj).weight)
+        yield f"{prefix}.ffn_down.weight", array(getattr(mlp, spec.down_proj).weight)
+    yield "output_norm.weight", array(model.model.norm.weight)
+    if not model.config.tie_word_embeddings:  # llama.cpp reuses token_embd when output is absent
+        yield "output.weight", array(model.get_output_embeddings().weight)
+
+
+def rope_permuted(weight: np.ndarray, heads: int) -> np.ndarray:
+    """Reorder each head's rows from HF's rotate-half layout to llama.cpp's interleaved pairs."""
+    # (heads * head_dim, in) -> (heads, 2, head_dim / 2, in) -> swap the middle axes (convert_hf_to_gguf).
+    return (weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:])
+            .swapaxes(1, 2).reshape(weight.shape))
+
+
+def stored_tensor(array: np.ndarray, gguf_type: str) -> tuple[np.ndarray, GGMLQuantizationType]:
+    """The array as it is stored: norms in float32, weights in the chosen type (Q8_0 needs rows of 32)."""
+    weight_type = GGUF_TYPES[gguf_type][0]
+    if array.ndim == 1 or weight_type == GGMLQuantizationType.F32:
+        return array.astype(np.float32), GGMLQuantizationType.F32
+    if weight_type == GGMLQuantizationType.Q8_0 and array.shape[-1] % 32 == 0:
+        return quants.quantize(array, GGMLQuantizationType.Q8_0), GGMLQuantizationType.Q8_0
+    # Q8_0 blocks are 32 wide; a pruned width that is no multiple of 32 falls back to F16, as in llama.cpp.
+    return array.astype(np.float16), GGMLQuantizationType.F16
+
+
+def weight_rounding_floor(model: PreTrainedModel, gguf_type: str, probe: torch.Tensor,
+                          reference: torch.Tensor) -> float:
+    """Relative logit change from storing the weights in ``gguf_type`` (0 for float32)."""
+    if gguf_type == "f32":
+        return 0.0
+    rounded = copy.deepcopy(model)
+    with torch.no_grad():
+        for parameter in rounded.parameters():
+            if parameter.ndim == 2:
+                stored, raw_type = stored_tensor(parameter.detach().float().cpu().numpy(), gguf_type)
+                restored = quants.dequantize(stored, raw_type).reshape(parameter.shape)
+                parameter.copy_(torch.from_numpy(np.ascontiguousarray(restored)).to(parameter.dtype))
+    return compare_logits(logits_of(rounded, probe), reference).relative_difference
+
+
+def llamacpp_check(path: Path, sliced: PreTrainedModel, gguf_type: str, probe: torch.Tensor, reference: torch.Tensor,
+                   adapted: torch.Tensor, rounding_floor: float, type_floor: float, threads: int | None) -> dict:
+    """Load the file in llama.cpp: its logits on the probe and its greedy continuation, against PyTorch."""
+    ids = probe[0].tolist()
+    prompt = ids[:GREEDY_PROMPT_TOKENS]
+    runtime = LlamaCpp(path, context=_context_for(len(ids) + GREEDY_NEW_TOKENS), threads=threads, embeddings=True)
+    try:
+        llama_logits = logits_from_hidden(runtime.hidden_states(ids), sliced, gguf_type)
+        greedy = runtime.greedy(prompt, GREEDY_NEW_TOKENS, candidates=GREEDY_CANDIDATES)
+    finally:
+        runtime.close()
+    if not torch.isfinite(llama_logits).all():
+        raise LoraPruneError("llama.cpp computes non-finite logits for the written GGUF; export with --gguf-type f32")
+    greedy_check = greedy_comparison(sliced, prompt, greedy)
+    llama, merge = compare_logits(llama_logits, reference), compare_logits(reference, adapted)
+    noise_floor = max(rounding_floor, merge.relative_difference, type_floor)
+    tolerance = NOISE_MARGIN * noise_floor
+    return {"runtime": "llama.cpp (xllamacpp), f32 KV cache, flash attention off",
+            "probe_tokens": len(ids), "llamacpp": llama.to_dict(), "merge": merge.to_dict(),
+            "rounding_noise_floor": rounding_floor, "weight_type_floor": type_floor, "noise_floor": noise_floor,
+            "tolerance": tolerance, "passed": llama.relative_difference <= tolerance,
+            "greedy": greedy_check}
+
+
+def greedy_comparison(model: nn.Module, prompt: list[int], greedy: GreedyRun) -> dict:
+    """The PyTorch model fed llama.cpp's greedy continuation: does it pick the same tokens, at the same odds?"""
+    continued = torch.tensor([prompt + greedy.tokens])
+    logprobs = torch.log_softmax(logits_of(model, continued)[0, len(prompt) - 1:-1].double(), dim=-1)
+    chosen = torch.tensor(greedy.tokens)
+    raw = (logprobs[torch.arange(len(chosen)), chosen] - torch.tensor(greedy.logprobs).double()).abs()
+    # Log-probabilities relative to the step's best candidate: free of llama.cpp's float32 normaliser.
+    relative = max(abs((logprobs[step, token] - logprobs[step, top[0][0]]).item() - (logprob - top[0][1]))
+                   for step, top in enumerate(greedy.top) for token, logprob in top)
+    return {"prompt_tokens": len(prompt), "new_tokens": len(chosen),
+            "agreement": float((logprobs.argmax(-1) == chosen).double().mean()),
+            "max_logprob_difference": float(raw.max()), "max_relative_logprob_difference": relative}
+
+
+def logits_from_hidden(hidden: np.ndarray, model: PreTrainedModel, gguf_type: str) -> torch.Tensor:
+    """llama.cpp's final hidden states times the output matrix as stored in the file: (1, tokens, vocab)."""
+    stored, raw_type = stored_tensor(model.get_output_embeddings().weight.detach().float().cpu().numpy(), gguf_type)
+    matrix = quants.dequantize(stored, raw_type).reshape(-1, hidden.shape[1])
+    return torch.from_numpy(hidden.astype(np.float64) @ matrix.astype(np.float64).T)[None]
+
+
+def _context_for(tokens: int) -> int:
+    return max(256, -(-tokens // 256) * 256)
+
+
+def _rope(config) -> tuple[float, str, float]:
+    """(theta, type, factor) of a transformers config, old (rope_theta) or new (rope_parameters) style."""
+    parameters = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
+    theta = parameters.get("rope_theta", getattr(config, "rope_theta", 10000.0))
+    rope_type = parameters.get("rope_type", parameters.get("type", "default"))
+    return float(theta), rope_type, float(parameters.get("factor", 1.0))
+
+
+def _layers_report(masks: ModelMasks, shape: LayerShape, widths: list[LayerWidths]) -> list[dict]:
+    return [{"heads": w.heads, "kv_heads": w.kv_heads, "ffn": w.ffn,
+             "heads_kept": m.heads.nonzero().flatten().tolist(), "ffn_kept": m.ffn.nonzero().flatten().tolist()}
+            for m, w in zip(masks.layers, widths)]
