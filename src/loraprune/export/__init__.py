@@ -2,5 +2,7 @@
 
 slicing.py is format-free (masked LoRA model → smaller dense transformers model); each writer takes
 that model and writes one format, validating it before the folder is put in place:
-transformers_writer.py writes a standard Hugging Face checkpoint.
+transformers_writer.py writes a standard Hugging Face checkpoint; nemotron_nas_writer.py writes per-layer
+widths for vLLM from the merged model and the masks (layout: nemotron_nas_layout.py, validation:
+nemotron_nas_reader.py, config class shipped into the folder: configuration_decilm.py).
 """
