@@ -20,6 +20,7 @@ from loraprune.export.logit_check import compare_logits, logits_of, probe_ids
 from loraprune.export.nemotron_nas_layout import PAD, plan_layout
 from loraprune.export.nemotron_nas_reader import WEIGHTS_NAME, NemotronNasReference
 from loraprune.export.nemotron_nas_writer import LogitCheckFailed, export_nemotron_nas
+from loraprune.export.transformers_writer import export_checkpoint
 from loraprune.models import spec_for
 from loraprune.pruning.groups import LayerShape
 from loraprune.pruning.masks import LayerMask, ModelMasks
@@ -167,6 +168,7 @@ def test_layout_pads_the_fewest_slots_for_uneven_layers():
     (Qwen2Config(**{**TINY, "hidden_size": 96}), "Llama-style"),
     (MistralConfig(**TINY, sliding_window=16), "sliding-window"),
     (LlamaConfig(**TINY, attention_bias=True), "biases"),
+    (LlamaConfig(**TINY, hidden_act="gelu"), "SiLU"),
 ])
 def test_models_the_format_cannot_express_are_refused_before_writing(config, message, tmp_path):
     model = lora_model(config)
@@ -231,3 +233,29 @@ def test_reader_refuses_tensors_that_do_not_match_the_block_configs(written):
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(LoraPruneError, match="do not match its block_configs"):
         NemotronNasReference.load(folder)
+
+
+def test_uniform_masks_give_the_transformers_export_without_padding(tmp_path):
+    """Same masks in both formats: same real parameter count, same logits, no zero slots."""
+    uniform_heads = [[1, 1, 0, 0, 1, 1]] * 5
+    masks = per_layer_masks(uniform_heads, [48] * 5, TINY["intermediate_size"])
+    probe = probe_ids(TINY["vocab_size"])
+    nas = export_nemotron_nas(lora_model(LlamaConfig(**TINY)), None, masks, spec_for(LlamaConfig(**TINY)), {},
+                              tmp_path / "nas")
+    hf = export_checkpoint(lora_model(LlamaConfig(**TINY)), None, masks, spec_for(LlamaConfig(**TINY)), {},
+                           tmp_path / "hf")
+    nas_export = json.loads((nas / "loraprune.json").read_text())["export"]
+    hf_export = json.loads((hf / "loraprune.json").read_text())["export"]
+    assert nas_export["zero_padding_parameters"] == 0
+    assert nas_export["parameters_after"] == hf_export["parameters_after"]
+    hf_model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()
+    comparison = compare_logits(logits_of(NemotronNasReference.load(nas), probe), logits_of(hf_model, probe))
+    assert comparison.relative_difference < 1e-5
+
+
+def test_bfloat16_model_is_written_in_bfloat16_and_passes_its_check(tmp_path):
+    model = lora_model(LlamaConfig(**TINY)).to(torch.bfloat16)
+    masks = per_layer_masks(PER_LAYER_HEADS, PER_LAYER_FFN, TINY["intermediate_size"])
+    out = export_nemotron_nas(model, None, masks, spec_for(model.config), {}, tmp_path / "nas")
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    assert {t.dtype for t in load_file(str(out / WEIGHTS_NAME)).values()} == {torch.bfloat16}

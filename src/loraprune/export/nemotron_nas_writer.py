@@ -76,7 +76,7 @@ def export_nemotron_nas(model: nn.Module, tokenizer, masks: ModelMasks, spec: Ar
         masks.detach()
         tensors = padded_state_dict(merged, layouts, spec)
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(nemotron_nas_config(merged.config, layouts, shape), indent=2) + "\n")
+        (tmp / "config.json").write_text(json.dumps(nemotron_nas_config(merged.config, layouts, shape, merged.dtype), indent=2) + "\n")
         (tmp / CONFIG_CODE_NAME).write_text(config_code())
         if getattr(merged, "generation_config", None) is not None:
             merged.generation_config.save_pretrained(tmp)
@@ -113,6 +113,9 @@ def check_exportable(config) -> None:
     if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
         raise LoraPruneError(f"--format {FORMAT_NAME} is written without biases and this model has some; "
                              "use the transformers format")
+    if config.hidden_act != "silu":
+        raise LoraPruneError(f"--format {FORMAT_NAME} runs in vLLM's Llama MLP, which is SiLU-gated only "
+                             f"(this model uses {config.hidden_act!r}); use the transformers format")
     if getattr(config, "pretraining_tp", 1) not in (None, 1):
         raise LoraPruneError(f"--format {FORMAT_NAME} needs pretraining_tp 1 (got {config.pretraining_tp})")
 
@@ -165,7 +168,7 @@ def _gather(weight: torch.Tensor, sources: list[int], width: int, dim: int) -> t
     return out.flatten(dim, dim + 1)
 
 
-def nemotron_nas_config(config, layouts: list[BlockLayout], shape: LayerShape) -> dict:
+def nemotron_nas_config(config, layouts: list[BlockLayout], shape: LayerShape, dtype: torch.dtype) -> dict:
     """config.json of the written folder: DeciLM's fields plus one block config per layer."""
     global_heads = next(len(layout.query_sources) for layout in layouts if not layout.attention_no_op)
     rope_parameters = dict(getattr(config, "rope_parameters", None) or {"rope_type": "default",
@@ -190,7 +193,7 @@ def nemotron_nas_config(config, layouts: list[BlockLayout], shape: LayerShape) -
         "bos_token_id": config.bos_token_id,
         "eos_token_id": config.eos_token_id,
         "pad_token_id": getattr(config, "pad_token_id", None),
-        "dtype": str(config.dtype).removeprefix("torch."),
+        "dtype": str(dtype).removeprefix("torch."),
         "block_configs": [_block_config(layout) for layout in layouts],
     }
 
