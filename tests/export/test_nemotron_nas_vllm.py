@@ -26,8 +26,11 @@ VALIDATION_TOKENS = 256
 GREEDY_PROMPT_TOKENS, GREEDY_NEW_TOKENS = 32, 24
 
 
+NO_ATTENTION_LAYER, NO_FFN_LAYER = 11, 17  # blocks the folder writes as no_op
+
+
 def random_per_layer_masks(shape: LayerShape, num_layers: int, seed: int = 0) -> ModelMasks:
-    """Every layer its own kept KV groups, query heads per group (uneven) and FFN width."""
+    """Every layer its own kept KV groups, query heads per group (uneven) and FFN width; two no-op blocks."""
     generator = torch.Generator().manual_seed(seed)
     layers = []
     for _ in range(num_layers):
@@ -40,6 +43,8 @@ def random_per_layer_masks(shape: LayerShape, num_layers: int, seed: int = 0) ->
         ffn = torch.zeros(shape.intermediate_size, dtype=torch.bool)
         ffn[torch.randperm(shape.intermediate_size, generator=generator)[:width]] = True
         layers.append(LayerMask(heads.flatten(), ffn))
+    layers[NO_ATTENTION_LAYER].heads[:] = False
+    layers[NO_FFN_LAYER].ffn[:] = False
     return ModelMasks(layers)
 
 
