@@ -178,12 +178,14 @@ def test_models_the_format_cannot_express_are_refused_before_writing(config, mes
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("first_heads, message", [
-    ([0, 0, 0, 0, 0, 0], "layer 0 keeps no attention head"),
+@pytest.mark.parametrize("heads, ffn, message", [
+    ([[0] * 6] + PER_LAYER_HEADS[1:], PER_LAYER_FFN, "layer 0, the first layer"),
+    ([[0] * 6, [0] * 6] + PER_LAYER_HEADS[2:], [0] + PER_LAYER_FFN[1:], "layer 1, the first layer"),
 ])
-def test_masks_vllm_cannot_run_are_refused(first_heads, message, tmp_path):
+def test_an_ffn_before_the_first_attention_is_refused(heads, ffn, message, tmp_path):
+    """vLLM's DeciLM has no residual stream yet there; a whole no-op layer first is fine (below)."""
     model = lora_model(LlamaConfig(**TINY))
-    masks = per_layer_masks([first_heads] + PER_LAYER_HEADS[1:], PER_LAYER_FFN, TINY["intermediate_size"])
+    masks = per_layer_masks(heads, ffn, TINY["intermediate_size"])
     with pytest.raises(LoraPruneError, match=message):
         export_nemotron_nas(model, None, masks, spec_for(model.config), {}, tmp_path / "nas")
     assert list(tmp_path.iterdir()) == []
@@ -259,3 +261,14 @@ def test_bfloat16_model_is_written_in_bfloat16_and_passes_its_check(tmp_path):
     out = export_nemotron_nas(model, None, masks, spec_for(model.config), {}, tmp_path / "nas")
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
     assert {t.dtype for t in load_file(str(out / WEIGHTS_NAME)).values()} == {torch.bfloat16}
+
+
+def test_a_wholly_removed_first_layer_is_written_as_two_no_op_blocks(tmp_path):
+    model = lora_model(LlamaConfig(**TINY))
+    masks = per_layer_masks([[0] * 6] + PER_LAYER_HEADS[1:], [0] + PER_LAYER_FFN[1:], TINY["intermediate_size"])
+    probe = probe_ids(TINY["vocab_size"])
+    expected = masked_logits(model, masks, probe)
+    out = export_nemotron_nas(model, None, masks, spec_for(model.config), {}, tmp_path / "nas")
+    first = json.loads((out / "config.json").read_text())["block_configs"][0]
+    assert first["attention"]["no_op"] and first["ffn"]["no_op"]
+    assert compare_logits(logits_of(NemotronNasReference.load(out), probe), expected).relative_difference < 1e-5

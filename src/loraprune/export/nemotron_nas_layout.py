@@ -74,10 +74,12 @@ def plan_layout(masks: ModelMasks, shape: LayerShape) -> list[BlockLayout]:
     groups = [_kept_queries_per_kv(mask, shape) for mask in masks.layers]
     if not any(groups):
         raise LoraPruneError("masks remove every attention head of every layer; lower the target sparsity")
-    if groups[0] == [] and bool(masks.layers[0].ffn.any()):
-        # vLLM's DeciLM layer feeds a no-op first attention's missing residual to the FFN's norm.
-        raise LoraPruneError("layer 0 keeps no attention head but keeps FFN channels, which vLLM's "
-                             "DeciLM cannot run; keep layer 0's attention (e.g. --skip-first 1)")
+    first = next(i for i, (kept, mask) in enumerate(zip(groups, masks.layers)) if kept or bool(mask.ffn.any()))
+    if not groups[first]:
+        # vLLM's DeciLM starts the residual stream at the first attention; an FFN before it crashes.
+        raise LoraPruneError(f"layer {first}, the first layer that computes anything, keeps FFN channels but "
+                             "no attention head, which vLLM's DeciLM cannot run; keep its attention "
+                             "(e.g. --skip-first)")
     smallest = max(len(kept) * max(len(q) for _, q in kept) for kept in groups if kept)
     candidates = [(_padded_units(h, groups), h) for h in range(smallest, shape.num_heads + 1)]
     _, global_heads = min((padding, h) for padding, h in candidates if padding is not None)
