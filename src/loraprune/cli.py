@@ -193,9 +193,11 @@ def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_format_arguments(parser: argparse.ArgumentParser) -> None:
     """--format and --gguf-type, shared by `prune` and `export`."""
-    parser.add_argument("--format", dest="export_format", default="transformers", choices=["transformers", "gguf"],
+    parser.add_argument("--format", dest="export_format", default="transformers",
+                        choices=["transformers", "gguf", "nemotron-nas"],
                         help="transformers: a Hugging Face folder (one width for all layers); gguf: OUT/model.gguf "
-                        "for llama.cpp, layers may keep their own widths (default: %(default)s)")
+                        "for llama.cpp; nemotron-nas: a folder vLLM loads (DeciLMForCausalLM, "
+                        "trust_remote_code); the last two hold per-layer widths (default: %(default)s)")
     parser.add_argument("--gguf-type", default="f32", choices=["f32", "f16", "q8_0"],
                         help="with --format gguf: weight type of the file (default: %(default)s)")
 

@@ -26,6 +26,8 @@ from loraprune.evaluation.samples import SAMPLE_PROMPTS, greedy_samples
 from loraprune.export.gguf_vocab import check_vocab
 from loraprune.export.gguf_writer import check_architecture, check_gguf_type, export_gguf
 from loraprune.export.logit_check import LogitCheckFailed
+from loraprune.export.nemotron_nas_writer import check_exportable as check_nemotron_nas
+from loraprune.export.nemotron_nas_writer import export_nemotron_nas
 from loraprune.export.transformers_writer import export_checkpoint
 from loraprune.models import spec_for, unwrap
 from loraprune.models.loading import load_model, source_gguf_file
@@ -39,7 +41,7 @@ from loraprune.training.run_folder import PARTIAL_SUFFIX, partial_dir
 
 RUN_SUBDIR = "run"
 EXPORT_PROBE_TOKENS = 128  # validation text the exported model's logits are checked on
-EXPORT_FORMATS = ("transformers", "gguf")
+EXPORT_FORMATS = ("transformers", "gguf", "nemotron-nas")
 
 
 @dataclass
@@ -113,13 +115,15 @@ def _check_exportable(config: PruneConfig, export_format: str) -> None:
     per_layer = config.skip_first_layers or config.skip_last_layers or config.allocation == "global"
     if export_format == "transformers" and per_layer:
         raise LoraPruneError(
-            "--skip-first/--skip-last and --allocation global leave layers of different widths, which "
-            "one transformers config cannot describe; export with --format gguf (per-layer widths), "
-            "drop them (every layer is pruned alike) or pass --no-export to keep only the masks and adapter")
+            "--skip-first/--skip-last and --allocation global leave layers of different widths, which one "
+            "transformers config cannot describe; export with --format gguf or nemotron-nas (per-layer "
+            "widths), drop them (every layer is pruned alike) or pass --no-export to keep only the masks")
 
 
 def _check_format_fits(model, tokenizer, config: PruneConfig, export_format: str, gguf_type: str) -> None:
     """Refuse, before training, a model or tokenizer the chosen format cannot hold."""
+    if export_format == "nemotron-nas":
+        check_nemotron_nas(model.config)
     if export_format == "gguf":
         check_gguf_type(gguf_type)
         check_architecture(model, spec_for(model.config))
@@ -130,6 +134,9 @@ def _export(model, tokenizer, masks: ModelMasks, report: dict, out: Path, config
             export_format: str, gguf_type: str, overwrite: bool, check_logits: bool = True) -> Path:
     """Write the model in the chosen format, validated before it is put in place."""
     spec, probe = spec_for(unwrap(model).config), export_probe(tokenizer, config)
+    if export_format == "nemotron-nas":
+        return export_nemotron_nas(model, tokenizer, masks, spec, report, out, overwrite=overwrite, probe=probe,
+                                   check_logits=check_logits)
     if export_format == "gguf":
         return export_gguf(model, tokenizer, masks, spec, report, out, gguf_type=gguf_type, overwrite=overwrite,
                            probe=probe, check_logits=check_logits, source_gguf=source_gguf_file(config.model))
@@ -143,7 +150,8 @@ def prune(config: PruneConfig | None = None, out: str | Path | None = None, *,
     """Prune ``config.model`` while fine-tuning LoRA and write the smaller model to ``out``.
 
     ``export_format`` "transformers" writes a Hugging Face folder, "gguf" ``out/model.gguf`` for
-    llama.cpp (weights in ``gguf_type``: f32, f16 or q8_0).
+    llama.cpp (weights in ``gguf_type``: f32, f16 or q8_0), "nemotron-nas" a folder vLLM loads as
+    DeciLMForCausalLM (per-layer widths; pruned query heads are zero slots).
     """
     out_path = Path(out) if out is not None else None
     resume_arg = Path(resume) if isinstance(resume, (str, Path)) else resume

@@ -3,5 +3,8 @@
 slicing.py is format-free (masked LoRA model → smaller dense transformers model); each writer takes
 that model and writes one format, validating it before the folder is put in place:
 transformers_writer.py writes a standard Hugging Face checkpoint (one width for all layers),
-gguf_writer.py a GGUF file for llama.cpp (per-layer widths allowed; checked in llama.cpp via llamacpp.py).
+gguf_writer.py a GGUF file for llama.cpp (per-layer widths allowed; checked in llama.cpp via llamacpp.py),
+nemotron_nas_writer.py per-layer widths for vLLM from the merged model and the masks (layout:
+nemotron_nas_layout.py, validation: nemotron_nas_reader.py, config class shipped into the folder:
+configuration_decilm.py).
 """

@@ -1,0 +1,245 @@
+"""Write a pruned Llama as a Nemotron-NAS (DeciLM) folder that vLLM loads with per-layer widths.
+
+Reads the merged model and its masks directly (no slicing to one width): each layer keeps its own
+KV heads and FFN width; pruned query heads become zero slots, which change nothing (see layout).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+from transformers import PreTrainedModel
+
+from loraprune.errors import LoraPruneError
+from loraprune.export.logit_check import NOISE_MARGIN, LogitCheckFailed, logits_of, probe_ids, rounding_noise_floor
+from loraprune.export.nemotron_nas_layout import PAD, BlockLayout, plan_layout
+from loraprune.export.nemotron_nas_reader import (
+    CONFIG_CODE_NAME,
+    WEIGHTS_NAME,
+    NemotronNasReference,
+    config_code,
+)
+from loraprune.export.placement import move_into_place, temporary_folder_beside
+from loraprune.export.slicing import merge_lora
+from loraprune.export.transformers_writer import REPORT_NAME, logit_check
+from loraprune.models import ArchSpec, decoder_layers, unwrap
+from loraprune.pruning.groups import LayerShape
+from loraprune.pruning.masks import ModelMasks
+
+FORMAT_NAME = "nemotron-nas"
+SUPPORTED_MODEL_TYPES = ("llama", "mistral")
+
+
+def export_nemotron_nas(model: nn.Module, tokenizer, masks: ModelMasks, spec: ArchSpec, report: dict,
+                        out_dir: Path, overwrite: bool = False, probe: torch.Tensor | None = None,
+                        check_logits: bool = True) -> Path:
+    """Merge `model` (in place) and write it with `masks`' per-layer widths as a Nemotron-NAS folder.
+
+    Same contract as ``export_checkpoint``: validated (a reference forward of the written folder
+    against the masked merged model on ``probe``) in a temporary folder, then renamed to ``out_dir``.
+    """
+    out_dir = Path(out_dir)
+    config = unwrap(model).config
+    check_exportable(config)
+    shape = LayerShape.from_config(config)
+    if len(masks.layers) != config.num_hidden_layers:
+        raise LoraPruneError(f"masks cover {len(masks.layers)} layers but the model has "
+                             f"{config.num_hidden_layers}; export with the masks of this model's run")
+    layouts = plan_layout(masks, shape)
+    if out_dir.exists() and not overwrite:
+        raise LoraPruneError(f"{out_dir} exists; pass --overwrite or choose another --out")
+    tmp = temporary_folder_beside(out_dir)
+    try:
+        model.eval()
+        probe = probe if probe is not None else probe_ids(config.vocab_size)
+        masks.attach(model, spec)
+        adapted = logits_of(model, probe)
+        masks.detach()
+        merged = merge_lora(model)
+        masks.attach(merged, spec)
+        merged_logits = logits_of(merged, probe)
+        rounding = rounding_noise_floor(merged, probe)
+        masks.detach()
+        tensors = padded_state_dict(merged, layouts, spec)
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(nemotron_nas_config(merged.config, layouts, shape, merged.dtype), indent=2) + "\n")
+        (tmp / CONFIG_CODE_NAME).write_text(config_code())
+        if getattr(merged, "generation_config", None) is not None:
+            merged.generation_config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        summary = _export_summary(merged, masks, layouts, shape, tensors)
+        exported = logits_of(NemotronNasReference.load(tmp), probe)
+        check = logit_check(exported, merged_logits, adapted, rounding, probe)
+        full_report = {**report, "export": {**summary, "logit_check": check}}
+        (tmp / REPORT_NAME).write_text(json.dumps(full_report, indent=2) + "\n")
+        (tmp / "README.md").write_text(model_card(full_report))
+        if check_logits and not check["passed"]:
+            slicing = check["slicing"]
+            raise LogitCheckFailed(
+                f"the written Nemotron-NAS folder's logits differ from the masked model's beyond float "
+                f"rounding (relative difference {slicing['relative_difference']:.2e}, limit "
+                f"{check['tolerance']:.1e} = {NOISE_MARGIN:.0f}× the measured noise floor); nothing was "
+                "written. Please report this")
+        move_into_place(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def check_exportable(config) -> None:
+    """Refuse, before anything is written, a model this format cannot express."""
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise LoraPruneError(f"--format {FORMAT_NAME} writes Llama-style models only (got '{model_type}'); "
+                             "use the transformers format for this model")
+    if getattr(config, "sliding_window", None) is not None:
+        raise LoraPruneError(f"--format {FORMAT_NAME} has no sliding-window attention; this model uses "
+                             "one, so use the transformers format")
+    if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
+        raise LoraPruneError(f"--format {FORMAT_NAME} is written without biases and this model has some; "
+                             "use the transformers format")
+    if config.hidden_act != "silu":
+        raise LoraPruneError(f"--format {FORMAT_NAME} runs in vLLM's Llama MLP, which is SiLU-gated only "
+                             f"(this model uses {config.hidden_act!r}); use the transformers format")
+    if getattr(config, "pretraining_tp", 1) not in (None, 1):
+        raise LoraPruneError(f"--format {FORMAT_NAME} needs pretraining_tp 1 (got {config.pretraining_tp})")
+
+
+def padded_state_dict(model: PreTrainedModel, layouts: list[BlockLayout], spec: ArchSpec) -> dict[str, torch.Tensor]:
+    """Hugging Face Llama tensor names; q/k/v/o padded to the layout's slots, FFN cut to kept channels."""
+    config = model.config
+    head_dim = LayerShape.from_config(config).head_dim
+    tensors = {"model.embed_tokens.weight": model.get_input_embeddings().weight,
+               "model.norm.weight": model.get_submodule("model.norm").weight}
+    if not config.tie_word_embeddings:
+        tensors["lm_head.weight"] = model.get_output_embeddings().weight
+    for index, (layer, layout) in enumerate(zip(decoder_layers(model, spec), layouts)):
+        prefix = f"model.layers.{index}"
+        attention, mlp = getattr(layer, spec.attention), getattr(layer, spec.mlp)
+        if not layout.attention_no_op:
+            queries, kv = list(layout.query_sources), list(layout.kv_sources)
+            tensors[f"{prefix}.input_layernorm.weight"] = layer.input_layernorm.weight
+            tensors[f"{prefix}.self_attn.q_proj.weight"] = _gather(_weight(attention, spec.q_proj), queries, head_dim, 0)
+            tensors[f"{prefix}.self_attn.k_proj.weight"] = _gather(_weight(attention, spec.k_proj), kv, head_dim, 0)
+            tensors[f"{prefix}.self_attn.v_proj.weight"] = _gather(_weight(attention, spec.v_proj), kv, head_dim, 0)
+            tensors[f"{prefix}.self_attn.o_proj.weight"] = _gather(_weight(attention, spec.o_proj), queries, head_dim, 1)
+        if not layout.ffn_no_op:
+            channels = list(layout.ffn_sources)
+            tensors[f"{prefix}.post_attention_layernorm.weight"] = layer.post_attention_layernorm.weight
+            tensors[f"{prefix}.mlp.gate_proj.weight"] = _gather(_weight(mlp, spec.gate_proj), channels, 1, 0)
+            tensors[f"{prefix}.mlp.up_proj.weight"] = _gather(_weight(mlp, spec.up_proj), channels, 1, 0)
+            tensors[f"{prefix}.mlp.down_proj.weight"] = _gather(_weight(mlp, spec.down_proj), channels, 1, 1)
+    return {name: tensor.detach().to("cpu").contiguous().clone() for name, tensor in tensors.items()}
+
+
+def _weight(module: nn.Module, name: str) -> torch.Tensor:
+    linear = getattr(module, name)
+    if not isinstance(linear, nn.Linear):
+        raise LoraPruneError(f"cannot export a {type(linear).__name__}; --format {FORMAT_NAME} needs plain "
+                             "nn.Linear projections (merge LoRA and load the model unquantized)")
+    return linear.weight.detach()
+
+
+def _gather(weight: torch.Tensor, sources: list[int], width: int, dim: int) -> torch.Tensor:
+    """Blocks of `width` rows (dim 0) or columns (dim 1) in `sources` order; PAD blocks are zeros."""
+    blocks = weight.unflatten(dim, (-1, width))
+    out_shape = list(blocks.shape)
+    out_shape[dim] = len(sources)
+    out = torch.zeros(out_shape, dtype=weight.dtype, device=weight.device)
+    slots = [slot for slot, source in enumerate(sources) if source != PAD]
+    kept = torch.tensor([sources[slot] for slot in slots], dtype=torch.long, device=weight.device)
+    out.index_copy_(dim, torch.tensor(slots, dtype=torch.long, device=weight.device),
+                    blocks.index_select(dim, kept))
+    return out.flatten(dim, dim + 1)
+
+
+def nemotron_nas_config(config, layouts: list[BlockLayout], shape: LayerShape, dtype: torch.dtype) -> dict:
+    """config.json of the written folder: DeciLM's fields plus one block config per layer."""
+    global_heads = next(len(layout.query_sources) for layout in layouts if not layout.attention_no_op)
+    rope_parameters = dict(getattr(config, "rope_parameters", None) or {"rope_type": "default",
+                                                                        "rope_theta": config.rope_theta})
+    return {
+        "architectures": ["DeciLMForCausalLM"],
+        "model_type": FORMAT_NAME,
+        "auto_map": {"AutoConfig": f"{CONFIG_CODE_NAME.removesuffix('.py')}.DeciLMConfig"},
+        "hidden_size": config.hidden_size,
+        "num_hidden_layers": config.num_hidden_layers,
+        "num_attention_heads": global_heads,
+        "head_dim": shape.head_dim,
+        "vocab_size": config.vocab_size,
+        "hidden_act": config.hidden_act,
+        "rms_norm_eps": config.rms_norm_eps,
+        "max_position_embeddings": config.max_position_embeddings,
+        "rope_theta": rope_parameters["rope_theta"],
+        "rope_parameters": rope_parameters,
+        "tie_word_embeddings": bool(config.tie_word_embeddings),
+        "attention_bias": False,
+        "mlp_bias": False,
+        "bos_token_id": config.bos_token_id,
+        "eos_token_id": config.eos_token_id,
+        "pad_token_id": getattr(config, "pad_token_id", None),
+        "dtype": str(dtype).removeprefix("torch."),
+        "block_configs": [_block_config(layout) for layout in layouts],
+    }
+
+
+def _block_config(layout: BlockLayout) -> dict:
+    attention = ({"no_op": True, "replace_with_linear": False} if layout.attention_no_op else
+                 {"no_op": False, "replace_with_linear": False, "n_heads_in_group": layout.heads_in_group})
+    ffn = ({"no_op": True, "replace_with_linear": False} if layout.ffn_no_op else
+           {"no_op": False, "replace_with_linear": False, "intermediate_size": len(layout.ffn_sources)})
+    return {"attention": attention, "ffn": ffn}
+
+
+def _export_summary(model: PreTrainedModel, masks: ModelMasks, layouts: list[BlockLayout], shape: LayerShape,
+                    tensors: dict[str, torch.Tensor]) -> dict:
+    stored = sum(t.numel() for t in tensors.values())
+    zero_padding = sum(
+        (layout.query_sources.count(PAD) * 2 + layout.kv_sources.count(PAD) * 2) * shape.head_dim * shape.hidden_size
+        for layout in layouts if not layout.attention_no_op)
+    global_heads = next(len(layout.query_sources) for layout in layouts if not layout.attention_no_op)
+    return {
+        "format": FORMAT_NAME,
+        "architecture": "DeciLMForCausalLM",
+        "source_architecture": type(model).__name__,
+        "config": {"hidden_size": shape.hidden_size, "num_attention_heads": global_heads,
+                   "head_dim": shape.head_dim, "num_hidden_layers": len(layouts)},
+        "parameters_before": model.num_parameters(),
+        "parameters_after": stored - zero_padding,
+        "parameters_stored": stored,
+        "zero_padding_parameters": zero_padding,
+        "layers": [{"heads": int(m.heads.sum()), "kv_heads": int(m.kv_heads(shape).sum()), "ffn": int(m.ffn.sum()),
+                    "heads_kept": m.heads.nonzero().flatten().tolist(),
+                    "ffn_kept": m.ffn.nonzero().flatten().tolist(),
+                    "query_slots": list(layout.query_sources), "kv_slots": list(layout.kv_sources)}
+                   for m, layout in zip(masks.layers, layouts)],
+    }
+
+
+def model_card(report: dict) -> str:
+    """A short README.md: what was pruned, and how to run it in vLLM."""
+    export = report["export"]
+    removed = 1 - export["parameters_after"] / export["parameters_before"]
+    source = report.get("source_model", "the source model")
+    widths = ", ".join(f"{layer['heads']}/{layer['kv_heads']}/{layer['ffn']}" for layer in export["layers"])
+    return (
+        f"# Pruned with loraprune (Nemotron-NAS / DeciLM format)\n\n"
+        f"Structured pruning of {source} with LoRAPrune: whole attention heads and FFN channels were "
+        f"removed per layer and the LoRA weights merged.\n\n"
+        f"- parameters: {export['parameters_before']:,} -> {export['parameters_after']:,} "
+        f"({removed:.1%} removed; {export['zero_padding_parameters']:,} more are stored as zero padding "
+        f"because this format has one query-head count, {export['config']['num_attention_heads']}, for all layers)\n"
+        f"- per layer (query heads / KV heads / FFN channels): {widths}\n\n"
+        "Run it with vLLM (`DeciLMForCausalLM`):\n\n"
+        "```python\n"
+        "from vllm import LLM\n"
+        'llm = LLM("path/to/this/folder", trust_remote_code=True)\n'
+        "```\n\n"
+        f"The full run report is in `{REPORT_NAME}`.\n"
+    )
