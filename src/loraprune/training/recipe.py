@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, DistributedType
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, get_scheduler
@@ -104,7 +104,9 @@ class PruningRecipe:
                  fixed_masks: ModelMasks | None = None):
         self.config, self.run_dir, self.progress = config, run_dir, progress
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
-        self.sharded = config.parallel == "fsdp" and self.accelerator.num_processes > 1
+        # An accelerate config with distributed_type FSDP asks for sharding too; loraprune does it itself.
+        self.sharded = self.accelerator.num_processes > 1 and (
+            config.parallel == "fsdp" or self.accelerator.distributed_type == DistributedType.FSDP)
         torch.manual_seed(config.seed)
         self.spec, self.shape = spec_for(model.config), LayerShape.from_config(model.config)
         self.biases = projection_biases(model, self.spec)
