@@ -119,7 +119,7 @@ PRUNE_SETTINGS = (
     "skip_first_layers", "skip_last_layers", "round_to", "criterion", "score_power", "ema", "steps",
     "warmup_fraction", "cooldown_fraction", "prune_every", "lr", "lr_schedule", "batch_size",
     "grad_accumulation", "seq_len", "seed", "lora_rank", "lora_alpha", "lora_dropout", "eval_tokens",
-    "eval_seq_len", "save_every", "lora_columns", "distill", "distill_temperature", "allocation",
+    "eval_seq_len", "save_every", "lora_columns", "distill", "distill_temperature", "allocation", "parallel",
 )
 
 
@@ -179,6 +179,9 @@ def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lora-alpha", type=float, default=None)
     parser.add_argument("--lora-dropout", type=float, default=None)
     parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--parallel", default=None, choices=["replicate", "fsdp"],
+                        help="under torchrun / accelerate launch: a whole model per process (replicate), or "
+                        f"every weight sharded across the processes with FSDP2 (fsdp) (default: {d.parallel})")
     parser.add_argument("--eval-tokens", type=int, default=None,
                         help="validation tokens for perplexity before and after")
     parser.add_argument("--eval-seq-len", type=int, default=None, help="perplexity window length")

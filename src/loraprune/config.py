@@ -76,6 +76,10 @@ class PruneConfig:
     seed: int = 0
     lora: LoraSettings = field(default_factory=LoraSettings)
 
+    # Several processes (torchrun / accelerate launch): "replicate" keeps the whole model in each
+    # (data parallel); "fsdp" shards every weight across them (FSDP2), for models one device cannot hold.
+    parallel: Literal["replicate", "fsdp"] = "replicate"
+
     # Bookkeeping (does not change the result).
     eval_tokens: int = 16384
     eval_seq_len: int = 512
@@ -111,6 +115,8 @@ class PruneConfig:
             raise LoraPruneError(f"--distill must be a weight in [0, 1], got {self.distill}")
         if self.distill_temperature <= 0:
             raise LoraPruneError(f"--distill-temperature must be positive, got {self.distill_temperature}")
+        if self.parallel not in ("replicate", "fsdp"):
+            raise LoraPruneError(f"--parallel must be replicate or fsdp, got '{self.parallel}'")
         if self.lr <= 0:
             raise LoraPruneError(f"--lr must be positive, got {self.lr}")
 
@@ -146,6 +152,6 @@ class PruneConfig:
 
     def result_changing_differences(self, other: PruneConfig) -> list[str]:
         """Names of settings that differ and would change the pruned model."""
-        harmless = {"eval_tokens", "eval_seq_len", "save_every", "austen_dir"}
+        harmless = {"eval_tokens", "eval_seq_len", "save_every", "austen_dir", "parallel"}
         mine, theirs = self.to_dict(), other.to_dict()
         return sorted(k for k in mine if k not in harmless and mine[k] != theirs[k])

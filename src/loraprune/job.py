@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import PartialState
-from peft import set_peft_model_state_dict
+from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
 from loraprune.config import PruneConfig
 from loraprune.data import load_text, token_blocks, tokenize_cached
@@ -36,8 +36,9 @@ from loraprune.pruning.schedule import PruningSchedule
 from loraprune.pruning.target import GlobalTarget, PruneTarget, solve_model_target
 from loraprune.training.checkpoint import LoadedCheckpoint, load_checkpoint, model_fingerprint
 from loraprune.training.lora import wrap_with_lora
-from loraprune.training.recipe import train_while_pruning
+from loraprune.training.recipe import TrainingOutcome, train_while_pruning
 from loraprune.training.run_folder import PARTIAL_SUFFIX, partial_dir
+from loraprune.training.sharding import full_state
 
 RUN_SUBDIR = "run"
 EXPORT_PROBE_TOKENS = 128  # validation text the exported model's logits are checked on
@@ -201,15 +202,33 @@ def prune(config: PruneConfig | None = None, out: str | Path | None = None, *,
               "kept_per_layer": outcome.masks.kept_counts(),
               "perplexity_before": dense.to_dict(),
               "perplexity_after": pruned.to_dict(),
-              "greedy_samples": samples}
+              "greedy_samples": samples,
+              "processes": _processes_report(config, processes.num_processes, outcome)}
+    # Sharded, the main process rebuilds the whole model: the frozen base from disk, the adapter gathered.
+    adapter = full_state(get_peft_model_state_dict(outcome.model)) if export and outcome.sharded else None
     if export and processes.is_main_process:
+        exported = adapted_model(config, adapter) if outcome.sharded else outcome.model
         with _run_kept_on_failed_check(run_dir, out_path):
-            _export(outcome.model, tokenizer, outcome.masks, report, out_path, config,
+            _export(exported, tokenizer, outcome.masks, report, out_path, config,
                     export_format=export_format, gguf_type=gguf_type, overwrite=overwrite)
         os.replace(run_dir, out_path / RUN_SUBDIR)
     processes.wait_for_everyone()
     return PruneResult(out_path, outcome.target, outcome.achieved_sparsity, dense, pruned, report,
                        processes.is_main_process)
+
+
+def _processes_report(config: PruneConfig, count: int, outcome: TrainingOutcome) -> dict:
+    most, whole = outcome.frozen_bytes
+    return {"count": count, "parallel": "fsdp" if outcome.sharded else "replicate",
+            "frozen_weight_bytes_per_process": most, "frozen_weight_bytes": whole}
+
+
+def adapted_model(config: PruneConfig, adapter: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """The run's base model, loaded whole, with its trained LoRA adapter."""
+    model, _ = load_model(config.model, config.dtype)
+    peft_model = wrap_with_lora(model, config, spec_for(model.config))
+    set_peft_model_state_dict(peft_model, adapter)
+    return peft_model
 
 
 def export_run(run: str | Path, out: str | Path, *, overwrite: bool = False, check_logits: bool = True,

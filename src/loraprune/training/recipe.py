@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, DistributedType
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, get_scheduler
@@ -44,6 +44,14 @@ from loraprune.training.checkpoint import (
 from loraprune.training.lora import clear_weight_gradients, trainable_parameters, wrap_with_lora
 from loraprune.training.losses import build_loss
 from loraprune.training.run_folder import append_log, truncate_log
+from loraprune.training.sharding import (
+    frozen_weight_bytes,
+    full_optimizer_state,
+    full_state,
+    full_tensor,
+    shard_model,
+    sharded_optimizer_state,
+)
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +73,8 @@ class TrainingOutcome:
     steps: int
     seconds: float
     final_loss: float
+    sharded: bool = False  # the model's weights are FSDP2 shards: gather before using it alone
+    frozen_bytes: tuple[int, int] = (0, 0)  # (most any process held, whole model) of frozen weights
 
 
 @dataclass
@@ -94,6 +104,9 @@ class PruningRecipe:
                  fixed_masks: ModelMasks | None = None):
         self.config, self.run_dir, self.progress = config, run_dir, progress
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
+        # An accelerate config with distributed_type FSDP asks for sharding too; loraprune does it itself.
+        self.sharded = self.accelerator.num_processes > 1 and (
+            config.parallel == "fsdp" or self.accelerator.distributed_type == DistributedType.FSDP)
         torch.manual_seed(config.seed)
         self.spec, self.shape = spec_for(model.config), LayerShape.from_config(model.config)
         self.biases = projection_biases(model, self.spec)
@@ -106,8 +119,14 @@ class PruningRecipe:
         if self.pruning:
             self.accelerator.print(f"target: {self.target.describe(self.shape)}")
 
-        model.to(self.accelerator.device)  # masks, scores and adapters are all made on this device
+        if not self.sharded:  # sharded, each process moves only its shards (in shard_model)
+            model.to(self.accelerator.device)  # masks, scores and adapters are all made on this device
         peft_model = wrap_with_lora(model, config, self.spec)
+        if checkpoint is not None:  # whole tensors, so before sharding
+            set_peft_model_state_dict(peft_model, checkpoint.adapter)
+        if self.sharded:
+            shard_model(peft_model, self.spec, self.accelerator.device)
+        self.frozen_bytes = self._frozen_bytes(peft_model)
         self.masks = fixed_masks if fixed_masks is not None else ModelMasks.for_model(peft_model)
         self.masks.to(self.accelerator.device)
         self.masks.attach(peft_model, self.spec)
@@ -119,19 +138,30 @@ class PruningRecipe:
                                           num_training_steps=config.steps)
         self.step, samples_seen = 0, 0
         if checkpoint is not None:
-            samples_seen = self._restore(checkpoint, peft_model, optimizer)
+            samples_seen = self._restore(checkpoint, optimizer)
 
-        self.model, self.optimizer = self.accelerator.prepare(peft_model, optimizer)
-        self.inner = self.accelerator.unwrap_model(self.model)
+        if self.sharded:  # FSDP2 reduces the gradients itself; accelerate would add DDP on top
+            self.model, self.optimizer, self.inner = peft_model, optimizer, peft_model
+        else:
+            self.model, self.optimizer = self.accelerator.prepare(peft_model, optimizer)
+            self.inner = self.accelerator.unwrap_model(self.model)
         self.scorer = self._attached_scorer()
         self.stream = BlockStream(train_blocks, config.seed, config.batch_size, self.accelerator.process_index,
                                   self.accelerator.num_processes, samples_seen)
 
-    def _restore(self, checkpoint: LoadedCheckpoint, peft_model: torch.nn.Module,
-                 optimizer: torch.optim.Optimizer) -> int:
-        """Load a checkpoint's state into this run; returns the samples it had consumed."""
-        set_peft_model_state_dict(peft_model, checkpoint.adapter)
-        optimizer.load_state_dict(checkpoint.optimizer)
+    def _frozen_bytes(self, model: torch.nn.Module) -> tuple[int, int]:
+        """(most frozen-weight bytes any process holds, bytes of all frozen weights)."""
+        local, whole = frozen_weight_bytes(model)
+        if self.accelerator.num_processes > 1:
+            most = torch.tensor(local, device=self.accelerator.device)
+            torch.distributed.all_reduce(most, op=torch.distributed.ReduceOp.MAX)
+            local = int(most)
+        return local, whole
+
+    def _restore(self, checkpoint: LoadedCheckpoint, optimizer: torch.optim.Optimizer) -> int:
+        """Load a checkpoint's state (the adapter is already in) into this run; returns the samples it had consumed."""
+        saved = checkpoint.optimizer
+        optimizer.load_state_dict(sharded_optimizer_state(saved, self.trainable) if self.sharded else saved)
         self.lr_scheduler.load_state_dict(checkpoint.scheduler)
         self.masks.load_state_dict(checkpoint.masks)
         self.scores.load_state_dict(checkpoint.scores, self.accelerator.device)
@@ -159,7 +189,7 @@ class PruningRecipe:
             start = StepStart(self.stream.samples_seen, capture_rng())
             try:
                 loss_value = self.forward_backward(start)
-                grad_norm = self.accelerator.clip_grad_norm_(self.trainable, self.config.max_grad_norm)
+                grad_norm = self._clip_gradients()
                 fresh_scores = self.score()
             except KeyboardInterrupt:
                 if self.accelerator.is_main_process:
@@ -178,7 +208,12 @@ class PruningRecipe:
         bar.close()
         self.accelerator.wait_for_everyone()
         return TrainingOutcome(self.inner, self.masks, self.target, self._sparsity(), self.step,
-                               time.perf_counter() - started, loss_value)
+                               time.perf_counter() - started, loss_value, self.sharded, self.frozen_bytes)
+
+    def _clip_gradients(self) -> torch.Tensor:
+        if self.sharded:  # torch's clipping sums the norm over all shards
+            return full_tensor(torch.nn.utils.clip_grad_norm_(self.trainable, self.config.max_grad_norm))
+        return self.accelerator.clip_grad_norm_(self.trainable, self.config.max_grad_norm)
 
     def forward_backward(self, start: StepStart) -> float:
         """Accumulate gradients over the step's micro-batches; returns the step's loss."""
@@ -187,7 +222,7 @@ class PruningRecipe:
             batch = self.stream.next_batch().to(self.accelerator.device)
             syncing = micro == accumulation - 1
             teacher_logits = self._teacher_logits(batch) if self.loss.needs_teacher else None
-            with nullcontext() if syncing else self.accelerator.no_sync(self.model):
+            with nullcontext() if syncing or self.sharded else self.accelerator.no_sync(self.model):
                 loss = self.loss(self.model, batch, teacher_logits) / accumulation
                 if not torch.isfinite(loss):
                     self._stop_on_bad_loss(loss, start)
@@ -224,8 +259,9 @@ class PruningRecipe:
                   "seconds": time.perf_counter() - started}
         if self.accelerator.is_main_process:
             append_log(self.run_dir, record)
-            if self.step % self.config.save_every == 0 or self.step == self.config.steps:
-                self._checkpoint(self.step, StepStart(self.stream.samples_seen, capture_rng()))
+        if self.step % self.config.save_every == 0 or self.step == self.config.steps:
+            # Sharded, every process gathers its part of the state; the main one writes it.
+            self._checkpoint(self.step, StepStart(self.stream.samples_seen, capture_rng()))
         return record
 
     def _update_masks(self, fraction: float) -> None:
@@ -235,23 +271,33 @@ class PruningRecipe:
     def _sparsity(self) -> float:
         return removed_parameters(self.masks, self.shape, *self.biases) / self.total_parameters
 
-    def _checkpoint(self, at_step: int, start: StepStart) -> Path:
-        state = RunState(at_step, start.samples_seen, self.fingerprint, self.config.to_dict())
-        return save_checkpoint(self.run_dir, state, get_peft_model_state_dict(self.inner),
-                               self.optimizer.state_dict(), self.lr_scheduler.state_dict(),
-                               self.masks.state_dict(), self.scores.state_dict(), start.rng)
+    def _checkpoint(self, at_step: int, start: StepStart) -> None:
+        """Write the run's state; sharded, every process must call this (the shards are gathered)."""
+        adapter = get_peft_model_state_dict(self.inner)
+        optimizer = self.optimizer.state_dict()
+        if self.sharded:
+            adapter, optimizer = full_state(adapter), full_optimizer_state(optimizer)
+        if self.accelerator.is_main_process:
+            state = RunState(at_step, start.samples_seen, self.fingerprint, self.config.to_dict())
+            save_checkpoint(self.run_dir, state, adapter, optimizer, self.lr_scheduler.state_dict(),
+                            self.masks.state_dict(), self.scores.state_dict(), start.rng)
 
     def _interrupted(self, at_step: int, start: StepStart) -> RunInterrupted:
+        if self.sharded:  # gathering needs every process, and they may not all be here
+            return RunInterrupted(f"interrupted after step {at_step}; the last checkpoint (every "
+                                  f"--save-every steps) is in {self.run_dir}. Resume with: "
+                                  f"loraprune prune --resume {self.run_dir}")
         self.optimizer.zero_grad(set_to_none=True)
         self._checkpoint(at_step, start)
         return RunInterrupted(f"interrupted after step {at_step}; checkpoint saved in {self.run_dir}. "
                               f"Resume with: loraprune prune --resume {self.run_dir}")
 
     def _stop_on_bad_loss(self, loss: torch.Tensor, start: StepStart) -> None:
-        if self.accelerator.is_main_process:
+        saved = "the last checkpoint (every --save-every steps)" if self.sharded else f"the last good step ({self.step})"
+        if self.accelerator.is_main_process and not self.sharded:
             self._checkpoint(self.step, start)
         raise LoraPruneError(
-            f"loss became {loss.item()} at step {self.step + 1}; the last good step ({self.step}) "
+            f"loss became {loss.item()} at step {self.step + 1}; {saved} "
             f"is checkpointed in {self.run_dir}. Fix the text and resume with --resume "
             f"{self.run_dir}, or start a new run with a lower --lr (resuming keeps the settings)")
 

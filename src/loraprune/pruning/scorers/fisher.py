@@ -71,6 +71,11 @@ class FisherScorer(Scorer):
             if dist.is_available() and dist.is_initialized():  # every process saw its own sequences
                 dist.all_reduce(attention)
                 dist.all_reduce(ffn)
+                # A process's loss averages its share of the batch only, so its per-sequence
+                # gradients are world_size times those of the whole batch's mean loss: rescale, and
+                # the scores equal a single-process run's on the same global batch.
+                attention /= dist.get_world_size() ** 2
+                ffn /= dist.get_world_size() ** 2
             scores[index] = LayerScores(attention, ffn)
         return scores
 

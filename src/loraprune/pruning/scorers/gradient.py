@@ -11,7 +11,7 @@ from torch import nn
 
 from loraprune.pruning.scorers.base import register_scorer
 from loraprune.pruning.scorers.elements import ElementScorer
-from loraprune.pruning.scorers.weights import base_weight, effective_weight, power
+from loraprune.pruning.scorers.weights import base_weight, effective_weight, power, whole
 
 
 def gradient_element_scores(module: nn.Module, score_power: str = "square") -> torch.Tensor:
@@ -23,7 +23,7 @@ def gradient_element_scores(module: nn.Module, score_power: str = "square") -> t
     with torch.no_grad():
         # ∂L/∂W equals ∂L/∂(W + s·B·A): the LoRA update is added to W. Cast before multiplying:
         # in float16 a product like 3e-5 · 0.02 squares to 0 and every score would tie.
-        return power(grad.float() * effective_weight(module), score_power)
+        return power(whole(grad).float() * effective_weight(module), score_power)
 
 
 @register_scorer("grad")

@@ -12,7 +12,7 @@ from torch import nn
 from loraprune.errors import LoraPruneError
 from loraprune.pruning.scorers.base import register_scorer
 from loraprune.pruning.scorers.elements import ElementScorer
-from loraprune.pruning.scorers.weights import effective_weight, lora_factors, power
+from loraprune.pruning.scorers.weights import effective_weight, lora_factors, power, whole
 
 
 def estimated_weight_gradient(a: torch.Tensor, b: torch.Tensor, grad_a: torch.Tensor,
@@ -33,7 +33,8 @@ def lora_element_scores(module: nn.Module, score_power: str = "square") -> torch
         raise RuntimeError("the lora criterion found no LoRA gradient: score after a backward pass, "
                            "before the optimizer clears the gradients")
     with torch.no_grad():
-        g = estimated_weight_gradient(a.detach().float(), b.detach().float(), a.grad.float(), b.grad.float())
+        g = estimated_weight_gradient(whole(a.detach()).float(), whole(b.detach()).float(),
+                                      whole(a.grad).float(), whole(b.grad).float())
         return power(g * effective_weight(module), score_power)
 
 
