@@ -123,3 +123,16 @@ def test_export_command_writes_a_saved_run(tiny_run_inputs, tmp_path):
     assert main(["export", str(tmp_path / "out.partial"), "--out", str(tmp_path / "again")]) == 0
     report = json.loads((tmp_path / "again" / "loraprune.json").read_text())
     assert report["export"]["logit_check"]["passed"] and report["steps"] == 12
+
+
+def test_auto_allocation_is_global_for_per_layer_formats_and_uniform_otherwise():
+    from loraprune.config import PruneConfig
+    from loraprune.job import resolved_allocation
+
+    auto = PruneConfig()
+    assert auto.allocation == "auto"
+    assert resolved_allocation(auto, "gguf").allocation == "global"
+    assert resolved_allocation(auto, "nemotron-nas").allocation == "global"
+    assert resolved_allocation(auto, "transformers").allocation == "uniform"
+    assert resolved_allocation(auto, None).allocation == "uniform"
+    assert resolved_allocation(PruneConfig(allocation="uniform"), "gguf").allocation == "uniform"

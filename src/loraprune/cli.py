@@ -156,12 +156,13 @@ def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
                         help="share of attention units to remove (default: balanced with the FFN)")
     parser.add_argument("--allocation", default=None, choices=ALLOCATIONS,
                         help="uniform: every pruned layer keeps the same widths; global: units of all layers "
-                        "compete on estimated loss per parameter, each layer keeps its own widths (needs a "
-                        f"format that holds them) (default: {d.allocation})")
+                        "compete on estimated loss per parameter, each layer keeps its own widths; auto: global "
+                        "for --format gguf / nemotron-nas, uniform for transformers or --no-export "
+                        f"(default: {d.allocation})")
     parser.add_argument("--skip-first", dest="skip_first_layers", type=int, default=None,
-                        help="leave the first N layers unpruned (needs --no-export)")
+                        help="leave the first N layers unpruned (per-layer widths: --format gguf or nemotron-nas)")
     parser.add_argument("--skip-last", dest="skip_last_layers", type=int, default=None,
-                        help="leave the last N layers unpruned (needs --no-export)")
+                        help="leave the last N layers unpruned (per-layer widths: --format gguf or nemotron-nas)")
     parser.add_argument("--round-to", type=int, default=None, help="kept FFN width is a multiple of N")
     parser.add_argument("--steps", type=int, default=None, help=f"optimizer steps (default: {d.steps})")
     parser.add_argument("--warmup", dest="warmup_fraction", type=float, default=None,

@@ -12,7 +12,7 @@ from loraprune.errors import LoraPruneError
 
 Criterion = Literal["lora", "fisher", "grad", "magnitude", "random"]
 CRITERIA: tuple[str, ...] = ("lora", "fisher", "grad", "magnitude", "random")
-ALLOCATIONS: tuple[str, ...] = ("uniform", "global")
+ALLOCATIONS: tuple[str, ...] = ("auto", "uniform", "global")
 # Flat setting names (the CLI's) that belong to the LoRA part of the config.
 LORA_FLAGS = {"lora_rank": "rank", "lora_alpha": "alpha", "lora_dropout": "dropout"}
 
@@ -45,8 +45,9 @@ class PruneConfig:
     skip_last_layers: int = 0
     round_to: int = 1  # kept FFN width is a multiple of this
     # uniform: every pruned layer keeps the same widths (one transformers config); global: units of
-    # all layers compete on score per parameter, so each layer keeps its own widths (GGUF deci).
-    allocation: Literal["uniform", "global"] = "uniform"
+    # all layers compete on score per parameter, so each layer keeps its own widths (GGUF deci, vLLM
+    # nemotron-nas). auto: global when the export format holds per-layer widths, else uniform.
+    allocation: Literal["auto", "uniform", "global"] = "auto"
 
     # Importance (paper Eqs. 8-11).
     criterion: Criterion = "fisher"  # chosen by benchmarks/quality.py; "lora" is the paper's

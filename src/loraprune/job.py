@@ -43,6 +43,7 @@ from loraprune.training.sharding import full_state
 RUN_SUBDIR = "run"
 EXPORT_PROBE_TOKENS = 128  # validation text the exported model's logits are checked on
 EXPORT_FORMATS = ("transformers", "gguf", "nemotron-nas")
+PER_LAYER_FORMATS = ("gguf", "nemotron-nas")  # formats that hold a different width in every layer
 
 
 @dataclass
@@ -110,6 +111,14 @@ def _evaluate(model, tokenizer, config: PruneConfig, progress: bool) -> Perplexi
                                austen_dir=config.austen_dir, progress=progress)
 
 
+def resolved_allocation(config: PruneConfig, export_format: str | None) -> PruneConfig:
+    """Settle ``allocation="auto"``: global where the format holds per-layer widths (it wins on
+    quality, see benchmarks/quality.py), uniform for a transformers folder or no export."""
+    if config.allocation != "auto":
+        return config
+    return config.with_overrides({"allocation": "global" if export_format in PER_LAYER_FORMATS else "uniform"})
+
+
 def _check_exportable(config: PruneConfig, export_format: str) -> None:
     if export_format not in EXPORT_FORMATS:
         raise LoraPruneError(f"--format must be one of {', '.join(EXPORT_FORMATS)}, got {export_format!r}")
@@ -155,6 +164,9 @@ def prune(config: PruneConfig | None = None, out: str | Path | None = None, *,
     DeciLMForCausalLM (per-layer widths; pruned query heads are zero slots).
     """
     out_path = Path(out) if out is not None else None
+    written_format = export_format if export else None
+    if config is not None:  # concrete before a resumed run's settings are compared with it
+        config = resolved_allocation(config, written_format)
     resume_arg = Path(resume) if isinstance(resume, (str, Path)) else resume
     if resume_arg is True and out_path is not None:
         resume_arg = out_path
@@ -163,7 +175,7 @@ def prune(config: PruneConfig | None = None, out: str | Path | None = None, *,
     checkpoint = None
     if resuming:
         checkpoint, config = _checked_resume(run_dir, config)
-    config = config or PruneConfig()
+    config = resolved_allocation(config or PruneConfig(), written_format)
     config.validate()
     PruningSchedule.build(config.steps, config.warmup_fraction, config.cooldown_fraction, config.prune_every)
     if export:

@@ -230,7 +230,8 @@ def test_prune_and_export_write_gguf_with_per_layer_widths(smollm2_tokenizer, tm
     text.write_text((TEXT + "\n") * 100)
     out = tmp_path / "out"
     # The embeddings are most of this tiny model: 2 % of it is what its layers can give.
-    config = PruneConfig(model=str(model_dir), data=f"text:{text}", sparsity=0.02, skip_first_layers=1, steps=6,
+    config = PruneConfig(model=str(model_dir), data=f"text:{text}", sparsity=0.02, skip_first_layers=1,
+                         allocation="uniform", steps=6,
                          prune_every=2, seq_len=32, eval_seq_len=32, eval_tokens=256, save_every=6, lr=1e-3)
     prune(config, out, progress=False, export_format="gguf")
 

@@ -18,7 +18,7 @@ from loraprune.errors import LoraPruneError
 from loraprune.models import count_parameters, projection_biases, spec_for
 from loraprune.pruning.groups import AttentionUnit, LayerShape
 
-Allocation = Literal["uniform", "global"]
+Allocation = Literal["auto", "uniform", "global"]  # auto: uniform unless the job resolves it
 
 
 def structure_sizes(shape: LayerShape, attention_bias: bool, mlp_bias: bool) -> tuple[int, int, int]:
