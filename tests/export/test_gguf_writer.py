@@ -219,7 +219,7 @@ def test_prune_refuses_gguf_for_a_word_level_tokenizer_before_training(tiny_run_
     assert not out.exists() and not (tmp_path / "out.partial").exists()
 
 
-def test_prune_and_export_write_gguf_with_per_layer_widths(smollm2_tokenizer, tmp_path):
+def test_prune_with_global_allocation_and_export_write_gguf_with_per_layer_widths(smollm2_tokenizer, tmp_path):
     from loraprune.config import PruneConfig
     from loraprune.job import export_run, prune
 
@@ -231,14 +231,15 @@ def test_prune_and_export_write_gguf_with_per_layer_widths(smollm2_tokenizer, tm
     out = tmp_path / "out"
     # The embeddings are most of this tiny model: 2 % of it is what its layers can give.
     config = PruneConfig(model=str(model_dir), data=f"text:{text}", sparsity=0.02, skip_first_layers=1,
-                         allocation="uniform", steps=6,
-                         prune_every=2, seq_len=32, eval_seq_len=32, eval_tokens=256, save_every=6, lr=1e-3)
+                         allocation="global", steps=6, prune_every=2, seq_len=32, eval_seq_len=32, eval_tokens=256,
+                         save_every=6, lr=1e-3)
     prune(config, out, progress=False, export_format="gguf")
 
     assert sorted(p.name for p in out.iterdir()) == ["loraprune.json", GGUF_NAME, "run"]
     report = json.loads((out / "loraprune.json").read_text())
     assert report["export"]["architecture"] == "deci" and report["export"]["logit_check"]["passed"]
-    assert report["export"]["layers"][0]["heads"] == 6 and report["export"]["layers"][1]["heads"] < 6
+    widths = [(layer["heads"], layer["kv_heads"], layer["ffn"]) for layer in report["export"]["layers"]]
+    assert widths[0] == (6, 3, 96) and any(w != widths[0] for w in widths[1:])  # skipped layer whole, others not
     export_run(out, tmp_path / "again", export_format="gguf", gguf_type="q8_0")
     assert json.loads((tmp_path / "again" / "loraprune.json").read_text())["export"]["gguf_type"] == "q8_0"
     with pytest.raises(LoraPruneError, match="--format gguf"):
