@@ -5,10 +5,22 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+ALL_ROWS = slice(None)
+
 
 def base_weight(module: nn.Module) -> torch.Tensor:
     """The frozen weight W, shape (out, in)."""
     return getattr(module, "base_layer", module).weight
+
+
+def frozen_weight_rows(module: nn.Module, rows: slice = ALL_ROWS) -> torch.Tensor:
+    """Rows of the frozen weight W in float32, shape (rows, in)."""
+    return base_weight(module).detach()[rows].float()
+
+
+def out_features(module: nn.Module) -> int:
+    """Rows of the frozen weight W."""
+    return base_weight(module).shape[0]
 
 
 def lora_factors(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor, float] | None:
@@ -20,14 +32,14 @@ def lora_factors(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor, float] 
     return lora_a[name].weight, module.lora_B[name].weight, module.scaling[name]
 
 
-def effective_weight(module: nn.Module) -> torch.Tensor:
-    """W + s·B·A in float32: the weight the layer applies (and what the export merges to)."""
-    weight = base_weight(module).detach().float()
+def effective_weight(module: nn.Module, rows: slice = ALL_ROWS) -> torch.Tensor:
+    """Rows of W + s·B·A in float32: the weight the layer applies (and what the export merges to)."""
+    weight = frozen_weight_rows(module, rows)
     factors = lora_factors(module)
     if factors is None:
         return weight
     a, b, scaling = factors
-    return weight + scaling * (b.detach().float() @ a.detach().float())
+    return weight + scaling * (b.detach()[rows].float() @ a.detach().float())
 
 
 def power(values: torch.Tensor, kind: str) -> torch.Tensor:
