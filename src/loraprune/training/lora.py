@@ -15,7 +15,8 @@ def wrap_with_lora(model: PreTrainedModel, config: PruneConfig, spec: ArchSpec) 
     """Add LoRA adapters; when the criterion needs ∇W, let the frozen projections get gradients too."""
     lora = LoraConfig(r=config.lora.rank, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
                       target_modules=list(config.lora.target_modules), bias="none", task_type="CAUSAL_LM")
-    peft_model = get_peft_model(model, lora)
+    # LoRA weights (and so their AdamW state) stay float32 under a bfloat16 or float16 base.
+    peft_model = get_peft_model(model, lora, autocast_adapter_dtype=True)
     if scorer_class(config.criterion).needs_weight_gradients:
         enable_weight_gradients(peft_model, spec)
     return peft_model
