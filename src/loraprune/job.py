@@ -30,7 +30,7 @@ from loraprune.pruning.masks import ModelMasks
 from loraprune.pruning.schedule import PruningSchedule
 from loraprune.pruning.target import PruneTarget, solve_model_target
 from loraprune.training.checkpoint import LoadedCheckpoint, load_checkpoint, model_fingerprint
-from loraprune.training.lora import wrap_with_lora
+from loraprune.training.lora import check_base_precision, wrap_with_lora
 from loraprune.training.recipe import train_while_pruning
 from loraprune.training.run_folder import PARTIAL_SUFFIX, partial_dir
 
@@ -126,6 +126,7 @@ def prune(config: PruneConfig | None = None, out: str | Path | None = None, *,
         checkpoint, config = _checked_resume(run_dir, config)
     config = config or PruneConfig()
     config.validate()
+    check_base_precision(config)
     PruningSchedule.build(config.steps, config.warmup_fraction, config.cooldown_fraction, config.prune_every)
     if export:
         _check_exportable(config)
@@ -134,7 +135,7 @@ def prune(config: PruneConfig | None = None, out: str | Path | None = None, *,
     # Everything that can fail on bad input happens before a folder is created.
     train_text = load_text(config.data, "train", config.austen_dir)
     load_text(config.data, "validation", config.austen_dir)
-    model, tokenizer = load_model(config.model, config.dtype)
+    model, tokenizer = load_model(config.model, config.dtype, config.base_bits)
     spec_for(model.config)
     solve_model_target(model, config)
     train_blocks = token_blocks(tokenizer, train_text, config.seq_len)
@@ -183,7 +184,7 @@ def export_run(run: str | Path, out: str | Path, *, overwrite: bool = False, che
     checkpoint = load_checkpoint(run_dir)
     config = PruneConfig.from_dict(checkpoint.state.config)
     _check_exportable(config)
-    model, tokenizer = load_model(config.model, config.dtype)
+    model, tokenizer = load_model(config.model, config.dtype, config.base_bits)
     if checkpoint.state.model_fingerprint != model_fingerprint(model):
         raise LoraPruneError(f"the run in {run_dir} was made from another model than {config.model}")
     spec = spec_for(model.config)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from loraprune.models.quantised import dequantised_rows, is_quantised
+
 ALL_ROWS = slice(None)
 
 
@@ -14,7 +16,9 @@ def base_weight(module: nn.Module) -> torch.Tensor:
 
 
 def frozen_weight_rows(module: nn.Module, rows: slice = ALL_ROWS) -> torch.Tensor:
-    """Rows of the frozen weight W in float32, shape (rows, in)."""
+    """Rows of the frozen weight W in float32, shape (rows, in); a quantised W is dequantised row by row."""
+    if is_quantised(module):
+        return dequantised_rows(getattr(module, "base_layer", module), rows)
     return base_weight(module).detach()[rows].float()
 
 
