@@ -239,6 +239,9 @@ def main(argv: list[str] | None = None) -> int:
                 save_results("memory_at_scale", {**result, "rows": rows})
 
         result["rows"] = measure(args.modes, args.steps, args.seq_len, result["rows"], save)
+        result.setdefault("commands", []).append(
+            f"nice -n 5 python benchmarks/memory_at_scale.py --modes {' '.join(args.modes)} "
+            f"--steps {args.steps} --seq-len {args.seq_len}")
     result["extrapolated"] = extrapolate(result["rows"])
     result["ratios_at_32_layers"] = ratios(result["extrapolated"])
     result["step_time_ratios_at_4_layers"] = step_time_ratios(result["rows"])
@@ -249,8 +252,8 @@ def main(argv: list[str] | None = None) -> int:
     save_results("memory_at_scale", result)
     from memory_at_scale_docs import plot, section
 
-    command = f"nice -n 5 python benchmarks/memory_at_scale.py --steps {args.steps} --seq-len {args.seq_len}"
-    write_section("memory_at_scale", section(result, command, result["machine"]))
+    commands = "`, then `".join(result.get("commands", []))
+    write_section("memory_at_scale", section(result, commands, result["machine"]))
     plot(result, DOCS / "memory_at_scale.png")
     return 0
 

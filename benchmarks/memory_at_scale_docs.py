@@ -94,7 +94,7 @@ def _what_dominates(result: dict) -> list[str]:
             f"{r['weight_gradient_bytes'] / LAYER_COUNTS[-1] / 1e9:.2f} GB per layer in float32), plus "
             f"{rest / 1e9:.2f} GB of other training memory. Because a same-dtype ∇W is as large as the weights it "
             "belongs to, the LoRA-memory/grad ratio can only fall a little below 0.5 (to the ratio of the slopes) "
-            "as layers are added; the paper's 0.47× is the same arithmetic.")
+            "as layers are added; the paper's 0.47× is of that size.")
     lines.append(
         "- Before the element scorers worked a block of 256 rows at a time (commit 3440e0a), `lora` held a "
         "whole layer's float32 element scores and their temporaries: an earlier invocation of this script "
@@ -104,12 +104,23 @@ def _what_dominates(result: dict) -> list[str]:
         "- Step time: `lora` scores every weight of every pruned layer each step (element-wise products over "
         "W + s·B·A and G), which at these shapes is memory-bound work of the size of the model; `fisher` "
         "reads one float per unit from activations autograd already has. On this shared CPU (load average "
-        "about 6 on 2 cores during the runs) torch's two threads per small operator wait on each other: one "
+        "6 to 10 on 2 cores during the runs) torch's two threads per small operator wait on each other: one "
         "11008 × 4096 projection's lora scores took 20.8 s with 2 threads and 3.3 s with 1 thread in a "
         "side-by-side micro-benchmark, so the lora-vs-grad step-time ratio here says more about the "
         "machine than about the method. bitsandbytes' int8 matmul on CPU casts activations to float16 "
-        "and is far slower than float32 here; it saves memory, not time.")
+        "and is far slower than float32 here; it saves memory, not time. Single step times on this machine "
+        "vary by tens of percent from run to run (fisher and fisher+distill are within noise of each other), "
+        "and the 32-layer step times are a linear extrapolation of such numbers.")
     return lines
+
+
+def _not_measured(result: dict) -> str:
+    from memory_at_scale import MODES
+
+    measured = {r["mode"] for r in result["rows"]}
+    missing = [name for name in MODES if name not in measured]
+    return (f"Not measured yet (the same command with `--modes {' '.join(missing)}` adds them): "
+            f"{', '.join(missing)}." if missing else "")
 
 
 def section(result: dict, command: str, machine: str) -> str:
@@ -123,7 +134,7 @@ def section(result: dict, command: str, machine: str) -> str:
     lines = [
         "## Memory and step time at LLaMA-7B shapes",
         "",
-        f"Command: `{command}`. Machine: {machine}.",
+        f"Commands (each adds the runs missing from the JSON): `{command}`. Machine: {machine}.",
         "",
         ("Random-weight `LlamaForCausalLM` built from a config (no download) with LLaMA-7B's layer shapes: "
          "hidden 4096, FFN 11008, 32 query heads and 32 KV heads, vocabulary 32,000, untied embeddings; "
@@ -157,6 +168,8 @@ def section(result: dict, command: str, machine: str) -> str:
         *_breakdown_table(result),
         "",
         *_what_dominates(result),
+        "",
+        _not_measured(result),
         "",
         "![memory at LLaMA-7B shapes](memory_at_scale.png)",
         "",
