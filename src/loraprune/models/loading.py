@@ -112,6 +112,8 @@ def load_model(model: str = BUILTIN_MODEL, dtype: str = "float32",
     if base_bits is not None:
         from loraprune.models.quantised import quantise_frozen_base
 
+        if torch.cuda.is_available():  # bitsandbytes quantises on the device the weights are moved to
+            loaded.to(torch.device("cuda", torch.cuda.current_device()))
         quantise_frozen_base(loaded, base_bits)
     return loaded, tokenizer
 
