@@ -115,7 +115,7 @@ def zeroshot_command(args: argparse.Namespace) -> int:
 
 # Options of `loraprune prune` that map one-to-one onto PruneConfig fields (lora_* onto its LoRA part).
 PRUNE_SETTINGS = (
-    "model", "data", "austen_dir", "dtype", "sparsity", "attention_unit", "attention_fraction",
+    "model", "data", "austen_dir", "dtype", "base_bits", "sparsity", "attention_unit", "attention_fraction",
     "skip_first_layers", "skip_last_layers", "round_to", "criterion", "score_power", "ema", "steps",
     "warmup_fraction", "cooldown_fraction", "prune_every", "lr", "lr_schedule", "batch_size",
     "grad_accumulation", "seq_len", "seed", "lora_rank", "lora_alpha", "lora_dropout", "eval_tokens",
@@ -130,7 +130,10 @@ def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
     d = PruneConfig()
     parser.add_argument("--model", default=None, help=f"model to prune, any form eval takes (default: {d.model})")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                        help=f"weight dtype (default: {d.dtype})")
+                        help=f"weight dtype (default: {d.dtype}); LoRA, its optimizer state and scores stay float32")
+    parser.add_argument("--base-bits", type=int, default=None, choices=[8, 4],
+                        help="quantise the frozen projections to 8 or 4 bits (bitsandbytes; CPU and CUDA); "
+                             "criteria lora and fisher only (default: not quantised)")
     parser.add_argument("--data", default=None, help=f"training/validation text, as for eval (default: {d.data})")
     parser.add_argument("--austen-dir", default=None, help="folder with the Austen novels")
     parser.add_argument("--out", default=None, help="folder the pruned checkpoint is written to")

@@ -36,6 +36,7 @@ class PruneConfig:
     data: str = "pydoc"
     austen_dir: str | None = None  # where the Austen novels are, when data is "austen"
     dtype: str = "float32"
+    base_bits: int | None = None  # 8 or 4: the frozen projections quantised (bitsandbytes); None: dtype
 
     # Target: fraction of the whole model's parameters (embeddings included) to remove.
     sparsity: float = 0.5
@@ -118,6 +119,8 @@ class PruneConfig:
             raise LoraPruneError(f"--distill-temperature must be positive, got {self.distill_temperature}")
         if self.parallel not in ("replicate", "fsdp"):
             raise LoraPruneError(f"--parallel must be replicate or fsdp, got '{self.parallel}'")
+        if self.base_bits not in (None, 8, 4):
+            raise LoraPruneError(f"--base-bits must be 8 or 4, got {self.base_bits}")
         if self.lr <= 0:
             raise LoraPruneError(f"--lr must be positive, got {self.lr}")
 

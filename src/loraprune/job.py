@@ -35,7 +35,7 @@ from loraprune.pruning.masks import ModelMasks
 from loraprune.pruning.schedule import PruningSchedule
 from loraprune.pruning.target import GlobalTarget, PruneTarget, solve_model_target
 from loraprune.training.checkpoint import LoadedCheckpoint, load_checkpoint, model_fingerprint
-from loraprune.training.lora import wrap_with_lora
+from loraprune.training.lora import check_base_precision, wrap_with_lora
 from loraprune.training.recipe import TrainingOutcome, train_while_pruning
 from loraprune.training.run_folder import PARTIAL_SUFFIX, partial_dir
 from loraprune.training.sharding import full_state
@@ -177,6 +177,7 @@ def prune(config: PruneConfig | None = None, out: str | Path | None = None, *,
         checkpoint, config = _checked_resume(run_dir, config)
     config = resolved_allocation(config or PruneConfig(), written_format)
     config.validate()
+    check_base_precision(config)
     PruningSchedule.build(config.steps, config.warmup_fraction, config.cooldown_fraction, config.prune_every)
     if export:
         _check_exportable(config, export_format)
@@ -185,7 +186,7 @@ def prune(config: PruneConfig | None = None, out: str | Path | None = None, *,
     # Everything that can fail on bad input happens before a folder is created.
     train_text = load_text(config.data, "train", config.austen_dir)
     load_text(config.data, "validation", config.austen_dir)
-    model, tokenizer = load_model(config.model, config.dtype)
+    model, tokenizer = load_model(config.model, config.dtype, config.base_bits)
     spec_for(model.config)
     if export:
         _check_format_fits(model, tokenizer, config, export_format, gguf_type)
@@ -237,7 +238,7 @@ def _processes_report(config: PruneConfig, count: int, outcome: TrainingOutcome)
 
 def adapted_model(config: PruneConfig, adapter: dict[str, torch.Tensor]) -> torch.nn.Module:
     """The run's base model, loaded whole, with its trained LoRA adapter."""
-    model, _ = load_model(config.model, config.dtype)
+    model, _ = load_model(config.model, config.dtype, config.base_bits)
     peft_model = wrap_with_lora(model, config, spec_for(model.config))
     set_peft_model_state_dict(peft_model, adapter)
     return peft_model
@@ -255,7 +256,7 @@ def export_run(run: str | Path, out: str | Path, *, overwrite: bool = False, che
     checkpoint = load_checkpoint(run_dir)
     config = PruneConfig.from_dict(checkpoint.state.config)
     _check_exportable(config, export_format)
-    model, tokenizer = load_model(config.model, config.dtype)
+    model, tokenizer = load_model(config.model, config.dtype, config.base_bits)
     _check_format_fits(model, tokenizer, config, export_format, gguf_type)
     if checkpoint.state.model_fingerprint != model_fingerprint(model):
         raise LoraPruneError(f"the run in {run_dir} was made from another model than {config.model}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
@@ -14,6 +15,7 @@ from loraprune.pruning.scorers.lora import estimated_weight_gradient, lora_eleme
 from loraprune.pruning.scorers.magnitude import magnitude_element_scores
 from loraprune.pruning.scorers.weights import effective_weight
 from loraprune.pruning.scores import LayerScores, MovingAverageScores
+from loraprune.training.lora import enable_weight_gradients
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -130,3 +132,25 @@ def test_every_criterion_the_config_accepts_has_a_registered_scorer():
     from loraprune.pruning.scorers import SCORERS
 
     assert sorted(CRITERIA) == sorted(SCORERS)
+
+
+@pytest.mark.parametrize("criterion", ["lora", "grad", "magnitude"])
+def test_row_block_scores_equal_the_whole_matrix_scores(tiny_llama, monkeypatch, criterion):
+    from loraprune.pruning.scorers import elements
+
+    peft_model = _adapted(tiny_llama)
+    if criterion == "grad":
+        enable_weight_gradients(peft_model, spec_for(peft_model.config))
+    _backward(peft_model)
+    layer = peft_model.base_model.model.model.layers[1]
+    whole = {"lora": lora_element_scores, "grad": gradient_element_scores,
+             "magnitude": magnitude_element_scores}[criterion]
+    attention, mlp = layer.self_attn, layer.mlp
+    shape = LayerShape.from_config(peft_model.config)
+    expected_attention = attention_scores(whole(attention.q_proj), whole(attention.k_proj), whole(attention.v_proj),
+                                          whole(attention.o_proj), shape, "kv_group")
+    expected_ffn = ffn_scores(whole(mlp.gate_proj), whole(mlp.up_proj), whole(mlp.down_proj))
+    monkeypatch.setattr(elements, "ROWS_PER_BLOCK", 5)  # blocks that do not divide 64 or 128 rows
+    blocked = _layer_scores(peft_model, criterion)
+    assert torch.allclose(blocked.attention, expected_attention, rtol=1e-5)
+    assert torch.allclose(blocked.ffn, expected_ffn, rtol=1e-5)

@@ -15,18 +15,34 @@ from transformers import MistralConfig, MistralForCausalLM, PreTrainedModel
 
 from loraprune.errors import LoraPruneError
 from loraprune.models import ArchSpec, decoder_layers, unwrap
+from loraprune.models.quantised import dequantise_frozen_base, is_quantised, plain_linear
 from loraprune.pruning.groups import LayerShape
 from loraprune.pruning.masks import ModelMasks
+from loraprune.pruning.scorers.weights import effective_weight
 
 # Llama fields that Mistral does not have; a Llama without biases is a Mistral without a window.
 _LLAMA_ONLY_FIELDS = ("attention_bias", "mlp_bias", "pretraining_tp")
 
 
 def merge_lora(model: nn.Module) -> PreTrainedModel:
-    """Fold LoRA adapters into the base weights (in place); a plain model passes through."""
+    """Fold LoRA adapters into the base weights (in place); a plain model passes through.
+
+    A quantised base is merged into its dequantised weights: the writers need plain nn.Linear.
+    """
+    _merge_into_dequantised(model)
     if callable(getattr(model, "merge_and_unload", None)):
         return model.merge_and_unload()
     return unwrap(model)
+
+
+def _merge_into_dequantised(model: nn.Module) -> None:
+    """Replace LoRA layers around quantised projections by plain nn.Linear of W + s·B·A, then the rest."""
+    dtype = unwrap(model).get_input_embeddings().weight.dtype
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if hasattr(child, "base_layer") and is_quantised(child):
+                setattr(parent, name, plain_linear(effective_weight(child), child.base_layer.bias, dtype))
+    dequantise_frozen_base(model, dtype)
 
 
 class LayerWidths(NamedTuple):

@@ -83,9 +83,17 @@ def resolve_model_dir(model: str) -> Path:
     return _download_hub_model(model)
 
 
-def load_model(model: str = BUILTIN_MODEL, dtype: str = "float32") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a causal LM (in eval mode) and its tokenizer from any form `resolve_model_dir` takes."""
+def load_model(model: str = BUILTIN_MODEL, dtype: str = "float32",
+               base_bits: int | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a causal LM (in eval mode) and its tokenizer from any form `resolve_model_dir` takes.
+
+    With ``base_bits`` (8 or 4) the prunable projections are quantised (models/quantised.py).
+    """
     torch_dtype = parse_dtype(dtype)
+    if base_bits is not None:
+        from loraprune.models.quantised import bitsandbytes
+
+        bitsandbytes()  # a missing package is reported before the model is read
     folder = resolve_model_dir(model)
     # transformers takes seconds to import; argument errors above are reported without it.
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -108,6 +116,12 @@ def load_model(model: str = BUILTIN_MODEL, dtype: str = "float32") -> tuple[PreT
             "use a folder written by save_pretrained for a decoder-only model"
         ) from e
     loaded.eval()
+    if base_bits is not None:
+        from loraprune.models.quantised import quantise_frozen_base
+
+        if torch.cuda.is_available():  # bitsandbytes quantises on the device the weights are moved to
+            loaded.to(torch.device("cuda", torch.cuda.current_device()))
+        quantise_frozen_base(loaded, base_bits)
     return loaded, tokenizer
 
 

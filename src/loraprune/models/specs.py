@@ -6,8 +6,10 @@ FFN channel; everything else (head counts, widths) is read from the model's conf
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from loraprune.errors import LoraPruneError
@@ -74,7 +76,13 @@ def decoder_layers(model: nn.Module, spec: ArchSpec) -> nn.ModuleList:
 
 def count_parameters(model: nn.Module) -> int:
     """Parameters of the transformers model, tied embeddings counted once, adapters excluded."""
-    return sum(p.numel() for name, p in unwrap(model).named_parameters() if "lora_" not in name)
+    return sum(logical_numel(p) for name, p in unwrap(model).named_parameters() if "lora_" not in name)
+
+
+def logical_numel(parameter: torch.Tensor) -> int:
+    """Weights a parameter stands for: a 4-bit quantised weight packs two per byte."""
+    state = getattr(parameter, "quant_state", None)
+    return math.prod(state.shape) if state is not None else parameter.numel()
 
 
 def projection_biases(model: nn.Module, spec: ArchSpec) -> tuple[bool, bool]:

@@ -33,7 +33,8 @@ FINGERPRINT_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "num_atten
 def model_fingerprint(model: torch.nn.Module) -> str:
     """Identify a base model by its config and a checksum of its embedding, to catch mix-ups."""
     config = model.config.to_dict()
-    checksum = f"{model.get_input_embeddings().weight.double().sum().item():.6e}"
+    # Summed in float64 without a float64 copy: at LLaMA-7B shapes the copy alone was 1 GiB.
+    checksum = f"{model.get_input_embeddings().weight.detach().sum(dtype=torch.float64).item():.6e}"
     text = json.dumps({k: config.get(k) for k in FINGERPRINT_KEYS}, sort_keys=True) + checksum
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 

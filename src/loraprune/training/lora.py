@@ -7,18 +7,29 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from loraprune.config import PruneConfig
+from loraprune.errors import LoraPruneError
 from loraprune.models import ArchSpec
 from loraprune.pruning.scorers import scorer_class
 
 
 def wrap_with_lora(model: PreTrainedModel, config: PruneConfig, spec: ArchSpec) -> nn.Module:
     """Add LoRA adapters; when the criterion needs ∇W, let the frozen projections get gradients too."""
+    check_base_precision(config)
     lora = LoraConfig(r=config.lora.rank, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
                       target_modules=list(config.lora.target_modules), bias="none", task_type="CAUSAL_LM")
-    peft_model = get_peft_model(model, lora)
+    # LoRA weights (and so their AdamW state) stay float32 under a bfloat16 or float16 base.
+    peft_model = get_peft_model(model, lora, autocast_adapter_dtype=True)
     if scorer_class(config.criterion).needs_weight_gradients:
         enable_weight_gradients(peft_model, spec)
     return peft_model
+
+
+def check_base_precision(config: PruneConfig) -> None:
+    """A quantised base has no ∇W: refuse a criterion that needs it."""
+    if config.base_bits is not None and scorer_class(config.criterion).needs_weight_gradients:
+        raise LoraPruneError(f"--criterion {config.criterion} needs gradients of the frozen weights, which a "
+                             f"{config.base_bits}-bit base cannot have; drop --base-bits or use --criterion "
+                             "lora or fisher")
 
 
 def enable_weight_gradients(model: nn.Module, spec: ArchSpec) -> None:

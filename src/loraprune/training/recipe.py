@@ -26,6 +26,7 @@ from loraprune.config import PruneConfig
 from loraprune.data.sampling import BlockStream
 from loraprune.errors import LoraPruneError
 from loraprune.models import count_parameters, projection_biases, spec_for
+from loraprune.models.loading import parse_dtype
 from loraprune.pruning.groups import LayerShape
 from loraprune.pruning.masks import ModelMasks, removed_parameters
 from loraprune.pruning.schedule import PruningSchedule
@@ -222,7 +223,7 @@ class PruningRecipe:
             batch = self.stream.next_batch().to(self.accelerator.device)
             syncing = micro == accumulation - 1
             teacher_logits = self._teacher_logits(batch) if self.loss.needs_teacher else None
-            with nullcontext() if syncing or self.sharded else self.accelerator.no_sync(self.model):
+            with nullcontext() if syncing or self.sharded else self.accelerator.no_sync(self.model), self._autocast():
                 loss = self.loss(self.model, batch, teacher_logits) / accumulation
                 if not torch.isfinite(loss):
                     self._stop_on_bad_loss(loss, start)
@@ -230,10 +231,20 @@ class PruningRecipe:
             step_loss += loss.item()
         return step_loss
 
+    def _autocast(self):
+        """On CUDA with a half-precision base, autocast the float32 LoRA path too; elsewhere nothing.
+
+        The frozen base is already in ``config.dtype``; LoRA weights, their AdamW state and every
+        score stay float32 (PEFT casts the adapters up). float16 runs without loss scaling.
+        """
+        if self.accelerator.device.type == "cuda" and self.config.dtype != "float32":
+            return torch.autocast("cuda", dtype=parse_dtype(self.config.dtype))
+        return nullcontext()
+
     @torch.no_grad()
     def _teacher_logits(self, batch: torch.Tensor) -> torch.Tensor:
         """The unpruned base model's logits: adapters off, masks off; its weights are already here."""
-        with self.inner.disable_adapter(), self.masks.suspended():
+        with self.inner.disable_adapter(), self.masks.suspended(), self._autocast():
             return self.inner(input_ids=batch, use_cache=False).logits
 
     def score(self) -> dict[int, LayerScores] | None:

@@ -12,7 +12,7 @@ from torch import nn
 from loraprune.errors import LoraPruneError
 from loraprune.pruning.scorers.base import register_scorer
 from loraprune.pruning.scorers.elements import ElementScorer
-from loraprune.pruning.scorers.weights import effective_weight, lora_factors, power, whole
+from loraprune.pruning.scorers.weights import ALL_ROWS, effective_weight, lora_factors, power, whole
 
 
 def estimated_weight_gradient(a: torch.Tensor, b: torch.Tensor, grad_a: torch.Tensor,
@@ -22,8 +22,8 @@ def estimated_weight_gradient(a: torch.Tensor, b: torch.Tensor, grad_a: torch.Te
     return grad_b @ (a - grad_a) + b @ grad_a
 
 
-def lora_element_scores(module: nn.Module, score_power: str = "square") -> torch.Tensor:
-    """Float32 element scores (G ⊙ (W + s·B·A))² of one LoRA-adapted projection."""
+def lora_element_scores(module: nn.Module, score_power: str = "square", rows: slice = ALL_ROWS) -> torch.Tensor:
+    """Float32 element scores (G ⊙ (W + s·B·A))² of one LoRA-adapted projection's ``rows``, shape (rows, in)."""
     factors = lora_factors(module)
     if factors is None:
         raise LoraPruneError("the lora criterion needs LoRA on every prunable projection; keep "
@@ -33,9 +33,9 @@ def lora_element_scores(module: nn.Module, score_power: str = "square") -> torch
         raise RuntimeError("the lora criterion found no LoRA gradient: score after a backward pass, "
                            "before the optimizer clears the gradients")
     with torch.no_grad():
-        g = estimated_weight_gradient(whole(a.detach()).float(), whole(b.detach()).float(),
-                                      whole(a.grad).float(), whole(b.grad).float())
-        return power(g * effective_weight(module), score_power)
+        g = estimated_weight_gradient(whole(a.detach()).float(), whole(b.detach())[rows].float(),
+                                      whole(a.grad).float(), whole(b.grad)[rows].float())
+        return power(g * effective_weight(module, rows), score_power)
 
 
 @register_scorer("lora")
@@ -50,5 +50,5 @@ class LoraScorer(ElementScorer):
         # --lora-rows-only leaves them out.
         return self.config.lora_columns
 
-    def element_scores(self, projection: nn.Module) -> torch.Tensor:
-        return lora_element_scores(projection, self.config.score_power)
+    def element_scores(self, projection: nn.Module, rows: slice = ALL_ROWS) -> torch.Tensor:
+        return lora_element_scores(projection, self.config.score_power, rows)
