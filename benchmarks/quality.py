@@ -101,7 +101,7 @@ class Settings:
         ("dense+lora+distill", 0.0, 0), ("fisher+global", None, 0), ("llm-pruner+distill", 0.5, 0),
         ("lora", None, 0), ("grad", None, 0), ("magnitude", None, 0), ("random", None, 0),
         ("fisher+early", 0.5, 0), ("fisher+distill+early", None, 0),
-        ("fisher", 0.2, 1), ("fisher+distill", 0.2, 1), ("llm-pruner+distill", 0.2, 1),
+        ("fisher", 0.2, 1), ("fisher+distill", 0.2, 1), ("llm-pruner+distill", 0.2, 1), ("fisher+global", 0.2, 1),
     )
 
 
