@@ -59,3 +59,20 @@ def test_grad_criterion_with_a_quantised_base_is_refused_before_any_folder(tiny_
     with pytest.raises(LoraPruneError, match="--base-bits"):
         prune(_config(model_dir, text, base_bits=8, criterion="grad"), tmp_path / "out", progress=False)
     assert not any(tmp_path.glob("out*"))
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_dequantised_weight_is_what_the_layer_computes_in_eval_mode_too(tiny_llama, bits):
+    # bitsandbytes repacks a 4-bit weight for its bfloat16 CPU kernel on the first eval-mode forward
+    # (on AVX-512 BF16 machines); the export once merged those repacked bytes as if they were rows.
+    quantise_frozen_base(tiny_llama, bits)
+    gate = tiny_llama.model.layers[0].mlp.gate_proj
+    inputs = torch.randn(6, gate.in_features, generator=torch.Generator().manual_seed(0))
+    tiny_llama.eval()
+    with torch.inference_mode():
+        gate(inputs)
+        computed = gate(inputs).float()
+        dequantised = inputs @ dequantised_rows(gate, slice(None)).T
+    # 4-bit computes in float32 from the dequantised weight; LLM.int8 also rounds the inputs to int8.
+    limit = 1e-5 if bits == 4 else 2e-2
+    assert float((computed - dequantised).norm() / computed.norm()) < limit

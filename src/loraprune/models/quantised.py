@@ -59,6 +59,10 @@ def _quantised_linear(bnb: ModuleType, linear: nn.Linear, bits: int, device: tor
         quantised = bnb.nn.Linear4bit(linear.in_features, linear.out_features, has_bias,
                                       compute_dtype=linear.weight.dtype, compress_statistics=False,
                                       quant_type="nf4")
+        # On a CPU with AVX-512 BF16, an eval-mode forward would repack the weight for a bfloat16
+        # kernel: the layer then computes in another precision than it trained in, and its packed
+        # bytes no longer dequantise as rows (the export merged garbage). Keep one layout throughout.
+        quantised.support_avx512bf16_for_cpu = False
     quantised.load_state_dict(linear.state_dict())
     quantised = quantised.to(device)  # bitsandbytes quantises when the weight is moved
     if has_bias:
