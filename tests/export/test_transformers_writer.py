@@ -295,7 +295,16 @@ def _pruned_tiny():
 def test_a_slicing_bug_fails_the_logit_check_and_writes_nothing(tmp_path, monkeypatch):
     _slicing_with_two_ffn_channels_swapped(monkeypatch)
     model, masks, spec = _pruned_tiny()
-    with pytest.raises(LogitCheckFailed, match="beyond float rounding.*top-1 agreement"):
+    with pytest.raises(LogitCheckFailed, match="beyond rounding.*top-1 agreement"):
+        export_checkpoint(model, None, masks, spec, {}, tmp_path / "pruned")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_merge_that_loses_the_adapters_fails_the_check_against_the_trained_model(tmp_path, monkeypatch):
+    # The check once took the merge's own drift as its noise floor, so no merge error could fail it.
+    monkeypatch.setattr(export_module, "merge_lora", lambda model: model.unload())
+    model, masks, spec = _pruned_tiny()
+    with pytest.raises(LogitCheckFailed, match="trained model"):
         export_checkpoint(model, None, masks, spec, {}, tmp_path / "pruned")
     assert list(tmp_path.iterdir()) == []
 

@@ -23,12 +23,14 @@ from loraprune.errors import LoraPruneError
 from loraprune.export.gguf_vocab import add_vocab, check_vocab
 from loraprune.export.llamacpp import GreedyRun, LlamaCpp
 from loraprune.export.logit_check import (
-    NOISE_MARGIN,
     LogitCheckFailed,
+    LogitComparison,
+    check_failure,
     compare_logits,
     logits_of,
     probe_ids,
-    rounding_noise_floor,
+    rounding_noise,
+    trained_model_check,
 )
 from loraprune.export.placement import move_into_place, temporary_folder_beside
 from loraprune.export.slicing import LayerWidths, layer_widths, merge_lora, slice_model
@@ -75,11 +77,11 @@ def export_gguf(model: nn.Module, tokenizer, masks: ModelMasks, spec: ArchSpec, 
         has_adapters = callable(getattr(model, "merge_and_unload", None))
         masks.attach(model, spec)
         adapted = logits_of(model, probe) if has_adapters else None
+        rounding = rounding_noise(model, probe, reference=adapted)  # in the trained model's arithmetic
         masks.detach()
         merged = merge_lora(model)
         masks.attach(merged, spec)
         reference = logits_of(merged, probe)
-        rounding = rounding_noise_floor(merged, probe, reference=reference)
         masks.detach()
         params_before = merged.num_parameters()
         source_architecture = type(merged).__name__
@@ -98,12 +100,8 @@ def export_gguf(model: nn.Module, tokenizer, masks: ModelMasks, spec: ArchSpec, 
         full_report = {**report, "export": {**summary, "logit_check": check}}
         (tmp / REPORT_NAME).write_text(json.dumps(full_report, indent=2) + "\n")
         if check_logits and not check["passed"]:
-            llama = check["llamacpp"]
-            raise LogitCheckFailed(
-                f"llama.cpp's logits for the written GGUF differ from the masked model's beyond rounding "
-                f"(relative difference {llama['relative_difference']:.2e}, limit {check['tolerance']:.1e} = "
-                f"{NOISE_MARGIN:.0f}× the measured noise floor; top-1 agreement {llama['top1_agreement']:.3f}); "
-                "nothing was written. Try --gguf-type f32, or report this")
+            raise LogitCheckFailed(check_failure("llama.cpp's logits for the written GGUF", check,
+                                                 "Try --gguf-type f32, or report this"))
         move_into_place(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -212,10 +210,10 @@ def stored_tensor(array: np.ndarray, gguf_type: str) -> tuple[np.ndarray, GGMLQu
 
 
 def weight_rounding_floor(model: PreTrainedModel, gguf_type: str, probe: torch.Tensor,
-                          reference: torch.Tensor) -> float:
-    """Relative logit change from storing the weights in ``gguf_type`` (0 for float32)."""
+                          reference: torch.Tensor) -> LogitComparison:
+    """How far logits move when the weights are stored in ``gguf_type`` (not at all for float32)."""
     if gguf_type == "f32":
-        return 0.0
+        return LogitComparison(0.0, 0.0, 1.0)
     rounded = copy.deepcopy(model)
     with torch.no_grad():
         for parameter in rounded.parameters():
@@ -223,11 +221,12 @@ def weight_rounding_floor(model: PreTrainedModel, gguf_type: str, probe: torch.T
                 stored, raw_type = stored_tensor(parameter.detach().float().cpu().numpy(), gguf_type)
                 restored = quants.dequantize(stored, raw_type).reshape(parameter.shape)
                 parameter.copy_(torch.from_numpy(np.ascontiguousarray(restored)).to(parameter.dtype))
-    return compare_logits(logits_of(rounded, probe), reference).relative_difference
+    return compare_logits(logits_of(rounded, probe), reference)
 
 
 def llamacpp_check(path: Path, sliced: PreTrainedModel, gguf_type: str, probe: torch.Tensor, reference: torch.Tensor,
-                   adapted: torch.Tensor, rounding_floor: float, type_floor: float, threads: int | None) -> dict:
+                   adapted: torch.Tensor, rounding: LogitComparison, type_floor: LogitComparison,
+                   threads: int | None) -> dict:
     """Load the file in llama.cpp: its logits on the probe and its greedy continuation, against PyTorch."""
     ids = probe[0].tolist()
     prompt = ids[:GREEDY_PROMPT_TOKENS]
@@ -240,14 +239,10 @@ def llamacpp_check(path: Path, sliced: PreTrainedModel, gguf_type: str, probe: t
     if not torch.isfinite(llama_logits).all():
         raise LoraPruneError("llama.cpp computes non-finite logits for the written GGUF; export with --gguf-type f32")
     greedy_check = greedy_comparison(sliced, prompt, greedy)
-    llama, merge = compare_logits(llama_logits, reference), compare_logits(reference, adapted)
-    noise_floor = max(rounding_floor, merge.relative_difference, type_floor)
-    tolerance = NOISE_MARGIN * noise_floor
-    return {"runtime": "llama.cpp (xllamacpp), f32 KV cache, flash attention off",
-            "probe_tokens": len(ids), "llamacpp": llama.to_dict(), "merge": merge.to_dict(),
-            "rounding_noise_floor": rounding_floor, "weight_type_floor": type_floor, "noise_floor": noise_floor,
-            "tolerance": tolerance, "passed": llama.relative_difference <= tolerance,
-            "greedy": greedy_check}
+    check = trained_model_check(llama_logits, adapted, {"rounding_noise": rounding, "weight_type": type_floor})
+    return {"runtime": "llama.cpp (xllamacpp), f32 KV cache, flash attention off", "probe_tokens": len(ids),
+            **check, "llamacpp": compare_logits(llama_logits, reference).to_dict(),
+            "merge": compare_logits(reference, adapted).to_dict(), "greedy": greedy_check}
 
 
 def greedy_comparison(model: nn.Module, prompt: list[int], greedy: GreedyRun) -> dict:

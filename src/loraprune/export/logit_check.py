@@ -17,6 +17,11 @@ from loraprune.errors import LoraPruneError
 # Slicing only reorders sums, so it stays within a few roundings of the floor; a slicing bug
 # (a wrong head or channel kept) moves logits by orders of magnitude more (see the tests).
 NOISE_MARGIN = 10.0
+# The exported model's top-1 agreement with the trained one may fall this far below what rounding
+# alone gives; a model that is not the trained one falls much further (a wrong merge: to 0).
+TOP1_MARGIN = 0.1
+# LLM.int8 rounds each linear layer's inputs to 8 bits, so its outputs carry that precision.
+INT8_UNIT_ROUNDOFF = 1 / 254
 PROBE_TOKENS = 16
 
 
@@ -63,18 +68,26 @@ def logits_of(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
     return model(input_ids=input_ids.to(device)).logits.float().cpu()
 
 
-@torch.inference_mode()
 def rounding_noise_floor(model: nn.Module, input_ids: torch.Tensor, seed: int = 0,
                          reference: torch.Tensor | None = None) -> float:
-    """Relative logit change when every nn.Linear output is perturbed by ±1 unit roundoff of its dtype.
+    """Relative logit change when every nn.Linear output is perturbed by ±1 unit roundoff of its arithmetic."""
+    return rounding_noise(model, input_ids, seed, reference).relative_difference
+
+
+@torch.inference_mode()
+def rounding_noise(model: nn.Module, input_ids: torch.Tensor, seed: int = 0,
+                   reference: torch.Tensor | None = None) -> LogitComparison:
+    """How far logits move when every nn.Linear output is perturbed by ±1 unit roundoff of its arithmetic.
 
     This is the difference float rounding alone can make on this model and input: an honest
-    yardstick for "the same computation, summed in another order".
+    yardstick for "the same computation, summed in another order". The roundoff is the output
+    dtype's, or 8 bits for an LLM.int8 layer (it rounds its inputs to int8).
     """
     generator = torch.Generator().manual_seed(seed)
 
     def perturb(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
-        unit_roundoff = torch.finfo(output.dtype).eps / 2
+        int8 = hasattr(getattr(module, "weight", None), "SCB")
+        unit_roundoff = INT8_UNIT_ROUNDOFF if int8 else torch.finfo(output.dtype).eps / 2
         noise = torch.rand(output.shape, generator=generator).to(output.device, output.dtype) * 2 - 1
         return output + output * noise * unit_roundoff
 
@@ -85,4 +98,32 @@ def rounding_noise_floor(model: nn.Module, input_ids: torch.Tensor, seed: int = 
     finally:
         for handle in handles:
             handle.remove()
-    return compare_logits(perturbed, reference).relative_difference
+    return compare_logits(perturbed, reference)
+
+
+def trained_model_check(exported: torch.Tensor, trained: torch.Tensor, floors: dict[str, LogitComparison]) -> dict:
+    """Does the exported model compute what the trained one (masked, adapters on) computed?
+
+    Its logits must stay within NOISE_MARGIN × the largest floor and its top-1 agreement within
+    TOP1_MARGIN of the lowest floor's. A floor is what a known rounding alone does (the trained
+    model's arithmetic, a GGUF weight type), never the drift being checked.
+    """
+    if not torch.isfinite(exported).all():
+        raise LoraPruneError("the exported model produces non-finite logits; check the run's "
+                             "loss curve, or export in float32")
+    result = compare_logits(exported, trained)
+    noise_floor = max(floor.relative_difference for floor in floors.values())
+    top1_floor = min(floor.top1_agreement for floor in floors.values()) - TOP1_MARGIN
+    return {"exported": result.to_dict(),
+            **{f"{name}_floor": floor.relative_difference for name, floor in floors.items()},
+            "noise_floor": noise_floor, "tolerance": NOISE_MARGIN * noise_floor, "top1_floor": top1_floor,
+            "passed": result.relative_difference <= NOISE_MARGIN * noise_floor and result.top1_agreement >= top1_floor}
+
+
+def check_failure(what: str, check: dict, advice: str) -> str:
+    """The message of a failed check: what differed, by how much, against which limit."""
+    exported = check["exported"]
+    return (f"{what} differ from the trained model's beyond rounding (relative difference "
+            f"{exported['relative_difference']:.2e}, limit {check['tolerance']:.1e} = {NOISE_MARGIN:.0f}× the "
+            f"measured noise floor; top-1 agreement {exported['top1_agreement']:.3f}, limit {check['top1_floor']:.3f}); "
+            f"nothing was written. {advice}")

@@ -16,7 +16,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from loraprune.errors import LoraPruneError
-from loraprune.export.logit_check import NOISE_MARGIN, LogitCheckFailed, logits_of, probe_ids, rounding_noise_floor
+from loraprune.export.logit_check import LogitCheckFailed, check_failure, logits_of, probe_ids, rounding_noise
 from loraprune.export.nemotron_nas_layout import PAD, BlockLayout, plan_layout
 from loraprune.export.nemotron_nas_reader import (
     CONFIG_CODE_NAME,
@@ -59,11 +59,11 @@ def export_nemotron_nas(model: nn.Module, tokenizer, masks: ModelMasks, spec: Ar
         probe = probe if probe is not None else probe_ids(config.vocab_size)
         masks.attach(model, spec)
         adapted = logits_of(model, probe)
+        rounding = rounding_noise(model, probe, reference=adapted)
         masks.detach()
         merged = merge_lora(model)
         masks.attach(merged, spec)
         merged_logits = logits_of(merged, probe)
-        rounding = rounding_noise_floor(merged, probe)
         masks.detach()
         tensors = padded_state_dict(merged, layouts, spec)
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
@@ -80,12 +80,7 @@ def export_nemotron_nas(model: nn.Module, tokenizer, masks: ModelMasks, spec: Ar
         (tmp / REPORT_NAME).write_text(json.dumps(full_report, indent=2) + "\n")
         (tmp / "README.md").write_text(model_card(full_report))
         if check_logits and not check["passed"]:
-            slicing = check["slicing"]
-            raise LogitCheckFailed(
-                f"the written Nemotron-NAS folder's logits differ from the masked model's beyond float "
-                f"rounding (relative difference {slicing['relative_difference']:.2e}, limit "
-                f"{check['tolerance']:.1e} = {NOISE_MARGIN:.0f}× the measured noise floor); nothing was "
-                "written. Please report this")
+            raise LogitCheckFailed(check_failure("the Nemotron-NAS folder's logits", check, "Please report this"))
         move_into_place(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
