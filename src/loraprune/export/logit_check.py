@@ -20,8 +20,6 @@ NOISE_MARGIN = 10.0
 # The exported model's top-1 agreement with the trained one may fall this far below what rounding
 # alone gives; a model that is not the trained one falls much further (a wrong merge: to 0).
 TOP1_MARGIN = 0.1
-# LLM.int8 rounds each linear layer's inputs to 8 bits, so its outputs carry that precision.
-INT8_UNIT_ROUNDOFF = 1 / 254
 PROBE_TOKENS = 16
 
 
@@ -70,24 +68,22 @@ def logits_of(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
 
 def rounding_noise_floor(model: nn.Module, input_ids: torch.Tensor, seed: int = 0,
                          reference: torch.Tensor | None = None) -> float:
-    """Relative logit change when every nn.Linear output is perturbed by ±1 unit roundoff of its arithmetic."""
+    """Relative logit change when every nn.Linear output is perturbed by ±1 unit roundoff of its dtype."""
     return rounding_noise(model, input_ids, seed, reference).relative_difference
 
 
 @torch.inference_mode()
 def rounding_noise(model: nn.Module, input_ids: torch.Tensor, seed: int = 0,
                    reference: torch.Tensor | None = None) -> LogitComparison:
-    """How far logits move when every nn.Linear output is perturbed by ±1 unit roundoff of its arithmetic.
+    """How far logits move when every nn.Linear output is perturbed by ±1 unit roundoff of its dtype.
 
     This is the difference float rounding alone can make on this model and input: an honest
-    yardstick for "the same computation, summed in another order". The roundoff is the output
-    dtype's, or 8 bits for an LLM.int8 layer (it rounds its inputs to int8).
+    yardstick for "the same computation, summed in another order".
     """
     generator = torch.Generator().manual_seed(seed)
 
     def perturb(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
-        int8 = hasattr(getattr(module, "weight", None), "SCB")
-        unit_roundoff = INT8_UNIT_ROUNDOFF if int8 else torch.finfo(output.dtype).eps / 2
+        unit_roundoff = torch.finfo(output.dtype).eps / 2
         noise = torch.rand(output.shape, generator=generator).to(output.device, output.dtype) * 2 - 1
         return output + output * noise * unit_roundoff
 
