@@ -125,6 +125,17 @@ def test_export_command_writes_a_saved_run(tiny_run_inputs, tmp_path):
     assert report["export"]["logit_check"]["passed"] and report["steps"] == 12
 
 
+def test_export_refuses_an_out_that_would_overwrite_its_own_run(tiny_run_inputs, tmp_path):
+    from loraprune.cli import main
+
+    model_dir, text = tiny_run_inputs
+    prune(_config(model_dir, text, steps=2), tmp_path / "out", progress=False)
+    before = sorted(p.relative_to(tmp_path) for p in (tmp_path / "out").rglob("*"))
+    for out in (tmp_path / "out", tmp_path / "out" / "run", tmp_path / "out" / "run" / "again"):
+        assert main(["export", str(tmp_path / "out"), "--out", str(out), "--overwrite"]) == 2
+    assert sorted(p.relative_to(tmp_path) for p in (tmp_path / "out").rglob("*")) == before
+
+
 def test_auto_allocation_is_global_for_per_layer_formats_and_uniform_otherwise():
     from loraprune.config import PruneConfig
     from loraprune.job import resolved_allocation

@@ -253,6 +253,7 @@ def export_run(run: str | Path, out: str | Path, *, overwrite: bool = False, che
     """
     run = Path(run)
     run_dir = run / RUN_SUBDIR if (run / RUN_SUBDIR).is_dir() else run
+    _refuse_writing_over_the_run(run, run_dir, Path(out))
     checkpoint = load_checkpoint(run_dir)
     config = PruneConfig.from_dict(checkpoint.state.config)
     _check_exportable(config, export_format)
@@ -269,6 +270,15 @@ def export_run(run: str | Path, out: str | Path, *, overwrite: bool = False, che
     with _run_kept_on_failed_check(run_dir, Path(out)):
         return _export(peft_model, tokenizer, masks, report, Path(out), config, export_format=export_format,
                        gguf_type=gguf_type, overwrite=overwrite, check_logits=check_logits)
+
+
+def _refuse_writing_over_the_run(run: Path, run_dir: Path, out: Path) -> None:
+    """An --out that is the run, holds it or lies inside it would replace the run it is exported from."""
+    out = out.resolve()
+    for folder in {run.resolve(), run_dir.resolve()}:
+        if out == folder or out in folder.parents or folder in out.parents:
+            raise LoraPruneError(f"--out {out} would overwrite the run it exports ({run_dir}); "
+                                 "choose an --out outside it")
 
 
 def export_probe(tokenizer, config: PruneConfig) -> torch.Tensor:
