@@ -10,7 +10,8 @@ from loraprune.export.placement import move_into_place, temporary_folder_beside
 
 
 def _dead_pid() -> int:
-    child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                           check=True, capture_output=True, text=True)
     return int(child.stdout)
 
 
