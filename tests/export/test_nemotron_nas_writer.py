@@ -274,20 +274,30 @@ def test_a_wholly_removed_first_layer_is_written_as_two_no_op_blocks(tmp_path):
     assert compare_logits(logits_of(load_decilm(out), probe), expected).relative_difference < 1e-5
 
 
-def test_prune_with_global_allocation_writes_a_nemotron_nas_folder(tiny_run_inputs, tmp_path):
+def test_prune_by_default_writes_a_global_deci_lm_folder_and_uniform_a_plain_llama(tiny_run_inputs, tmp_path,
+                                                                                  capsys):
+    from loraprune.cli import main
     from loraprune.config import PruneConfig
     from loraprune.job import export_run, prune
 
     model_dir, text = tiny_run_inputs
-    out = tmp_path / "out"
-    config = PruneConfig(model=str(model_dir), data=f"text:{text}", sparsity=0.3, allocation="global", steps=8,
+    config = PruneConfig(model=str(model_dir), data=f"text:{text}", sparsity=0.3, steps=8,
                          prune_every=2, seq_len=32, eval_seq_len=32, eval_tokens=256, save_every=8)
-    prune(config, out, progress=False, export_format="nemotron-nas")
+    out = tmp_path / "out"
+    prune(config, out, progress=False)  # --format transformers, --allocation auto
 
     written = json.loads((out / "config.json").read_text())
     report = json.loads((out / "loraprune.json").read_text())
-    assert written["model_type"] == "nemotron-nas" and report["export"]["logit_check"]["passed"]
+    assert report["config"]["allocation"] == "global"
+    assert written["architectures"] == ["DeciLMForCausalLM"] and report["export"]["logit_check"]["passed"]
     assert len({(k["heads"], k["ffn"]) for k in report["kept_per_layer"]}) > 1  # layers kept their own widths
-    with pytest.raises(LoraPruneError, match="--format gguf or nemotron-nas"):
-        export_run(out, tmp_path / "hf")
-    assert not (tmp_path / "hf").exists()
+    assert "trust_remote_code=True" in (out / "README.md").read_text()
+    assert main(["export", str(out), "--out", str(tmp_path / "again")]) == 0
+    assert "DeciLM folder" in capsys.readouterr().out
+    assert json.loads((tmp_path / "again" / "config.json").read_text())["architectures"] == ["DeciLMForCausalLM"]
+
+    uniform = tmp_path / "uniform"
+    prune(config.with_overrides({"allocation": "uniform"}), uniform, progress=False)
+    assert json.loads((uniform / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+    assert not (uniform / "modeling_decilm.py").exists()
+    assert export_run(out, tmp_path / "nas", export_format="nemotron-nas").is_dir()

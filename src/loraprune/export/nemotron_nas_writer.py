@@ -232,7 +232,13 @@ def model_card(report: dict) -> str:
         f"({removed:.1%} removed; {export['zero_padding_parameters']:,} more are stored as zero padding "
         f"because this format has one query-head count, {export['config']['num_attention_heads']}, for all layers)\n"
         f"- per layer (query heads / KV heads / FFN channels): {widths}\n\n"
-        "Run it with vLLM (`DeciLMForCausalLM`):\n\n"
+        "Load it with transformers: the folder ships its modeling code (`modeling_decilm.py`), so no "
+        "loraprune is needed, only `trust_remote_code`:\n\n"
+        "```python\n"
+        "from transformers import AutoModelForCausalLM\n"
+        'model = AutoModelForCausalLM.from_pretrained("path/to/this/folder", trust_remote_code=True)\n'
+        "```\n\n"
+        "or run it with vLLM (`DeciLMForCausalLM`):\n\n"
         "```python\n"
         "from vllm import LLM\n"
         'llm = LLM("path/to/this/folder", trust_remote_code=True)\n'
