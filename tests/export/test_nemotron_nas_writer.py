@@ -296,6 +296,22 @@ def test_prune_by_default_writes_a_global_deci_lm_folder_and_uniform_a_plain_lla
     assert "DeciLM folder" in capsys.readouterr().out
     assert json.loads((tmp_path / "again" / "config.json").read_text())["architectures"] == ["DeciLMForCausalLM"]
 
+    # Every reader of an exported folder takes this kind too.
+    from loraprune.evaluation.perplexity import evaluate_model
+    from loraprune.evaluation.speed import benchmark_speed
+    from loraprune.info import checkpoint_info, format_info
+
+    info = checkpoint_info(out)
+    assert [(w["kv_heads"], w["intermediate_size"]) for w in info["layers"]] == [
+        (written["num_attention_heads"] // b["attention"]["n_heads_in_group"], b["ffn"]["intermediate_size"])
+        for b in written["block_configs"]]
+    assert "DeciLMForCausalLM" in format_info(info)
+    after = report["perplexity_after"]
+    evaluated = evaluate_model(str(out), f"text:{text}", seq_len=after["seq_len"], max_tokens=256, progress=False)
+    assert evaluated.ppl == pytest.approx(after["ppl"], rel=1e-4)
+    speed = benchmark_speed(model_dir, [out], prompt_tokens=8, new_tokens=4, repeats=1)
+    assert len(speed["models"]) == 2
+
     uniform = tmp_path / "uniform"
     prune(config.with_overrides({"allocation": "uniform"}), uniform, progress=False)
     assert json.loads((uniform / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
