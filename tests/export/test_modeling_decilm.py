@@ -127,3 +127,19 @@ def test_transformers_user_gets_the_masked_model_cached_generation_round_trip_bf
     assert result["bf16_dtype"] == "torch.bfloat16" and result["bf16_difference"] < 0.05
     assert result["lora_parameters"] == 2 * (4 * 4 + 4 * 3)  # A and B: 4 attention blocks × 4, 4 FFN blocks × 3
     assert result["lora_parameters_with_gradient"] > 0 and result["loss"] > 0
+
+
+def test_llama3_rope_scaling_is_carried_and_gives_the_masked_models_logits(tmp_path):
+    rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 8}
+    model = lora_model(LlamaConfig(**TINY, rope_parameters=rope))
+    masks = per_layer_masks(PER_LAYER_HEADS, PER_LAYER_FFN, TINY["intermediate_size"])
+    probe = torch.randint(0, TINY["vocab_size"], (1, 32), generator=torch.Generator().manual_seed(2))
+    expected = masked_logits(model, masks, probe)
+    folder = export_nemotron_nas(model, None, masks, spec_for(model.config), {}, tmp_path / "llama3")
+    assert json.loads((folder / "config.json").read_text())["rope_parameters"]["rope_type"] == "llama3"
+    decilm = load_decilm(folder)
+    assert compare_logits(logits_of(decilm, probe), expected).relative_difference < 1e-5
+    decilm.model.rotary_emb = type(decilm.model.rotary_emb)(LlamaConfig(**TINY, rope_parameters={
+        "rope_type": "default", "rope_theta": 500000.0}))  # unscaled RoPE: positions past 8 differ
+    assert compare_logits(logits_of(decilm, probe), expected).relative_difference > 1e-3
