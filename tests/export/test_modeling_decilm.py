@@ -12,7 +12,6 @@ import subprocess
 import sys
 import textwrap
 
-import pytest
 import torch
 from transformers import LlamaConfig
 
@@ -86,20 +85,8 @@ def run_as_transformers_user(folder, probe, expected, tmp_path) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-@pytest.fixture
-def per_layer_folder(tmp_path):
-    """(folder, masked LoRA model's logits, probe): different heads, KV heads and FFN per layer, two no-op blocks."""
-    model = lora_model(LlamaConfig(**TINY))
-    masks = per_layer_masks(PER_LAYER_HEADS, PER_LAYER_FFN, TINY["intermediate_size"])
-    probe = torch.randint(0, TINY["vocab_size"], (2, 24), generator=torch.Generator().manual_seed(1))
-    expected = masked_logits(model, masks, probe)
-    folder = export_nemotron_nas(model, None, masks, spec_for(model.config), {"source_model": "tiny"},
-                                 tmp_path / "decilm")
-    return folder, expected, probe
-
-
-def test_folder_ships_its_modeling_code_and_names_it_in_auto_map(per_layer_folder):
-    folder, _, _ = per_layer_folder
+def test_folder_ships_its_modeling_code_and_names_it_in_auto_map(written):
+    folder, _, _ = written
     config = json.loads((folder / "config.json").read_text())
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_decilm.DeciLMForCausalLM"
     assert "loraprune" not in (folder / "modeling_decilm.py").read_text().split('"""', 2)[2]
@@ -108,14 +95,14 @@ def test_folder_ships_its_modeling_code_and_names_it_in_auto_map(per_layer_folde
     assert [b["ffn"].get("intermediate_size") for b in blocks] == [80, 37, None, 61, 12]
 
 
-def test_export_check_model_equals_the_masked_lora_model(per_layer_folder):
-    folder, expected, probe = per_layer_folder
+def test_export_check_model_equals_the_masked_lora_model(written):
+    folder, expected, probe = written
     assert compare_logits(logits_of(load_decilm(folder), probe), expected).relative_difference < 1e-5
 
 
-def test_transformers_user_gets_the_masked_model_cached_generation_round_trip_bf16_and_peft(per_layer_folder,
+def test_transformers_user_gets_the_masked_model_cached_generation_round_trip_bf16_and_peft(written,
                                                                                           tmp_path):
-    folder, expected, probe = per_layer_folder
+    folder, expected, probe = written
     result = run_as_transformers_user(folder, probe, expected, tmp_path)
     assert not result["loraprune_imported"]
     assert result["class"] == "DeciLMForCausalLM"
