@@ -297,7 +297,6 @@ def test_prune_by_default_writes_a_global_deci_lm_folder_and_uniform_a_plain_lla
     assert json.loads((tmp_path / "again" / "config.json").read_text())["architectures"] == ["DeciLMForCausalLM"]
 
     # Every reader of an exported folder takes this kind too.
-    from loraprune.evaluation.perplexity import evaluate_model
     from loraprune.evaluation.speed import benchmark_speed
     from loraprune.info import checkpoint_info, format_info
 
@@ -307,8 +306,11 @@ def test_prune_by_default_writes_a_global_deci_lm_folder_and_uniform_a_plain_lla
         for b in written["block_configs"]]
     assert "DeciLMForCausalLM" in format_info(info)
     after = report["perplexity_after"]
-    evaluated = evaluate_model(str(out), f"text:{text}", seq_len=after["seq_len"], max_tokens=256, progress=False)
-    assert evaluated.ppl == pytest.approx(after["ppl"], rel=1e-4)
+    capsys.readouterr()
+    assert main(["eval", "--model", str(out), "--data", f"text:{text}", "--seq-len", str(after["seq_len"]),
+                 "--max-tokens", "256", "--json", "--no-progress"]) == 0
+    evaluated = json.loads(capsys.readouterr().out)  # only the JSON: no remote-code prompt
+    assert evaluated["ppl"] == pytest.approx(after["ppl"], rel=1e-4)
     speed = benchmark_speed(model_dir, [out], prompt_tokens=8, new_tokens=4, repeats=1)
     assert len(speed["models"]) == 2
 

@@ -102,7 +102,8 @@ def load_model(model: str = BUILTIN_MODEL, dtype: str = "float32",
     # Reading a local folder takes a moment; its bar would only split a one-line error message.
     transformers_logging.disable_progress_bar()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder)
+        # Never the interactive remote-code prompt: a DeciLM folder's tokenizer is a plain one.
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
     except Exception as e:  # transformers raises many types for a missing or broken tokenizer
         raise LoraPruneError(
             f"cannot load a tokenizer from {folder} ({first_line(e)}); the folder needs "
