@@ -87,7 +87,6 @@ BAD_NEW_RUNS = {
     "sparsity_one": ({"--sparsity": "1"}, ["--sparsity must be between 0 and 1"]),
     "sparsity_beyond_layer_exclusions": ({"--skip-first": "3", "--sparsity": "0.9", "--no-export": ""},
                                          ["not reachable", "lower --sparsity"]),
-    "global_allocation_into_one_config": ({"--allocation": "global"}, ["--allocation global", "--no-export"]),
     "global_allocation_with_attention_fraction": ({"--allocation": "global", "--attention-fraction": "0.2",
                                                    "--no-export": ""}, ["--attention-fraction"]),
     "steps_too_few_for_schedule": ({"--steps": "2", "--warmup": "0.4", "--cooldown": "0.4"},

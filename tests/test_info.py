@@ -48,3 +48,20 @@ def test_info_command_prints_widths_and_exits_2_on_a_bad_path(tmp_path, capsys):
     assert "LlamaForCausalLM" in capsys.readouterr().out
     assert main(["info", str(tmp_path / "missing")]) == 2
     assert "no config.json" in capsys.readouterr().err
+
+
+def test_info_reads_each_layers_widths_from_a_deci_lm_folders_block_configs(tmp_path, capsys):
+    from loraprune.cli import main
+    from loraprune.export.nemotron_nas_writer import export_nemotron_nas
+    from loraprune.models import spec_for
+    from tests.export.test_nemotron_nas_writer import PER_LAYER_FFN, PER_LAYER_HEADS, TINY, lora_model, per_layer_masks
+
+    model = lora_model(LlamaConfig(**TINY))
+    masks = per_layer_masks(PER_LAYER_HEADS, PER_LAYER_FFN, TINY["intermediate_size"])
+    folder = export_nemotron_nas(model, None, masks, spec_for(model.config), {}, tmp_path / "decilm")
+    info = checkpoint_info(folder)
+    kv = [layer["kv_heads"] for layer in info["layers"]]
+    assert [layer["intermediate_size"] for layer in info["layers"]] == [80, 37, 0, 61, 12]
+    assert kv[0] == 3 and kv[4] == 0 and all(0 < k <= 3 for k in kv[1:4])  # layer 4: no attention
+    assert main(["info", str(folder)]) == 0
+    assert "DeciLMForCausalLM" in capsys.readouterr().out

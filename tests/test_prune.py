@@ -16,7 +16,8 @@ from loraprune.evaluation.samples import SAMPLE_PROMPTS
 
 def _config(model_dir, text, **overrides) -> PruneConfig:
     settings = {"model": str(model_dir), "data": f"text:{text}", "sparsity": 0.3, "steps": 12, "prune_every": 2,
-                "seq_len": 32, "eval_seq_len": 32, "eval_tokens": 640, "save_every": 5, "lr": 1e-3}
+                "seq_len": 32, "eval_seq_len": 32, "eval_tokens": 640, "save_every": 5, "lr": 1e-3,
+                "allocation": "uniform"}  # one plain Llama config; the global default: test_nemotron_nas_writer
     return PruneConfig(**{**settings, **overrides})
 
 
@@ -59,11 +60,13 @@ def test_layer_exclusions_leave_those_layers_whole(tiny_run_inputs, tmp_path):
     assert kept[1] == kept[2] and kept[1] != kept[0]
 
 
-def test_layer_exclusions_cannot_be_exported_as_one_config(tiny_run_inputs, tmp_path):
+def test_layer_exclusions_are_exported_as_a_deci_lm_folder_with_the_skipped_layer_whole(tiny_run_inputs, tmp_path):
     model_dir, text = tiny_run_inputs
-    with pytest.raises(LoraPruneError, match="--no-export"):
-        prune(_config(model_dir, text, skip_first_layers=1), tmp_path / "out", progress=False)
-    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+    prune(_config(model_dir, text, skip_first_layers=1), tmp_path / "out", progress=False)
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["architectures"] == ["DeciLMForCausalLM"]
+    assert config["block_configs"][0]["ffn"]["intermediate_size"] == 128
+    assert config["block_configs"][1]["ffn"]["intermediate_size"] < 128
 
 
 def test_self_distillation_run_exports_and_records_its_setting(tiny_run_inputs, tmp_path):
@@ -108,7 +111,7 @@ def test_a_failed_logit_check_keeps_the_run_and_export_can_write_it_anyway(tiny_
     assert not out.exists() and (run_dir / "checkpoint" / "state.json").is_file()
 
     assert main(["export", str(run_dir), "--out", str(out)]) == 2
-    assert "beyond float rounding" in capsys.readouterr().err and not out.exists()
+    assert "beyond rounding" in capsys.readouterr().err and not out.exists()
     assert main(["export", str(run_dir), "--out", str(out), "--skip-logit-check"]) == 0
     check = json.loads((out / "loraprune.json").read_text())["export"]["logit_check"]
     assert check["passed"] is False and check["probe_tokens"] == 128
@@ -136,7 +139,7 @@ def test_export_refuses_an_out_that_would_overwrite_its_own_run(tiny_run_inputs,
     assert sorted(p.relative_to(tmp_path) for p in (tmp_path / "out").rglob("*")) == before
 
 
-def test_auto_allocation_is_global_for_per_layer_formats_and_uniform_otherwise():
+def test_auto_allocation_is_global_for_every_export_format_and_uniform_without_export():
     from loraprune.config import PruneConfig
     from loraprune.job import resolved_allocation
 
@@ -144,6 +147,6 @@ def test_auto_allocation_is_global_for_per_layer_formats_and_uniform_otherwise()
     assert auto.allocation == "auto"
     assert resolved_allocation(auto, "gguf").allocation == "global"
     assert resolved_allocation(auto, "nemotron-nas").allocation == "global"
-    assert resolved_allocation(auto, "transformers").allocation == "uniform"
+    assert resolved_allocation(auto, "transformers").allocation == "global"
     assert resolved_allocation(auto, None).allocation == "uniform"
     assert resolved_allocation(PruneConfig(allocation="uniform"), "gguf").allocation == "uniform"

@@ -4,16 +4,35 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+import torch
+from safetensors.torch import load_file
+
+from loraprune.data import load_text
+
+# Run by a transformers user: the folder's own modeling code, loraprune not importable.
+USER_SCRIPT = """
+import json, sys
+import torch
 from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
+ids = torch.tensor([json.loads(sys.argv[2])])
+with torch.inference_mode():
+    top1 = model(ids).logits[0].argmax(-1).tolist()
+print(json.dumps({"class": type(model).__name__, "parameters": model.num_parameters(), "top1": top1,
+                  "loraprune_imported": any(m.startswith("loraprune") for m in sys.modules)}))
+"""
 
 
 @pytest.mark.slow
-def test_smollm2_prunes_to_the_whole_model_target_and_exports(tmp_path, austen_dir, smollm2):
+def test_smollm2_global_run_exports_a_deci_lm_folder_with_the_runs_perplexity_and_its_gguf_tokens(
+        tmp_path, austen_dir, smollm2):
     out = tmp_path / "smollm2-0.2"
     command = [sys.executable, "-m", "loraprune", "prune", "--data", "austen", "--austen-dir", str(austen_dir),
                "--sparsity", "0.2", "--steps", "20", "--prune-every", "2", "--seq-len", "64",
@@ -26,7 +45,44 @@ def test_smollm2_prunes_to_the_whole_model_target_and_exports(tmp_path, austen_d
     log = [json.loads(line) for line in (out / "run" / "log.jsonl").read_text().splitlines()]
     assert len(log) == 20 and all(math.isfinite(entry["loss"]) for entry in log)
     report = json.loads((out / "loraprune.json").read_text())
-    assert math.isfinite(report["perplexity_after"]["ppl"])
-    pruned = AutoModelForCausalLM.from_pretrained(out)
-    assert pruned.config.num_attention_heads == 6 and pruned.config.num_key_value_heads == 2
-    assert pruned.num_parameters() == round(134_515_008 * (1 - report["achieved_sparsity"]))
+    assert report["config"]["allocation"] == "global" and math.isfinite(report["perplexity_after"]["ppl"])
+    assert "trust_remote_code=True" in done.stdout  # the summary shows how to load it
+
+    _, tokenizer = smollm2
+    ids = tokenizer(load_text("austen", "validation", austen_dir)[:8000])["input_ids"][:256]
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    user = subprocess.run([sys.executable, "-c", USER_SCRIPT, str(out), json.dumps(ids)], check=False,
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                          env={**env, "HF_MODULES_CACHE": str(tmp_path / "hf_modules")})
+    assert user.returncode == 0, user.stderr[-2000:]
+    loaded = json.loads(user.stdout.strip().splitlines()[-1])
+    assert loaded["class"] == "DeciLMForCausalLM" and not loaded["loraprune_imported"]
+    real = report["export"]["parameters_after"]
+    assert abs(real - round(134_515_008 * (1 - report["achieved_sparsity"]))) <= 1
+
+    after = report["perplexity_after"]
+    evaluated = subprocess.run([sys.executable, "-m", "loraprune", "eval", "--model", str(out), "--data", "austen",
+                                "--austen-dir", str(austen_dir), "--seq-len", str(after["seq_len"]),
+                                "--max-tokens", "1024", "--json", "--no-progress"],  # the run's --eval-tokens
+                               check=False, capture_output=True, text=True, timeout=300)
+    assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+    result = json.loads(evaluated.stdout.strip().splitlines()[-1])
+    assert result["n_tokens"] == after["n_tokens"]
+    assert f"{result['ppl']:.4g}" == f"{after['ppl']:.4g}"
+
+    pytest.importorskip("xllamacpp")
+    from loraprune.export.llamacpp import LlamaCpp
+
+    gguf = tmp_path / "gguf"
+    exported = subprocess.run([sys.executable, "-m", "loraprune", "export", str(out), "--out", str(gguf),
+                               "--format", "gguf"], check=False, capture_output=True, text=True, timeout=600)
+    assert exported.returncode == 0, exported.stderr[-2000:]
+    llamacpp = LlamaCpp(gguf / "model.gguf", context=512, embeddings=True)
+    try:
+        hidden = torch.from_numpy(np.asarray(llamacpp.hidden_states(ids)))
+    finally:
+        llamacpp.close()
+    embedding = load_file(str(out / "model.safetensors"))["model.embed_tokens.weight"]  # SmolLM2 ties lm_head
+    gguf_top1 = (hidden @ embedding.T).argmax(-1).tolist()
+    agreement = sum(a == b for a, b in zip(gguf_top1, loaded["top1"])) / len(ids)
+    assert agreement >= 0.99

@@ -9,6 +9,7 @@ import argparse
 import json
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from loraprune import __version__
 from loraprune.errors import LoraPruneError
@@ -160,12 +161,13 @@ def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--allocation", default=None, choices=ALLOCATIONS,
                         help="uniform: every pruned layer keeps the same widths; global: units of all layers "
                         "compete on estimated loss per parameter, each layer keeps its own widths; auto: global "
-                        "for --format gguf / nemotron-nas, uniform for transformers or --no-export "
+                        "for every --format (transformers: a DeciLM folder), uniform with --no-export; uniform "
+                        "gives a plain Llama folder that needs no remote code "
                         f"(default: {d.allocation})")
     parser.add_argument("--skip-first", dest="skip_first_layers", type=int, default=None,
-                        help="leave the first N layers unpruned (per-layer widths: --format gguf or nemotron-nas)")
+                        help="leave the first N layers unpruned (per-layer widths)")
     parser.add_argument("--skip-last", dest="skip_last_layers", type=int, default=None,
-                        help="leave the last N layers unpruned (per-layer widths: --format gguf or nemotron-nas)")
+                        help="leave the last N layers unpruned (per-layer widths)")
     parser.add_argument("--round-to", type=int, default=None, help="kept FFN width is a multiple of N")
     parser.add_argument("--steps", type=int, default=None, help=f"optimizer steps (default: {d.steps})")
     parser.add_argument("--warmup", dest="warmup_fraction", type=float, default=None,
@@ -202,9 +204,9 @@ def add_format_arguments(parser: argparse.ArgumentParser) -> None:
     """--format and --gguf-type, shared by `prune` and `export`."""
     parser.add_argument("--format", dest="export_format", default="transformers",
                         choices=["transformers", "gguf", "nemotron-nas"],
-                        help="transformers: a Hugging Face folder (one width for all layers); gguf: OUT/model.gguf "
-                        "for llama.cpp; nemotron-nas: a folder vLLM loads (DeciLMForCausalLM, "
-                        "trust_remote_code); the last two hold per-layer widths (default: %(default)s)")
+                        help="transformers: a Hugging Face folder, plain Llama when every layer has the same widths, "
+                        "else DeciLM (loads with trust_remote_code, in transformers and vLLM); gguf: "
+                        "OUT/model.gguf for llama.cpp; nemotron-nas: always the DeciLM folder (default: %(default)s)")
     parser.add_argument("--gguf-type", default="f32", choices=["f32", "f16", "q8_0"],
                         help="with --format gguf: weight type of the file (default: %(default)s)")
 
@@ -231,7 +233,22 @@ def prune_command(args: argparse.Namespace) -> int:
         print(f"{sample['prompt']!r}\n  dense:  {sample['before']!r}\n  pruned: {sample['after']!r}")
     if not args.no_export:
         print(f"pruned model written to {result.output_dir}")
+        print(written_kind(result.output_dir))
     return 0
+
+
+def written_kind(folder: Path) -> str:
+    """Which kind of folder was written and the lines of Python that load it (empty for a GGUF)."""
+    config_file = Path(folder) / "config.json"
+    if not config_file.is_file():
+        return ""
+    per_layer = "DeciLMForCausalLM" in json.loads(config_file.read_text()).get("architectures", [])
+    kind = ("a DeciLM folder (per-layer widths; its modeling code ships in the folder, so transformers needs "
+            "trust_remote_code; --allocation uniform writes a plain Llama folder instead)" if per_layer else
+            "a plain transformers folder (one width for all layers)")
+    remote = ", trust_remote_code=True" if per_layer else ""
+    return (f"written as {kind}; load it with:\n  from transformers import AutoModelForCausalLM\n"
+            f"  model = AutoModelForCausalLM.from_pretrained({str(folder)!r}{remote})")
 
 
 def add_export_arguments(parser: argparse.ArgumentParser) -> None:
@@ -252,6 +269,7 @@ def export_command(args: argparse.Namespace) -> int:
     written = export_run(args.run, args.out, overwrite=args.overwrite, check_logits=not args.skip_logit_check,
                          export_format=args.export_format, gguf_type=args.gguf_type)
     print(f"pruned model written to {written}")
+    print(written_kind(written))
     return 0
 
 

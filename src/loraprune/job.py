@@ -28,9 +28,11 @@ from loraprune.export.gguf_writer import check_architecture, check_gguf_type, ex
 from loraprune.export.logit_check import LogitCheckFailed
 from loraprune.export.nemotron_nas_writer import check_exportable as check_nemotron_nas
 from loraprune.export.nemotron_nas_writer import export_nemotron_nas
+from loraprune.export.slicing import uniform_widths
 from loraprune.export.transformers_writer import export_checkpoint
 from loraprune.models import spec_for, unwrap
 from loraprune.models.loading import load_model, source_gguf_file
+from loraprune.pruning.groups import LayerShape
 from loraprune.pruning.masks import ModelMasks
 from loraprune.pruning.schedule import PruningSchedule
 from loraprune.pruning.target import GlobalTarget, PruneTarget, solve_model_target
@@ -43,7 +45,8 @@ from loraprune.training.sharding import full_state
 RUN_SUBDIR = "run"
 EXPORT_PROBE_TOKENS = 128  # validation text the exported model's logits are checked on
 EXPORT_FORMATS = ("transformers", "gguf", "nemotron-nas")
-PER_LAYER_FORMATS = ("gguf", "nemotron-nas")  # formats that hold a different width in every layer
+# Every export format holds a different width in every layer: transformers as a DeciLM folder.
+PER_LAYER_FORMATS = EXPORT_FORMATS
 
 
 @dataclass
@@ -112,8 +115,8 @@ def _evaluate(model, tokenizer, config: PruneConfig, progress: bool) -> Perplexi
 
 
 def resolved_allocation(config: PruneConfig, export_format: str | None) -> PruneConfig:
-    """Settle ``allocation="auto"``: global where the format holds per-layer widths (it wins on
-    quality, see benchmarks/quality.py), uniform for a transformers folder or no export."""
+    """Settle ``allocation="auto"``: global for every export format (it wins on quality, see
+    benchmarks/quality.py; transformers gets a DeciLM folder), uniform with no export."""
     if config.allocation != "auto":
         return config
     return config.with_overrides({"allocation": "global" if export_format in PER_LAYER_FORMATS else "uniform"})
@@ -122,18 +125,20 @@ def resolved_allocation(config: PruneConfig, export_format: str | None) -> Prune
 def _check_exportable(config: PruneConfig, export_format: str) -> None:
     if export_format not in EXPORT_FORMATS:
         raise LoraPruneError(f"--format must be one of {', '.join(EXPORT_FORMATS)}, got {export_format!r}")
-    per_layer = config.skip_first_layers or config.skip_last_layers or config.allocation == "global"
-    if export_format == "transformers" and per_layer:
-        raise LoraPruneError(
-            "--skip-first/--skip-last and --allocation global leave layers of different widths, which one "
-            "transformers config cannot describe; export with --format gguf or nemotron-nas (per-layer "
-            "widths), drop them (every layer is pruned alike) or pass --no-export to keep only the masks")
 
 
 def _check_format_fits(model, tokenizer, config: PruneConfig, export_format: str, gguf_type: str) -> None:
     """Refuse, before training, a model or tokenizer the chosen format cannot hold."""
+    per_layer = config.skip_first_layers or config.skip_last_layers or config.allocation == "global"
     if export_format == "nemotron-nas":
         check_nemotron_nas(model.config)
+    if export_format == "transformers" and per_layer:
+        try:
+            check_nemotron_nas(model.config)
+        except LoraPruneError as e:
+            raise LoraPruneError(f"per-layer widths (--allocation global, --skip-first/--skip-last) are written "
+                                 f"as a DeciLM folder, which cannot hold this model ({e}); pass --allocation "
+                                 "uniform for a plain folder of one width") from e
     if export_format == "gguf":
         check_gguf_type(gguf_type)
         check_architecture(model, spec_for(model.config))
@@ -144,7 +149,8 @@ def _export(model, tokenizer, masks: ModelMasks, report: dict, out: Path, config
             export_format: str, gguf_type: str, overwrite: bool, check_logits: bool = True) -> Path:
     """Write the model in the chosen format, validated before it is put in place."""
     spec, probe = spec_for(unwrap(model).config), export_probe(tokenizer, config)
-    if export_format == "nemotron-nas":
+    if export_format == "nemotron-nas" or (export_format == "transformers"
+                                         and not has_uniform_widths(masks, LayerShape.from_config(unwrap(model).config))):
         return export_nemotron_nas(model, tokenizer, masks, spec, report, out, overwrite=overwrite, probe=probe,
                                    check_logits=check_logits)
     if export_format == "gguf":
@@ -152,6 +158,15 @@ def _export(model, tokenizer, masks: ModelMasks, report: dict, out: Path, config
                            probe=probe, check_logits=check_logits, source_gguf=source_gguf_file(config.model))
     return export_checkpoint(model, tokenizer, masks, spec, report, out, overwrite=overwrite, probe=probe,
                              check_logits=check_logits)
+
+
+def has_uniform_widths(masks: ModelMasks, shape: LayerShape) -> bool:
+    """Whether one plain Llama config holds every layer: the same widths everywhere, none zero."""
+    try:
+        uniform_widths(masks, shape)
+    except LoraPruneError:  # its checks are the definition; per-layer widths go to a DeciLM folder
+        return False
+    return True
 
 
 def prune(config: PruneConfig | None = None, out: str | Path | None = None, *,

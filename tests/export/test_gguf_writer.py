@@ -242,9 +242,18 @@ def test_prune_with_global_allocation_and_export_write_gguf_with_per_layer_width
     assert widths[0] == (6, 3, 96) and any(w != widths[0] for w in widths[1:])  # skipped layer whole, others not
     export_run(out, tmp_path / "again", export_format="gguf", gguf_type="q8_0")
     assert json.loads((tmp_path / "again" / "loraprune.json").read_text())["export"]["gguf_type"] == "q8_0"
-    with pytest.raises(LoraPruneError, match="--format gguf"):
-        export_run(out, tmp_path / "hf")
-    assert not (tmp_path / "hf").exists()
+    from loraprune.info import checkpoint_info, format_info
+    from loraprune.models.loading import load_model
+
+    info = checkpoint_info(out)  # the folder holding model.gguf, read from the GGUF header
+    assert info["architecture"] == "deci" and info["parameters"] == report["export"]["parameters_after"]
+    assert [(w["heads"], w["kv_heads"], w["intermediate_size"]) for w in info["layers"]] == widths
+    assert "deci" in format_info(info)
+    with pytest.raises(LoraPruneError, match="llama.cpp") as refused:  # transformers cannot read 'deci'
+        load_model(str(out / GGUF_NAME))
+    assert len(str(refused.value)) < 300 and "\n" not in str(refused.value)
+    export_run(out, tmp_path / "hf")  # per-layer widths in transformers: a DeciLM folder
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["architectures"] == ["DeciLMForCausalLM"]
 
 
 def test_cli_passes_format_and_gguf_type_to_prune_and_export():

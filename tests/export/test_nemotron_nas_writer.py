@@ -18,7 +18,7 @@ from loraprune.errors import LoraPruneError
 from loraprune.export import nemotron_nas_writer
 from loraprune.export.logit_check import compare_logits, logits_of, probe_ids
 from loraprune.export.nemotron_nas_layout import PAD, plan_layout
-from loraprune.export.nemotron_nas_reader import WEIGHTS_NAME, NemotronNasReference
+from loraprune.export.nemotron_nas_reader import WEIGHTS_NAME, load_decilm
 from loraprune.export.nemotron_nas_writer import LogitCheckFailed, export_nemotron_nas
 from loraprune.export.transformers_writer import export_checkpoint
 from loraprune.models import spec_for
@@ -82,7 +82,7 @@ def written(tmp_path):
 
 def test_written_folder_reproduces_the_masked_lora_model_with_per_layer_widths(written):
     folder, expected, probe = written
-    comparison = compare_logits(logits_of(NemotronNasReference.load(folder), probe), expected)
+    comparison = compare_logits(logits_of(load_decilm(folder), probe), expected)
     assert comparison.relative_difference < 1e-5 and comparison.top1_agreement == 1.0
     config = json.loads((folder / "config.json").read_text())
     assert config["model_type"] == "nemotron-nas" and config["architectures"] == ["DeciLMForCausalLM"]
@@ -122,7 +122,7 @@ def test_padded_slots_are_zero_and_only_zero_o_columns_are_needed(written):
     random_q[q_name] = tensors[q_name].clone()
     random_q[q_name][rows] = torch.randn(len(rows), tensors[q_name].shape[1], generator=generator)
     save_file(random_q, str(folder / WEIGHTS_NAME))
-    unchanged = compare_logits(logits_of(NemotronNasReference.load(folder), probe), expected)
+    unchanged = compare_logits(logits_of(load_decilm(folder), probe), expected)
     assert unchanged.relative_difference < 1e-5
 
     random_o = dict(tensors)
@@ -130,7 +130,7 @@ def test_padded_slots_are_zero_and_only_zero_o_columns_are_needed(written):
     random_o[o_name][:, rows] = torch.randn(tensors[o_name].shape[0], len(rows), generator=generator)
     save_file(random_o, str(folder / WEIGHTS_NAME))
     # A zero query attends uniformly, so its output is the mean of V: non-zero through a non-zero o.
-    changed = compare_logits(logits_of(NemotronNasReference.load(folder), probe), expected)
+    changed = compare_logits(logits_of(load_decilm(folder), probe), expected)
     assert changed.relative_difference > 1e-2
 
 
@@ -234,7 +234,7 @@ def test_reader_refuses_tensors_that_do_not_match_the_block_configs(written):
     config["block_configs"][1]["ffn"]["intermediate_size"] = 38
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(LoraPruneError, match="do not match its block_configs"):
-        NemotronNasReference.load(folder)
+        load_decilm(folder)
 
 
 def test_uniform_masks_give_the_transformers_export_without_padding(tmp_path):
@@ -251,7 +251,7 @@ def test_uniform_masks_give_the_transformers_export_without_padding(tmp_path):
     assert nas_export["zero_padding_parameters"] == 0
     assert nas_export["parameters_after"] == hf_export["parameters_after"]
     hf_model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()
-    comparison = compare_logits(logits_of(NemotronNasReference.load(nas), probe), logits_of(hf_model, probe))
+    comparison = compare_logits(logits_of(load_decilm(nas), probe), logits_of(hf_model, probe))
     assert comparison.relative_difference < 1e-5
 
 
@@ -271,23 +271,51 @@ def test_a_wholly_removed_first_layer_is_written_as_two_no_op_blocks(tmp_path):
     out = export_nemotron_nas(model, None, masks, spec_for(model.config), {}, tmp_path / "nas")
     first = json.loads((out / "config.json").read_text())["block_configs"][0]
     assert first["attention"]["no_op"] and first["ffn"]["no_op"]
-    assert compare_logits(logits_of(NemotronNasReference.load(out), probe), expected).relative_difference < 1e-5
+    assert compare_logits(logits_of(load_decilm(out), probe), expected).relative_difference < 1e-5
 
 
-def test_prune_with_global_allocation_writes_a_nemotron_nas_folder(tiny_run_inputs, tmp_path):
+def test_prune_by_default_writes_a_global_deci_lm_folder_and_uniform_a_plain_llama(tiny_run_inputs, tmp_path,
+                                                                                  capsys):
+    from loraprune.cli import main
     from loraprune.config import PruneConfig
     from loraprune.job import export_run, prune
 
     model_dir, text = tiny_run_inputs
-    out = tmp_path / "out"
-    config = PruneConfig(model=str(model_dir), data=f"text:{text}", sparsity=0.3, allocation="global", steps=8,
+    config = PruneConfig(model=str(model_dir), data=f"text:{text}", sparsity=0.3, steps=8,
                          prune_every=2, seq_len=32, eval_seq_len=32, eval_tokens=256, save_every=8)
-    prune(config, out, progress=False, export_format="nemotron-nas")
+    out = tmp_path / "out"
+    prune(config, out, progress=False)  # --format transformers, --allocation auto
 
     written = json.loads((out / "config.json").read_text())
     report = json.loads((out / "loraprune.json").read_text())
-    assert written["model_type"] == "nemotron-nas" and report["export"]["logit_check"]["passed"]
+    assert report["config"]["allocation"] == "global"
+    assert written["architectures"] == ["DeciLMForCausalLM"] and report["export"]["logit_check"]["passed"]
     assert len({(k["heads"], k["ffn"]) for k in report["kept_per_layer"]}) > 1  # layers kept their own widths
-    with pytest.raises(LoraPruneError, match="--format gguf or nemotron-nas"):
-        export_run(out, tmp_path / "hf")
-    assert not (tmp_path / "hf").exists()
+    assert "trust_remote_code=True" in (out / "README.md").read_text()
+    assert main(["export", str(out), "--out", str(tmp_path / "again")]) == 0
+    assert "DeciLM folder" in capsys.readouterr().out
+    assert json.loads((tmp_path / "again" / "config.json").read_text())["architectures"] == ["DeciLMForCausalLM"]
+
+    # Every reader of an exported folder takes this kind too.
+    from loraprune.evaluation.speed import benchmark_speed
+    from loraprune.info import checkpoint_info, format_info
+
+    info = checkpoint_info(out)
+    assert [(w["kv_heads"], w["intermediate_size"]) for w in info["layers"]] == [
+        (written["num_attention_heads"] // b["attention"]["n_heads_in_group"], b["ffn"]["intermediate_size"])
+        for b in written["block_configs"]]
+    assert "DeciLMForCausalLM" in format_info(info)
+    after = report["perplexity_after"]
+    capsys.readouterr()
+    assert main(["eval", "--model", str(out), "--data", f"text:{text}", "--seq-len", str(after["seq_len"]),
+                 "--max-tokens", "256", "--json", "--no-progress"]) == 0
+    evaluated = json.loads(capsys.readouterr().out)  # only the JSON: no remote-code prompt
+    assert evaluated["ppl"] == pytest.approx(after["ppl"], rel=1e-4)
+    speed = benchmark_speed(model_dir, [out], prompt_tokens=8, new_tokens=4, repeats=1)
+    assert len(speed["models"]) == 2
+
+    uniform = tmp_path / "uniform"
+    prune(config.with_overrides({"allocation": "uniform"}), uniform, progress=False)
+    assert json.loads((uniform / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+    assert not (uniform / "modeling_decilm.py").exists()
+    assert export_run(out, tmp_path / "nas", export_format="nemotron-nas").is_dir()

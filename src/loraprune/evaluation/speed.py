@@ -17,6 +17,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, LogitsProcessor, LogitsProcessorList
 
 from loraprune.errors import LoraPruneError
+from loraprune.models.loading import load_causal_lm
 from loraprune.pruning.groups import LayerShape
 
 
@@ -157,8 +158,14 @@ def linear_flops_per_token(model: nn.Module, include_lm_head: bool = True) -> in
 
 def attention_flops(config, query_tokens: int, context: int) -> int:
     """Score (QK^T) and weighted-value (AV) FLOPs of all layers for queries over a context."""
-    shape = LayerShape.from_config(config)
-    return 2 * 2 * shape.num_heads * shape.head_dim * query_tokens * context * config.num_hidden_layers
+    blocks = getattr(config, "block_configs", None)
+    if blocks:  # DeciLM: only attention blocks attend, each over all query-head slots
+        heads, head_dim = config.num_attention_heads, config.head_dim
+        layers = sum(not b.attention.no_op for b in blocks)
+    else:
+        shape = LayerShape.from_config(config)
+        heads, head_dim, layers = shape.num_heads, shape.head_dim, config.num_hidden_layers
+    return 2 * 2 * heads * head_dim * query_tokens * context * layers
 
 
 def prefill_flops(model: nn.Module, prompt_tokens: int) -> int:
@@ -259,7 +266,7 @@ def _check_folder(path: Path) -> None:
 
 def _load(path: Path) -> nn.Module:
     """A checkpoint folder loaded in float32 for timing."""
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    return load_causal_lm(path, torch.float32)
 
 
 def _floor_model(config) -> nn.Module:
@@ -284,6 +291,12 @@ def _load_average() -> list[float] | None:
 
 
 def _widths(config) -> dict:
+    blocks = getattr(config, "block_configs", None)
+    if blocks:  # a DeciLM folder: every layer its own KV heads and FFN width (0 = no-op block)
+        return {"heads": config.num_attention_heads, "head_dim": config.head_dim, "layers": config.num_hidden_layers,
+                "kv_heads": [0 if b.attention.no_op else config.num_attention_heads // b.attention.n_heads_in_group
+                             for b in blocks],
+                "intermediate_size": [0 if b.ffn.no_op else b.ffn.intermediate_size for b in blocks]}
     shape = LayerShape.from_config(config)
     return {"heads": shape.num_heads, "kv_heads": shape.num_kv_heads, "head_dim": shape.head_dim,
             "intermediate_size": shape.intermediate_size, "layers": config.num_hidden_layers}

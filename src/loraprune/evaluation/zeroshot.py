@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from loraprune.errors import LoraPruneError
-from loraprune.models.loading import resolve_model_dir
+from loraprune.models.loading import is_decilm_folder, resolve_model_dir
 
 INSTALL_HINT = "pip install 'loraprune[eval]'"
 
@@ -29,9 +29,11 @@ def run_tasks(model_dir: Path | str, tasks: list[str], limit: int | None = None,
     if unknown:
         raise LoraPruneError(f"unknown lm-eval task(s) {', '.join(unknown)}; "
                              "`lm-eval ls tasks` lists the available ones")
+    # Our per-layer folders run on the modeling code they ship (see export/modeling_decilm.py).
+    remote_code = ",trust_remote_code=True" if is_decilm_folder(model_dir) else ""
     try:
         results = lm_eval.simple_evaluate(
-            model="hf", model_args=f"pretrained={model_dir},dtype={dtype}", tasks=list(tasks),
+            model="hf", model_args=f"pretrained={model_dir},dtype={dtype}{remote_code}", tasks=list(tasks),
             limit=limit, batch_size=batch_size, device="cpu", task_manager=task_manager,
             log_samples=False, bootstrap_iters=0)
     except (ConnectionError, OSError) as e:

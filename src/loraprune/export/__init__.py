@@ -5,6 +5,6 @@ that model and writes one format, validating it before the folder is put in plac
 transformers_writer.py writes a standard Hugging Face checkpoint (one width for all layers),
 gguf_writer.py a GGUF file for llama.cpp (per-layer widths allowed; checked in llama.cpp via llamacpp.py),
 nemotron_nas_writer.py per-layer widths for vLLM from the merged model and the masks (layout:
-nemotron_nas_layout.py, validation: nemotron_nas_reader.py, config class shipped into the folder:
-configuration_decilm.py).
+nemotron_nas_layout.py, loading: nemotron_nas_reader.py, config and modeling code shipped into the folder:
+configuration_decilm.py, modeling_decilm.py).
 """

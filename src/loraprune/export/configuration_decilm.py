@@ -53,7 +53,7 @@ class DeciLMConfig(PretrainedConfig):
                  vocab_size: int = 32000, hidden_act: str = "silu", rms_norm_eps: float = 1e-5,
                  max_position_embeddings: int = 2048, rope_theta: float = 10000.0,
                  rope_parameters: dict | None = None, tie_word_embeddings: bool = False,
-                 attention_bias: bool = False, mlp_bias: bool = False, **kwargs):
+                 attention_bias: bool = False, mlp_bias: bool = False, use_cache: bool = True, **kwargs):
         self.block_configs = [block if isinstance(block, BlockConfig) else BlockConfig.from_dict(block)
                               for block in block_configs or []]
         self.hidden_size = hidden_size
@@ -68,6 +68,7 @@ class DeciLMConfig(PretrainedConfig):
         self.rope_parameters = rope_parameters or {"rope_type": "default", "rope_theta": rope_theta}
         self.attention_bias = attention_bias
         self.mlp_bias = mlp_bias
+        self.use_cache = use_cache
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
 
     def to_dict(self) -> dict:

@@ -18,12 +18,7 @@ from transformers import PreTrainedModel
 from loraprune.errors import LoraPruneError
 from loraprune.export.logit_check import LogitCheckFailed, check_failure, logits_of, probe_ids, rounding_noise
 from loraprune.export.nemotron_nas_layout import PAD, BlockLayout, plan_layout
-from loraprune.export.nemotron_nas_reader import (
-    CONFIG_CODE_NAME,
-    WEIGHTS_NAME,
-    NemotronNasReference,
-    config_code,
-)
+from loraprune.export.nemotron_nas_reader import WEIGHTS_NAME, auto_map, load_decilm, shipped_code
 from loraprune.export.placement import move_into_place, temporary_folder_beside
 from loraprune.export.slicing import merge_lora
 from loraprune.export.transformers_writer import REPORT_NAME, logit_check
@@ -68,13 +63,14 @@ def export_nemotron_nas(model: nn.Module, tokenizer, masks: ModelMasks, spec: Ar
         tensors = padded_state_dict(merged, layouts, spec)
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(nemotron_nas_config(merged.config, layouts, shape, merged.dtype), indent=2) + "\n")
-        (tmp / CONFIG_CODE_NAME).write_text(config_code())
+        for name, code in shipped_code().items():
+            (tmp / name).write_text(code)
         if getattr(merged, "generation_config", None) is not None:
             merged.generation_config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         summary = _export_summary(merged, masks, layouts, shape, tensors)
-        exported = logits_of(NemotronNasReference.load(tmp), probe)
+        exported = logits_of(load_decilm(tmp, merged.dtype), probe)
         check = logit_check(exported, merged_logits, adapted, rounding, probe)
         full_report = {**report, "export": {**summary, "logit_check": check}}
         (tmp / REPORT_NAME).write_text(json.dumps(full_report, indent=2) + "\n")
@@ -162,7 +158,7 @@ def nemotron_nas_config(config, layouts: list[BlockLayout], shape: LayerShape, d
     return {
         "architectures": ["DeciLMForCausalLM"],
         "model_type": FORMAT_NAME,
-        "auto_map": {"AutoConfig": f"{CONFIG_CODE_NAME.removesuffix('.py')}.DeciLMConfig"},
+        "auto_map": auto_map(),
         "hidden_size": config.hidden_size,
         "num_hidden_layers": config.num_hidden_layers,
         "num_attention_heads": global_heads,
@@ -231,7 +227,13 @@ def model_card(report: dict) -> str:
         f"({removed:.1%} removed; {export['zero_padding_parameters']:,} more are stored as zero padding "
         f"because this format has one query-head count, {export['config']['num_attention_heads']}, for all layers)\n"
         f"- per layer (query heads / KV heads / FFN channels): {widths}\n\n"
-        "Run it with vLLM (`DeciLMForCausalLM`):\n\n"
+        "Load it with transformers: the folder ships its modeling code (`modeling_decilm.py`), so no "
+        "loraprune is needed, only `trust_remote_code`:\n\n"
+        "```python\n"
+        "from transformers import AutoModelForCausalLM\n"
+        'model = AutoModelForCausalLM.from_pretrained("path/to/this/folder", trust_remote_code=True)\n'
+        "```\n\n"
+        "or run it with vLLM (`DeciLMForCausalLM`):\n\n"
         "```python\n"
         "from vllm import LLM\n"
         'llm = LLM("path/to/this/folder", trust_remote_code=True)\n'

@@ -96,20 +96,23 @@ def load_model(model: str = BUILTIN_MODEL, dtype: str = "float32",
         bitsandbytes()  # a missing package is reported before the model is read
     folder = resolve_model_dir(model)
     # transformers takes seconds to import; argument errors above are reported without it.
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
     from transformers.utils import logging as transformers_logging
 
     # Reading a local folder takes a moment; its bar would only split a one-line error message.
     transformers_logging.disable_progress_bar()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder)
+        # Never the interactive remote-code prompt: a DeciLM folder's tokenizer is a plain one.
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
     except Exception as e:  # transformers raises many types for a missing or broken tokenizer
         raise LoraPruneError(
             f"cannot load a tokenizer from {folder} ({first_line(e)}); the folder needs "
             "tokenizer.json or tokenizer_config.json + vocabulary files (tokenizer.save_pretrained)"
         ) from e
     try:
-        loaded = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype)
+        loaded = load_causal_lm(folder, torch_dtype)
+    except LoraPruneError:
+        raise
     except Exception as e:
         raise LoraPruneError(
             f"cannot load a causal language model from {folder} ({first_line(e)}); "
@@ -123,6 +126,35 @@ def load_model(model: str = BUILTIN_MODEL, dtype: str = "float32",
             loaded.to(torch.device("cuda", torch.cuda.current_device()))
         quantise_frozen_base(loaded, base_bits)
     return loaded, tokenizer
+
+
+def is_decilm_folder(folder: Path) -> bool:
+    """Whether `folder` is a per-layer DeciLM folder written by loraprune (it ships modeling_decilm.py)."""
+    import json
+
+    config_file, modeling_file = Path(folder) / "config.json", Path(folder) / "modeling_decilm.py"
+    return (config_file.is_file() and modeling_file.is_file()
+            and "DeciLMForCausalLM" in json.loads(config_file.read_text()).get("architectures", []))
+
+
+def load_causal_lm(folder: Path, dtype: torch.dtype | None = None) -> PreTrainedModel:
+    """A model folder in eval mode; our DeciLM folders run on loraprune's copy of their modeling code
+    (byte-identical to the shipped one), so no remote code is executed."""
+    if is_decilm_folder(folder):
+        from loraprune.export.nemotron_nas_reader import load_decilm
+
+        return load_decilm(folder, dtype)
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
+
+
+def gguf_architecture(gguf_path: Path) -> str | None:
+    """general.architecture of a GGUF file, read from its header."""
+    from gguf import GGUFReader
+
+    field = GGUFReader(gguf_path).get_field("general.architecture")
+    return field.contents() if field is not None else None
 
 
 def _converted_gguf_dir(gguf_path: Path, name: str) -> Path:
@@ -153,6 +185,10 @@ def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder, file_name = gguf_path.parent, gguf_path.name
+    if gguf_architecture(gguf_path) == "deci":
+        raise LoraPruneError(f"{gguf_path} has per-layer widths (GGUF architecture 'deci'), which transformers "
+                             "cannot read; run it in llama.cpp, or evaluate the transformers export of its run "
+                             "(`loraprune export RUN --out DIR`, a DeciLM folder)")
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file_name)
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file_name, dtype=torch.float32)
