@@ -16,6 +16,7 @@ AUSTEN_TRAIN = ("emma", "mansfieldpark", "prideandprejudice", "senseandsensibili
 AUSTEN_VALIDATION = ("northangerabbey",)
 HUB_CORPORA = ("wikitext2", "ptb", "c4", "alpaca")
 DATA_NAMES = ("austen", "pydoc", "text:PATH", *HUB_CORPORA)
+SELF_FORMS = ("self", "NAME+self")  # text the model generates while pruning (data/generated.py)
 PYDOC_TRAIN_FRACTION = 0.9
 
 
@@ -31,6 +32,9 @@ def load_text(name: str, split: str, austen_dir: str | Path | None = None) -> st
         return _user_text(name[len("text:") :], split)
     if name in HUB_CORPORA:
         return _hub_text(name, split)
+    if name == "self" or name.startswith("self+") or name.endswith("+self"):
+        raise LoraPruneError(f"--data {name} is text the model generates while pruning (loraprune prune); "
+                             f"to read a text use one of: {', '.join(DATA_NAMES)}")
     raise LoraPruneError(f"unknown data {name!r}; use one of: {', '.join(DATA_NAMES)}")
 
 

@@ -86,10 +86,10 @@ class StepStart:
     rng: RngSnapshot
 
 
-def train_while_pruning(model: PreTrainedModel, train_blocks: torch.Tensor, config: PruneConfig,
-                        run_dir: Path, checkpoint: LoadedCheckpoint | None = None,
+def train_while_pruning(model: PreTrainedModel, train_blocks: torch.Tensor | list[torch.Tensor],
+                        config: PruneConfig, run_dir: Path, checkpoint: LoadedCheckpoint | None = None,
                         progress: bool = True, fixed_masks: ModelMasks | None = None) -> TrainingOutcome:
-    """Fine-tune LoRA on ``train_blocks`` while masks shrink to the target; checkpoint as we go.
+    """Fine-tune LoRA on ``train_blocks`` (several sources alternate) while masks shrink to the target; checkpoint as we go.
 
     With ``fixed_masks`` nothing is scored or pruned: LoRA only recovers the model under those
     masks (one-shot pruning followed by recovery, or plain fine-tuning with full masks).
@@ -100,8 +100,8 @@ def train_while_pruning(model: PreTrainedModel, train_blocks: torch.Tensor, conf
 class PruningRecipe:
     """One pruning run's state and its phases; ``run`` is the loop."""
 
-    def __init__(self, model: PreTrainedModel, train_blocks: torch.Tensor, config: PruneConfig, run_dir: Path,
-                 checkpoint: LoadedCheckpoint | None = None, progress: bool = True,
+    def __init__(self, model: PreTrainedModel, train_blocks: torch.Tensor | list[torch.Tensor],
+                 config: PruneConfig, run_dir: Path, checkpoint: LoadedCheckpoint | None = None, progress: bool = True,
                  fixed_masks: ModelMasks | None = None):
         self.config, self.run_dir, self.progress = config, run_dir, progress
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
