@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from loraprune.config import PruneConfig
-from loraprune.data import load_text
+from loraprune.data import load_text, tokenize_cached
 from loraprune.data.generated import (
     PROMPT_TOKENS,
     SELF_FILE,
@@ -170,3 +170,21 @@ def test_resuming_a_self_run_without_its_samples_is_refused(tmp_path, monkeypatc
     (tmp_path / "out.partial" / SELF_FILE).unlink()
     with pytest.raises(LoraPruneError, match="no self-generated text to resume with; start it again"):
         prune(config, tmp_path / "out", resume=True, progress=False)
+
+
+@pytest.mark.slow
+def test_smollm2_samples_chat_turns_from_austen_prompts_as_likely_as_its_entropy(smollm2, austen_dir):
+    model, tokenizer = smollm2
+    user_ids = tokenize_cached(tokenizer, load_text("austen", "train", austen_dir))
+    first = generate_text(model, tokenizer, 3, 1, seq_len=64, seed=0, user_ids=user_ids, progress=False)
+    assert first.train.shape == (3, 64) and first.validation.shape == (1, 64)
+    prefix = prompt_prefix(tokenizer)
+    assert (first.train[:, : len(prefix)] == torch.tensor(prefix)).all()
+    with torch.no_grad():
+        logits = model(input_ids=first.train).logits
+    start = len(prefix) + PROMPT_TOKENS
+    generated_nll = torch.nn.functional.cross_entropy(logits[:, start - 1 : -1].flatten(0, 1),
+                                                      first.train[:, start:].flatten())
+    # The model's own temperature-1 samples are, on average, as likely as its entropy: far from
+    # uniform (ln 49152 = 10.8 nats) and not degenerate repetition (near 0).
+    assert 1.0 < generated_nll.item() < 6.0
