@@ -20,7 +20,8 @@ from accelerate.utils import broadcast_object_list
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
 from loraprune.config import PruneConfig
-from loraprune.data import load_text, token_blocks, tokenize_cached
+from loraprune.data.blocks import corpus_blocks, corpus_ids
+from loraprune.data.corpora import load_corpus
 from loraprune.data.generated import (
     VALIDATION_FRACTION,
     DataSpec,
@@ -145,7 +146,7 @@ def _generated_text(model, tokenizer, config: PruneConfig, spec: DataSpec, run_d
         n_train = self_block_count(config.steps, samples_per_step, spec.corpus is not None, config.self_tokens,
                                    config.seq_len)
         n_validation = max(1, round(n_train * VALIDATION_FRACTION)) if spec.validation_generated else 0
-        user_ids = tokenize_cached(tokenizer, load_text(spec.corpus, "train", config.austen_dir)) if spec.corpus else None
+        user_ids = corpus_ids(tokenizer, load_corpus(spec.corpus, "train", config.austen_dir)) if spec.corpus else None
         generated = generate_text(model, tokenizer, n_train, n_validation, config.seq_len, config.seed, user_ids,
                                   progress)
     if processes.num_processes > 1:  # every process trains on the main process's samples
@@ -231,14 +232,14 @@ def prune(config: PruneConfig | None = None, out: str | Path | None = None, *,
     # Everything that can fail on bad input happens before a folder is created.
     spec = parse_data(config.data)
     if spec.corpus is not None:
-        train_text = load_text(spec.corpus, "train", config.austen_dir)
-        load_text(spec.corpus, "validation", config.austen_dir)
+        train_corpus = load_corpus(spec.corpus, "train", config.austen_dir)
+        load_corpus(spec.corpus, "validation", config.austen_dir)
     model, tokenizer = load_model(config.model, config.dtype, config.base_bits)
     spec_for(model.config)
     if export:
         _check_format_fits(model, tokenizer, config, export_format, gguf_type)
     solve_model_target(model, config)
-    corpus_blocks = token_blocks(tokenizer, train_text, config.seq_len) if spec.corpus is not None else None
+    train_blocks = corpus_blocks(tokenizer, train_corpus, config.seq_len) if spec.corpus is not None else None
     if checkpoint is not None and checkpoint.state.model_fingerprint != model_fingerprint(model):
         raise LoraPruneError(f"the checkpoint in {run_dir} was made from another model; resume with "
                              "the model the run was started from")
@@ -256,7 +257,7 @@ def prune(config: PruneConfig | None = None, out: str | Path | None = None, *,
         if generated is not None and not resuming:
             generated.save(run_dir)
     processes.wait_for_everyone()
-    sources = [blocks for blocks in (corpus_blocks, generated.train if generated else None) if blocks is not None]
+    sources = [blocks for blocks in (train_blocks, generated.train if generated else None) if blocks is not None]
     outcome = train_while_pruning(model, sources, config, run_dir, checkpoint, progress)
     outcome.model.eval()
     pruned = _evaluate(outcome.model, tokenizer, config, main_progress, generated)
@@ -331,7 +332,7 @@ def export_probe(tokenizer, config: PruneConfig, run_dir: Path | None = None) ->
         if saved is None:
             raise LoraPruneError(f"the run in {run_dir} has no self-generated text ({config.data}) to check the export on")
         return saved.validation.reshape(-1)[:EXPORT_PROBE_TOKENS][None]
-    ids = tokenize_cached(tokenizer, load_text(spec.corpus, "validation", config.austen_dir))
+    ids = corpus_ids(tokenizer, load_corpus(spec.corpus, "validation", config.austen_dir))
     return torch.from_numpy(ids[:EXPORT_PROBE_TOKENS].astype(np.int64))[None]
 
 

@@ -130,11 +130,11 @@ def test_interrupted_self_run_resumes_on_the_cached_samples_to_the_uninterrupted
 
     real_loss, calls = losses.NextTokenCrossEntropy.__call__, []
 
-    def interrupt_at_step_five(self, model, batch, teacher_logits=None):
+    def interrupt_at_step_five(self, model, batch, teacher_logits=None, labels=None):
         calls.append(1)
         if len(calls) == 5:
             raise KeyboardInterrupt
-        return real_loss(self, model, batch, teacher_logits)
+        return real_loss(self, model, batch, teacher_logits, labels=labels)
 
     monkeypatch.setattr(losses.NextTokenCrossEntropy, "__call__", interrupt_at_step_five)
     out = tmp_path / "out"
@@ -160,7 +160,7 @@ def test_resuming_a_self_run_without_its_samples_is_refused(tmp_path, monkeypatc
     config = _self_config(model_dir, text, "self")
     real_loss = losses.NextTokenCrossEntropy.__call__
 
-    def interrupt(self, model, batch, teacher_logits=None):
+    def interrupt(self, model, batch, teacher_logits=None, labels=None):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(losses.NextTokenCrossEntropy, "__call__", interrupt)

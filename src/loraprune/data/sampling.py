@@ -20,7 +20,10 @@ class BlockStream:
 
     def __init__(self, blocks: torch.Tensor | Sequence[torch.Tensor], seed: int, batch_size: int,
                  rank: int = 0, world_size: int = 1, samples_seen: int = 0):
-        self.sources = [blocks] if isinstance(blocks, torch.Tensor) else list(blocks)
+        sources = [blocks] if isinstance(blocks, torch.Tensor) else list(blocks)
+        if any(source.ndim == 3 for source in sources):  # (n, 2, seq_len) ids + labels: label the rest alike
+            sources = [source if source.ndim == 3 else torch.stack([source, source], dim=1) for source in sources]
+        self.sources = sources
         if len({tuple(source.shape[1:]) for source in self.sources}) != 1:
             raise ValueError("all block sources need the same block length")
         self.seed = seed
@@ -45,7 +48,7 @@ class BlockStream:
         return blocks[int(cached[1][position])]
 
     def next_batch(self) -> torch.Tensor:
-        """This process's share of the next global batch, shape (batch_size, seq_len)."""
+        """This process's share of the next global batch, (batch_size, seq_len) or, labelled, (batch_size, 2, seq_len)."""
         first = self.samples_seen + self.rank * self.batch_size
         batch = torch.stack([self._block(first + i) for i in range(self.batch_size)])
         self.samples_seen += self.batch_size * self.world_size

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, get_scheduler
 
 from loraprune.config import PruneConfig
+from loraprune.data.blocks import split_labels
 from loraprune.data.sampling import BlockStream
 from loraprune.errors import LoraPruneError
 from loraprune.models import count_parameters, projection_biases, spec_for
@@ -220,11 +221,11 @@ class PruningRecipe:
         """Accumulate gradients over the step's micro-batches; returns the step's loss."""
         accumulation, step_loss = self.config.grad_accumulation, 0.0
         for micro in range(accumulation):
-            batch = self.stream.next_batch().to(self.accelerator.device)
+            batch, labels = split_labels(self.stream.next_batch().to(self.accelerator.device))
             syncing = micro == accumulation - 1
             teacher_logits = self._teacher_logits(batch) if self.loss.needs_teacher else None
             with nullcontext() if syncing or self.sharded else self.accelerator.no_sync(self.model), self._autocast():
-                loss = self.loss(self.model, batch, teacher_logits) / accumulation
+                loss = self.loss(self.model, batch, teacher_logits, labels=labels) / accumulation
                 if not torch.isfinite(loss):
                     self._stop_on_bad_loss(loss, start)
                 self.accelerator.backward(loss)
