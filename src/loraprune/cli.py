@@ -116,7 +116,7 @@ def zeroshot_command(args: argparse.Namespace) -> int:
 
 # Options of `loraprune prune` that map one-to-one onto PruneConfig fields (lora_* onto its LoRA part).
 PRUNE_SETTINGS = (
-    "model", "data", "austen_dir", "dtype", "base_bits", "sparsity", "attention_unit", "attention_fraction",
+    "model", "data", "austen_dir", "self_tokens", "dtype", "base_bits", "sparsity", "attention_unit", "attention_fraction",
     "skip_first_layers", "skip_last_layers", "round_to", "criterion", "score_power", "ema", "steps",
     "warmup_fraction", "cooldown_fraction", "prune_every", "lr", "lr_schedule", "batch_size",
     "grad_accumulation", "seq_len", "seed", "lora_rank", "lora_alpha", "lora_dropout", "eval_tokens",
@@ -135,7 +135,13 @@ def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base-bits", type=int, default=None, choices=[8, 4],
                         help="quantise the frozen projections to 8 or 4 bits (bitsandbytes; CPU and CUDA); "
                              "criteria lora and fisher only (default: not quantised)")
-    parser.add_argument("--data", default=None, help=f"training/validation text, as for eval (default: {d.data})")
+    parser.add_argument("--data", default=None,
+                        help="training/validation text, as for eval, or 'self' (text the dense model samples "
+                        "before training; validated on held-out samples) or NAME+self (blocks alternate "
+                        f"between NAME and samples; validated on NAME) (default: {d.data})")
+    parser.add_argument("--self-tokens", type=int, default=None,
+                        help="tokens the model samples for --data self / NAME+self (default: one block per "
+                        "sample trained on: steps x batch x grad-accumulation x processes, half when mixed)")
     parser.add_argument("--austen-dir", default=None, help="folder with the Austen novels")
     parser.add_argument("--out", default=None, help="folder the pruned checkpoint is written to")
     parser.add_argument("--sparsity", type=float, default=None,

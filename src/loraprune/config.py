@@ -35,6 +35,9 @@ class PruneConfig:
     model: str = "smollm2-135m"
     data: str = "pydoc"
     austen_dir: str | None = None  # where the Austen novels are, when data is "austen"
+    # Tokens the dense model samples for --data self / NAME+self; None: one block per training sample
+    # drawn from it (steps × batch × grad-accumulation × processes, half of them when mixed).
+    self_tokens: int | None = None
     dtype: str = "float32"
     base_bits: int | None = None  # 8 or 4: the frozen projections quantised (bitsandbytes); None: dtype
 
@@ -123,6 +126,8 @@ class PruneConfig:
             raise LoraPruneError(f"--base-bits must be 8 or 4, got {self.base_bits}")
         if self.lr <= 0:
             raise LoraPruneError(f"--lr must be positive, got {self.lr}")
+        if self.self_tokens is not None and self.self_tokens <= 0:
+            raise LoraPruneError(f"--self-tokens must be a positive number of tokens, got {self.self_tokens}")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready dict."""

@@ -16,12 +16,22 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import PartialState
+from accelerate.utils import broadcast_object_list
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
 from loraprune.config import PruneConfig
-from loraprune.data import load_text, token_blocks, tokenize_cached
+from loraprune.data.blocks import corpus_blocks, corpus_ids
+from loraprune.data.corpora import load_corpus
+from loraprune.data.generated import (
+    VALIDATION_FRACTION,
+    DataSpec,
+    GeneratedText,
+    generate_text,
+    parse_data,
+    self_block_count,
+)
 from loraprune.errors import LoraPruneError
-from loraprune.evaluation.perplexity import PerplexityResult, evaluate_perplexity
+from loraprune.evaluation.perplexity import PerplexityResult, evaluate_perplexity, perplexity
 from loraprune.evaluation.samples import SAMPLE_PROMPTS, greedy_samples
 from loraprune.export.gguf_vocab import check_vocab
 from loraprune.export.gguf_writer import check_architecture, check_gguf_type, export_gguf
@@ -109,9 +119,44 @@ def run_report(config: PruneConfig, steps: int) -> dict:
             "seed": config.seed, "target_sparsity": config.sparsity, "config": config.to_dict()}
 
 
-def _evaluate(model, tokenizer, config: PruneConfig, progress: bool) -> PerplexityResult:
-    return evaluate_perplexity(model, tokenizer, config.data, config.eval_seq_len, config.eval_tokens,
-                               austen_dir=config.austen_dir, progress=progress)
+def _evaluate(model, tokenizer, config: PruneConfig, progress: bool,
+              generated: GeneratedText | None = None) -> PerplexityResult:
+    """Perplexity on the corpus's validation text; for --data self alone, on the held-out samples."""
+    spec = parse_data(config.data)
+    if not spec.validation_generated:
+        return evaluate_perplexity(model, tokenizer, spec.corpus, config.eval_seq_len, config.eval_tokens,
+                                   austen_dir=config.austen_dir, progress=progress)
+    # Held-out samples are scored as generated, one block per window (--seq-len, not --eval-seq-len).
+    windows = max(1, config.eval_tokens // config.seq_len)
+    result = perplexity(model, generated.validation[:windows], progress=progress)
+    result.data, result.split = config.data, "validation"
+    return result
+
+
+def _generated_text(model, tokenizer, config: PruneConfig, spec: DataSpec, run_dir: Path, resuming: bool,
+                    processes: PartialState, progress: bool) -> GeneratedText | None:
+    """The run's self-generated blocks: read back on --resume, else sampled on the main process and shared."""
+    if not spec.with_self:
+        return None
+    if resuming:
+        saved = GeneratedText.load(run_dir)
+        if saved is None:
+            raise LoraPruneError(f"the run in {run_dir} has no self-generated text to resume with; start it again")
+        return saved
+    generated = None
+    if processes.is_main_process:
+        samples_per_step = config.batch_size * config.grad_accumulation * processes.num_processes
+        n_train = self_block_count(config.steps, samples_per_step, spec.corpus is not None, config.self_tokens,
+                                   config.seq_len)
+        n_validation = max(1, round(n_train * VALIDATION_FRACTION)) if spec.validation_generated else 0
+        user_ids = corpus_ids(tokenizer, load_corpus(spec.corpus, "train", config.austen_dir)) if spec.corpus else None
+        generated = generate_text(model, tokenizer, n_train, n_validation, config.seq_len, config.seed, user_ids,
+                                  progress)
+    if processes.num_processes > 1:  # every process trains on the main process's samples
+        shared = [generated]
+        broadcast_object_list(shared)
+        generated = shared[0]
+    return generated
 
 
 def resolved_allocation(config: PruneConfig, export_format: str | None) -> PruneConfig:
@@ -146,9 +191,10 @@ def _check_format_fits(model, tokenizer, config: PruneConfig, export_format: str
 
 
 def _export(model, tokenizer, masks: ModelMasks, report: dict, out: Path, config: PruneConfig, *,
-            export_format: str, gguf_type: str, overwrite: bool, check_logits: bool = True) -> Path:
+            export_format: str, gguf_type: str, overwrite: bool, check_logits: bool = True,
+            run_dir: Path | None = None) -> Path:
     """Write the model in the chosen format, validated before it is put in place."""
-    spec, probe = spec_for(unwrap(model).config), export_probe(tokenizer, config)
+    spec, probe = spec_for(unwrap(model).config), export_probe(tokenizer, config, run_dir)
     if export_format == "nemotron-nas" or (export_format == "transformers"
                                          and not has_uniform_widths(masks, LayerShape.from_config(unwrap(model).config))):
         return export_nemotron_nas(model, tokenizer, masks, spec, report, out, overwrite=overwrite, probe=probe,
@@ -199,30 +245,37 @@ def prune(config: PruneConfig | None = None, out: str | Path | None = None, *,
     _check_folders(out_path, run_dir, resuming, overwrite)
 
     # Everything that can fail on bad input happens before a folder is created.
-    train_text = load_text(config.data, "train", config.austen_dir)
-    load_text(config.data, "validation", config.austen_dir)
+    spec = parse_data(config.data)
+    if spec.corpus is not None:
+        train_corpus = load_corpus(spec.corpus, "train", config.austen_dir)
+        load_corpus(spec.corpus, "validation", config.austen_dir)
     model, tokenizer = load_model(config.model, config.dtype, config.base_bits)
     spec_for(model.config)
     if export:
         _check_format_fits(model, tokenizer, config, export_format, gguf_type)
     solve_model_target(model, config)
-    train_blocks = token_blocks(tokenizer, train_text, config.seq_len)
+    train_blocks = corpus_blocks(tokenizer, train_corpus, config.seq_len) if spec.corpus is not None else None
     if checkpoint is not None and checkpoint.state.model_fingerprint != model_fingerprint(model):
         raise LoraPruneError(f"the checkpoint in {run_dir} was made from another model; resume with "
                              "the model the run was started from")
 
     # Under torchrun / accelerate launch every process trains; only the main one writes files.
     processes = PartialState(cpu=not torch.cuda.is_available())
-    dense = _evaluate(model, tokenizer, config, progress and processes.is_main_process)
+    main_progress = progress and processes.is_main_process
+    generated = _generated_text(model, tokenizer, config, spec, run_dir, resuming, processes, main_progress)
+    dense = _evaluate(model, tokenizer, config, main_progress, generated)
     samples_before = greedy_samples(model, tokenizer)
     if processes.is_main_process:
         if run_dir.exists() and not resuming:
             shutil.rmtree(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
+        if generated is not None and not resuming:
+            generated.save(run_dir)
     processes.wait_for_everyone()
-    outcome = train_while_pruning(model, train_blocks, config, run_dir, checkpoint, progress)
+    sources = [blocks for blocks in (train_blocks, generated.train if generated else None) if blocks is not None]
+    outcome = train_while_pruning(model, sources, config, run_dir, checkpoint, progress)
     outcome.model.eval()
-    pruned = _evaluate(outcome.model, tokenizer, config, progress and processes.is_main_process)
+    pruned = _evaluate(outcome.model, tokenizer, config, main_progress, generated)
     samples = [{"prompt": prompt, "before": before, "after": after} for prompt, before, after
                in zip(SAMPLE_PROMPTS, samples_before, greedy_samples(outcome.model, tokenizer))]
     report = {**run_report(config, outcome.steps),
@@ -238,7 +291,7 @@ def prune(config: PruneConfig | None = None, out: str | Path | None = None, *,
         exported = adapted_model(config, adapter) if outcome.sharded else outcome.model
         with _run_kept_on_failed_check(run_dir, out_path):
             _export(exported, tokenizer, outcome.masks, report, out_path, config,
-                    export_format=export_format, gguf_type=gguf_type, overwrite=overwrite)
+                    export_format=export_format, gguf_type=gguf_type, overwrite=overwrite, run_dir=run_dir)
         os.replace(run_dir, out_path / RUN_SUBDIR)
     processes.wait_for_everyone()
     return PruneResult(out_path, outcome.target, outcome.achieved_sparsity, dense, pruned, report,
@@ -284,7 +337,7 @@ def export_run(run: str | Path, out: str | Path, *, overwrite: bool = False, che
     report = {**run_report(config, checkpoint.state.step), "finished": checkpoint.state.step >= config.steps}
     with _run_kept_on_failed_check(run_dir, Path(out)):
         return _export(peft_model, tokenizer, masks, report, Path(out), config, export_format=export_format,
-                       gguf_type=gguf_type, overwrite=overwrite, check_logits=check_logits)
+                       gguf_type=gguf_type, overwrite=overwrite, check_logits=check_logits, run_dir=run_dir)
 
 
 def _refuse_writing_over_the_run(run: Path, run_dir: Path, out: Path) -> None:
@@ -296,9 +349,15 @@ def _refuse_writing_over_the_run(run: Path, run_dir: Path, out: Path) -> None:
                                  "choose an --out outside it")
 
 
-def export_probe(tokenizer, config: PruneConfig) -> torch.Tensor:
+def export_probe(tokenizer, config: PruneConfig, run_dir: Path | None = None) -> torch.Tensor:
     """The first EXPORT_PROBE_TOKENS tokens of the run's validation text, shape (1, tokens)."""
-    ids = tokenize_cached(tokenizer, load_text(config.data, "validation", config.austen_dir))
+    spec = parse_data(config.data)
+    if spec.corpus is None:  # --data self alone: the held-out samples saved in the run folder
+        saved = GeneratedText.load(run_dir) if run_dir is not None else None
+        if saved is None:
+            raise LoraPruneError(f"the run in {run_dir} has no self-generated text ({config.data}) to check the export on")
+        return saved.validation.reshape(-1)[:EXPORT_PROBE_TOKENS][None]
+    ids = corpus_ids(tokenizer, load_corpus(spec.corpus, "validation", config.austen_dir))
     return torch.from_numpy(ids[:EXPORT_PROBE_TOKENS].astype(np.int64))[None]
 
 

@@ -145,10 +145,10 @@ def test_unusable_text_files_are_refused(tmp_path, content, message):
         load_text(f"text:{path}", "train")
 
 
-def test_jsonl_without_text_field_names_the_line(tmp_path):
+def test_jsonl_without_text_field_names_the_record(tmp_path):
     path = tmp_path / "rows.jsonl"
     path.write_text(json.dumps({"text": "ok"}) + "\n" + json.dumps({"body": "no"}) + "\n")
-    with pytest.raises(LoraPruneError, match="line 2"):
+    with pytest.raises(LoraPruneError, match="record 2 has no string \"text\" field"):
         load_text(f"text:{path}", "train")
 
 

@@ -123,9 +123,9 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(inputs,
     bad_step, calls = 4, []
     real_loss = NextTokenCrossEntropy.__call__
 
-    def loss_nan_at_bad_step(self, model, batch, teacher_logits=None):
+    def loss_nan_at_bad_step(self, model, batch, teacher_logits=None, labels=None):
         calls.append(1)
-        loss = real_loss(self, model, batch, teacher_logits)
+        loss = real_loss(self, model, batch, teacher_logits, labels=labels)
         return loss * float("nan") if len(calls) == bad_step else loss
 
     monkeypatch.setattr(NextTokenCrossEntropy, "__call__", loss_nan_at_bad_step)

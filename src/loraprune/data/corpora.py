@@ -5,10 +5,18 @@ Names: austen, pydoc and text:PATH work offline; wikitext2, ptb, c4, alpaca need
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
+from loraprune.data.records import (
+    InstructionData,
+    classify,
+    dataset_split_rows,
+    dataset_splits,
+    is_dataset_folder,
+    parse_json_records,
+    read_records,
+)
 from loraprune.errors import LoraPruneError, first_line
 
 SPLITS = ("train", "validation")
@@ -16,11 +24,22 @@ AUSTEN_TRAIN = ("emma", "mansfieldpark", "prideandprejudice", "senseandsensibili
 AUSTEN_VALIDATION = ("northangerabbey",)
 HUB_CORPORA = ("wikitext2", "ptb", "c4", "alpaca")
 DATA_NAMES = ("austen", "pydoc", "text:PATH", *HUB_CORPORA)
+SELF_FORMS = ("self", "NAME+self")  # text the model generates while pruning (data/generated.py)
 PYDOC_TRAIN_FRACTION = 0.9
+SPLIT_SUFFIXES = ("", ".txt", ".jsonl", ".json", ".parquet")
 
 
 def load_text(name: str, split: str, austen_dir: str | Path | None = None) -> str:
     """Return the raw text of corpus `name` for `split` ("train" or "validation")."""
+    corpus = load_corpus(name, split, austen_dir)
+    if isinstance(corpus, InstructionData):
+        raise LoraPruneError(f"--data {name} holds {corpus.kind} records, not plain text; "
+                             "this command reads text (.txt, or .jsonl with a 'text' field)")
+    return corpus
+
+
+def load_corpus(name: str, split: str, austen_dir: str | Path | None = None) -> str | InstructionData:
+    """The text of corpus `name` for `split`, or its instruction/chat records (text:PATH only)."""
     if split not in SPLITS:
         raise LoraPruneError(f"unknown split {split!r}; use one of: {', '.join(SPLITS)}")
     if name == "austen":
@@ -31,6 +50,9 @@ def load_text(name: str, split: str, austen_dir: str | Path | None = None) -> st
         return _user_text(name[len("text:") :], split)
     if name in HUB_CORPORA:
         return _hub_text(name, split)
+    if name == "self" or name.startswith("self+") or name.endswith("+self"):
+        raise LoraPruneError(f"--data {name} is text the model generates while pruning (loraprune prune); "
+                             f"to read a text use one of: {', '.join(DATA_NAMES)}")
     raise LoraPruneError(f"unknown data {name!r}; use one of: {', '.join(DATA_NAMES)}")
 
 
@@ -83,18 +105,30 @@ def _pydoc_text(split: str) -> str:
     return "\n\n".join(topics[key] for key in chosen)
 
 
-def _user_text(path_text: str, split: str) -> str:
-    """A .txt or .jsonl file, or a folder of .txt files (optionally with train/validation parts)."""
+def _user_text(path_text: str, split: str, is_split_part: bool = False) -> str | InstructionData:
+    """A .txt / .jsonl / .json / .parquet file, a save_to_disk folder, or a folder of .txt files.
+
+    Text is the same for both splits unless the folder has train/validation parts; instruction
+    records without such parts hold out their last share for validation.
+    """
     if not path_text:
         raise LoraPruneError("--data text:PATH needs a path after 'text:'")
     path = Path(path_text).expanduser()
     if not path.exists():
         raise LoraPruneError(f"text path {path_text!r} does not exist; check the path")
+    if is_dataset_folder(path):
+        if split in dataset_splits(path):
+            return classify(dataset_split_rows(path, split), f"{path} ({split})")
+        rows = dataset_split_rows(path, "train") if dataset_splits(path) else read_records(path)
+        return classify(rows, str(path)).held_out(split)
     if path.is_file():
-        return _read_corpus_file(path)
+        corpus = _read_corpus_file(path)
+        if isinstance(corpus, InstructionData) and not is_split_part:
+            return corpus.held_out(split)
+        return corpus
     split_part = _split_part(path, split)
     if split_part is not None:
-        return _user_text(str(split_part), split)
+        return _user_text(str(split_part), split, is_split_part=True)
     files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix == ".txt")
     if not files:
         raise LoraPruneError(f"folder {path_text!r} holds no .txt files")
@@ -103,32 +137,29 @@ def _user_text(path_text: str, split: str) -> str:
 
 def _split_part(folder: Path, split: str) -> Path | None:
     """A folder's own split: a `train`/`validation` subfolder, or train.txt / validation.jsonl etc."""
-    has_splits = any((folder / f"{s}{suffix}").exists() for s in SPLITS for suffix in ("", ".txt", ".jsonl"))
+    has_splits = any((folder / f"{s}{suffix}").exists() for s in SPLITS for suffix in SPLIT_SUFFIXES)
     if not has_splits:
         return None
-    for suffix in ("", ".txt", ".jsonl"):
+    for suffix in SPLIT_SUFFIXES:
         candidate = folder / f"{split}{suffix}"
         if candidate.exists():
             return candidate
     raise LoraPruneError(f"folder {str(folder)!r} has split parts but none for {split!r}")
 
 
-def _read_corpus_file(path: Path) -> str:
-    """Read a .jsonl file's `text` fields (joined by blank lines) or any other file as text."""
-    if path.suffix != ".jsonl":
+def _read_corpus_file(path: Path) -> str | InstructionData:
+    """Text, a .jsonl file's `text` fields (joined by blank lines), or instruction/chat records."""
+    if path.suffix == ".parquet":
+        return classify(read_records(path), str(path))
+    if path.suffix not in (".json", ".jsonl"):
         return _read_text_file(path)
-    texts = []
-    for number, line in enumerate(_read_text_file(path).splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise LoraPruneError(f"{path} line {number} is not valid JSON ({e.msg})") from e
+    records = parse_json_records(_read_text_file(path), path)
+    if path.suffix == ".json" or not (records and isinstance(records[0], dict) and "text" in records[0]):
+        return classify(records, str(path))
+    for number, record in enumerate(records, start=1):
         if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-            raise LoraPruneError(f'{path} line {number} has no string "text" field')
-        texts.append(record["text"])
-    text = "\n\n".join(texts)
+            raise LoraPruneError(f'{path} record {number} has no string "text" field')
+    text = "\n\n".join(record["text"] for record in records)
     if not text.strip():
         raise LoraPruneError(f"{path} holds no text")
     return text

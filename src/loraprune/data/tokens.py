@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 # Bump when the tokenization below changes, so cached token ids are never reused across versions.
 TOKEN_CACHE_VERSION = 1
 CHUNK_CHARS = 2000
+IGNORE = -100  # label of a token that is not scored (a prompt's), as in transformers' losses
 
 
 def token_blocks(
@@ -41,6 +42,23 @@ def token_blocks(
         )
     # The remainder after the last full block is dropped, as in the paper's evaluation.
     return torch.from_numpy(ids[: n_blocks * seq_len].astype(np.int64)).view(n_blocks, seq_len)
+
+
+def labelled_blocks(ids: np.ndarray, labels: np.ndarray, seq_len: int, max_tokens: int | None = None) -> torch.Tensor:
+    """Pack ids and their labels into (n_blocks, 2, seq_len) blocks, dropping blocks that score nothing."""
+    check_packing_args(seq_len, max_tokens)
+    if max_tokens is not None:
+        ids, labels = ids[:max_tokens], labels[:max_tokens]
+    n_blocks = len(ids) // seq_len
+    pairs = np.stack([ids[: n_blocks * seq_len], labels[: n_blocks * seq_len]]).astype(np.int64)
+    blocks = torch.from_numpy(pairs).view(2, n_blocks, seq_len).transpose(0, 1).contiguous()
+    # A block whose predicted positions are all unscored adds nothing and would make a 0/0 loss.
+    blocks = blocks[(blocks[:, 1, 1:] != IGNORE).any(dim=1)]
+    if len(blocks) == 0:
+        raise LoraPruneError(
+            f"the records make {len(ids)} tokens, not one block of {seq_len} with a response in it; "
+            "use more records or a smaller --seq-len")
+    return blocks
 
 
 def check_packing_args(seq_len: int, max_tokens: int | None = None) -> None:
@@ -83,12 +101,12 @@ def tokenize(tokenizer: PreTrainedTokenizerBase, text: str) -> np.ndarray:
     ids = [token for piece in pieces for token in piece]
     # A BOS only if the tokenizer itself puts one before a text (LLaMA does, SmolLM2 does not),
     # once at the very start: the paper tokenizes the whole joined corpus in one call.
-    if _adds_bos(tokenizer):
+    if adds_bos(tokenizer):
         ids.insert(0, tokenizer.bos_token_id)
     return np.asarray(ids, dtype=np.int32)
 
 
-def _adds_bos(tokenizer: PreTrainedTokenizerBase) -> bool:
+def adds_bos(tokenizer: PreTrainedTokenizerBase) -> bool:
     """Whether the tokenizer starts a plain call's output with its BOS token."""
     bos = tokenizer.bos_token_id
     if bos is None:

@@ -22,18 +22,18 @@ class TrainingLoss(Protocol):
 
     needs_teacher: bool
 
-    def __call__(self, model: nn.Module, batch: torch.Tensor,
-                 teacher_logits: torch.Tensor | None = None) -> torch.Tensor: ...
+    def __call__(self, model: nn.Module, batch: torch.Tensor, teacher_logits: torch.Tensor | None = None,
+                 labels: torch.Tensor | None = None) -> torch.Tensor: ...
 
 
 class NextTokenCrossEntropy:
-    """Language-modelling loss: mean cross-entropy of every next token of the blocks."""
+    """Language-modelling loss: mean cross-entropy of every next token of the blocks (or of the labelled ones)."""
 
     needs_teacher = False
 
-    def __call__(self, model: nn.Module, batch: torch.Tensor,
-                 teacher_logits: torch.Tensor | None = None) -> torch.Tensor:
-        return model(input_ids=batch, labels=batch, use_cache=False).loss
+    def __call__(self, model: nn.Module, batch: torch.Tensor, teacher_logits: torch.Tensor | None = None,
+                 labels: torch.Tensor | None = None) -> torch.Tensor:
+        return model(input_ids=batch, labels=batch if labels is None else labels, use_cache=False).loss
 
 
 def distillation_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -44,7 +44,7 @@ def distillation_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
 
 
 def next_token_targets(batch: torch.Tensor) -> torch.Tensor:
-    """The token each position predicts, flattened; IGNORE at each block's last position."""
+    """The token each position predicts, flattened; IGNORE at each block's last position (and unlabelled ones)."""
     targets = torch.full_like(batch, IGNORE)
     targets[:, :-1] = batch[:, 1:]
     return targets.reshape(-1)
@@ -116,14 +116,15 @@ class SelfDistillation:
     def __init__(self, weight: float, temperature: float):
         self.weight, self.temperature = weight, temperature
 
-    def __call__(self, model: nn.Module, batch: torch.Tensor,
-                 teacher_logits: torch.Tensor | None = None) -> torch.Tensor:
+    def __call__(self, model: nn.Module, batch: torch.Tensor, teacher_logits: torch.Tensor | None = None,
+                 labels: torch.Tensor | None = None) -> torch.Tensor:
         if teacher_logits is None:
             raise RuntimeError("self-distillation needs the teacher's logits of the batch")
         logits = model(input_ids=batch, use_cache=False).logits
         vocabulary = logits.shape[-1]
         return _FusedDistillation.apply(logits.reshape(-1, vocabulary), teacher_logits.reshape(-1, vocabulary),
-                                        next_token_targets(batch), self.weight, self.temperature)
+                                        next_token_targets(batch if labels is None else labels), self.weight,
+                                        self.temperature)
 
 
 def build_loss(config: PruneConfig) -> TrainingLoss:

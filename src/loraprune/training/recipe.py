@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, get_scheduler
 
 from loraprune.config import PruneConfig
+from loraprune.data.blocks import split_labels
 from loraprune.data.sampling import BlockStream
 from loraprune.errors import LoraPruneError
 from loraprune.models import count_parameters, projection_biases, spec_for
@@ -86,10 +87,10 @@ class StepStart:
     rng: RngSnapshot
 
 
-def train_while_pruning(model: PreTrainedModel, train_blocks: torch.Tensor, config: PruneConfig,
-                        run_dir: Path, checkpoint: LoadedCheckpoint | None = None,
+def train_while_pruning(model: PreTrainedModel, train_blocks: torch.Tensor | list[torch.Tensor],
+                        config: PruneConfig, run_dir: Path, checkpoint: LoadedCheckpoint | None = None,
                         progress: bool = True, fixed_masks: ModelMasks | None = None) -> TrainingOutcome:
-    """Fine-tune LoRA on ``train_blocks`` while masks shrink to the target; checkpoint as we go.
+    """Fine-tune LoRA on ``train_blocks`` (several sources alternate) while masks shrink to the target; checkpoint as we go.
 
     With ``fixed_masks`` nothing is scored or pruned: LoRA only recovers the model under those
     masks (one-shot pruning followed by recovery, or plain fine-tuning with full masks).
@@ -100,8 +101,8 @@ def train_while_pruning(model: PreTrainedModel, train_blocks: torch.Tensor, conf
 class PruningRecipe:
     """One pruning run's state and its phases; ``run`` is the loop."""
 
-    def __init__(self, model: PreTrainedModel, train_blocks: torch.Tensor, config: PruneConfig, run_dir: Path,
-                 checkpoint: LoadedCheckpoint | None = None, progress: bool = True,
+    def __init__(self, model: PreTrainedModel, train_blocks: torch.Tensor | list[torch.Tensor],
+                 config: PruneConfig, run_dir: Path, checkpoint: LoadedCheckpoint | None = None, progress: bool = True,
                  fixed_masks: ModelMasks | None = None):
         self.config, self.run_dir, self.progress = config, run_dir, progress
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
@@ -220,11 +221,11 @@ class PruningRecipe:
         """Accumulate gradients over the step's micro-batches; returns the step's loss."""
         accumulation, step_loss = self.config.grad_accumulation, 0.0
         for micro in range(accumulation):
-            batch = self.stream.next_batch().to(self.accelerator.device)
+            batch, labels = split_labels(self.stream.next_batch().to(self.accelerator.device))
             syncing = micro == accumulation - 1
             teacher_logits = self._teacher_logits(batch) if self.loss.needs_teacher else None
             with nullcontext() if syncing or self.sharded else self.accelerator.no_sync(self.model), self._autocast():
-                loss = self.loss(self.model, batch, teacher_logits) / accumulation
+                loss = self.loss(self.model, batch, teacher_logits, labels=labels) / accumulation
                 if not torch.isfinite(loss):
                     self._stop_on_bad_loss(loss, start)
                 self.accelerator.backward(loss)
