@@ -115,7 +115,7 @@ def test_a_failed_logit_check_keeps_the_run_and_export_can_write_it_anyway(tiny_
     assert main(["export", str(run_dir), "--out", str(out), "--skip-logit-check"]) == 0
     check = json.loads((out / "loraprune.json").read_text())["export"]["logit_check"]
     assert check["passed"] is False and check["probe_tokens"] == 128
-    assert AutoModelForCausalLM.from_pretrained(out).num_parameters() > 0
+    assert AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).num_parameters() > 0
 
 
 def test_export_command_writes_a_saved_run(tiny_run_inputs, tmp_path):

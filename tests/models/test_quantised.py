@@ -47,7 +47,7 @@ def test_quantised_base_run_prunes_and_exports_plain_dequantised_weights(tiny_ru
     assert len(log) == 8 and all(math.isfinite(entry["loss"]) for entry in log)
     report = json.loads((tmp_path / "out" / "loraprune.json").read_text())
     assert report["config"]["base_bits"] == bits and report["export"]["logit_check"]["passed"]
-    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "out", trust_remote_code=True)
     assert all(type(m) is torch.nn.Linear for n, m in exported.named_modules() if n.endswith("proj"))
     assert not hasattr(exported.config, "quantization_config")
     # Merged into the dequantised weights: close to the dense original's perplexity, not noise.

@@ -55,6 +55,6 @@ def test_bfloat16_run_exports_a_bfloat16_model_that_passes_the_logit_check(tiny_
     check = report["export"]["logit_check"]
     assert check["passed"] and check["slicing"]["relative_difference"] <= check["tolerance"]
     assert math.isfinite(result.pruned_perplexity.ppl)
-    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "out", trust_remote_code=True)
     assert exported.dtype == torch.bfloat16
     assert exported.num_parameters() < AutoModelForCausalLM.from_pretrained(model_dir).num_parameters()

@@ -88,7 +88,7 @@ def _assert_same_result(out: Path, reference: Path) -> None:
     logits = []
     for folder in (out, reference):
         with torch.no_grad():
-            logits.append(AutoModelForCausalLM.from_pretrained(folder).eval()(tokens).logits)
+            logits.append(AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()(tokens).logits)
     torch.testing.assert_close(logits[0], logits[1], atol=1e-5, rtol=0)
 
 
