@@ -23,6 +23,8 @@ import torch
 
 from loraprune.config import PruneConfig
 from loraprune.data import load_text, token_blocks
+from loraprune.evaluation.fidelity import dense_view, fidelity
+from loraprune.evaluation.generation import generation_health
 from loraprune.evaluation.perplexity import perplexity
 from loraprune.export.transformers_writer import export_checkpoint
 from loraprune.models import count_parameters, spec_for
@@ -69,8 +71,11 @@ METHODS: dict[str, Method] = {
     "fisher+early": Method({"criterion": "fisher", **EARLY}),
     "fisher+distill+early": Method({"criterion": "fisher", **DISTILL, **EARLY}),
     "fisher+global": Method({"criterion": "fisher", "allocation": "global"}),
+    "fisher+global+distill": Method({"criterion": "fisher", "allocation": "global", **DISTILL}),
+    "fisher+global+kl": Method({"criterion": "fisher", "allocation": "global", "distill": 1.0}),
     "llm-pruner": Method(LLM_PRUNER, one_shot=True),
     "llm-pruner+distill": Method({**LLM_PRUNER, **DISTILL}, one_shot=True),
+    "llm-pruner+global": Method({**LLM_PRUNER, "allocation": "global"}, one_shot=True),
     "magnitude": Method({"criterion": "magnitude"}),
     "random": Method({"criterion": "random"}),
 }
@@ -90,22 +95,20 @@ class Settings:
     calibration_blocks: int = 10
     eval_tokens: int = 8192
     eval_seq_len: int = 512
+    fidelity_tokens: int = 4096  # out-of-domain text the dense and pruned logits are compared on
     seed: int = 0
     # Runs in this order (the most telling first, so a partial suite already decides the default; a
     # second process --from-the-end starts with the second seeds);
     # (method, sparsity, seed); sparsity None stands for every one of ``sparsities``.
     plan: tuple[tuple[str, float | None, int], ...] = (
-        ("dense", 0.0, 0), ("fisher+distill", 0.2, 0), ("llm-pruner", 0.2, 0), ("fisher", 0.2, 0),
-        ("llm-pruner+distill", 0.2, 0), ("fisher", 0.5, 0), ("fisher+distill", 0.5, 0), ("llm-pruner", 0.5, 0),
-        ("dense+lora", 0.0, 0), ("fisher+early", 0.2, 0), ("fisher+distill1.0", 0.2, 0),
-        ("dense+lora+distill", 0.0, 0), ("fisher+global", None, 0), ("llm-pruner+distill", 0.5, 0),
-        ("lora", None, 0), ("grad", None, 0), ("magnitude", None, 0), ("random", None, 0),
-        ("fisher+early", 0.5, 0), ("fisher+distill+early", None, 0),
-        ("fisher", 0.2, 1), ("fisher+distill", 0.2, 1), ("llm-pruner+distill", 0.2, 1), ("fisher+global", 0.2, 1),
+        ("dense", 0.0, 0), ("fisher+global", 0.2, 0), ("fisher+global+distill", 0.2, 0),
+        ("fisher+global", 0.5, 0), ("fisher+global+distill", 0.5, 0), ("fisher+global+kl", 0.2, 0),
+        ("llm-pruner+global", 0.2, 0), ("fisher+global+kl", 0.5, 0), ("llm-pruner+global", 0.5, 0),
     )
 
 
 QUICK = Settings(steps=6, seq_len=64, prune_every=1, calibration_blocks=2, eval_tokens=1024, eval_seq_len=256,
+                 fidelity_tokens=512,
                  sparsities=(0.3,), plan=tuple((name, None if METHODS[name].pruned else 0.0, 0) for name in METHODS))
 
 
@@ -156,6 +159,10 @@ def run_one(base, name: str, sparsity: float, seed: int, settings: Settings, tra
         row["kept_per_layer"] = outcome.masks.kept_counts()
     for text, blocks in eval_sets.items():
         row[f"ppl_{text}"] = perplexity(model, blocks, progress=False).ppl
+    view = dense_view(model, outcome.masks if outcome is not None else None)
+    row["fidelity_pydoc"] = fidelity(model, eval_sets["pydoc"][: settings.fidelity_tokens // settings.eval_seq_len],
+                                     view).to_dict()
+    row["generation"] = generation_health(model, tokenizer).to_dict()
     if export_to is not None and outcome is not None:
         report = {"source_model": "smollm2-135m", "criterion": name, "data": "austen", "steps": steps,
                   "seed": seed, "target_sparsity": sparsity, "achieved_sparsity": achieved,
