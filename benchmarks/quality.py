@@ -108,6 +108,8 @@ class Settings:
     )
 
 
+BUDGET_STEPS = (128, 512, 2048)  # the budget curve: the default method after each many steps
+BUDGET_PLAN = (("dense", 0.0, 0), ("fisher+global", 0.2, 0), ("fisher+global", 0.5, 0))
 QUICK = Settings(steps=6, seq_len=64, prune_every=1, calibration_blocks=2, eval_tokens=1024, eval_seq_len=256,
                  fidelity_tokens=512, generation_tokens=8,
                  sparsities=(0.3,), plan=tuple((name, None if METHODS[name].pruned else 0.0, 0) for name in METHODS))
@@ -418,6 +420,38 @@ def _plot_selection(ax, runs: list[dict]) -> None:
            yscale="log", title="selection measure")
 
 
+def budget_section(folder: Path) -> str:
+    """The default method in and out of domain after each budget of BUDGET_STEPS, from their results files."""
+    lines = ["## Quality: the training budget", "",
+             ("`fisher` with global allocation, cross-entropy on Austen, at each budget (`python benchmarks/quality.py "
+             "--steps N`; 128 is the main suite's run); otherwise the protocol of the section above."), "",
+             "| steps | target | ppl Northanger | ppl pydoc | in | out | geo | repetition |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    missing = []
+    for steps in BUDGET_STEPS:
+        path = folder / results_name(False, steps)
+        runs = json.loads(path.read_text())["runs"] if path.exists() else {}
+        dense = runs.get(run_key("dense", 0.0, 0))
+        for sparsity in (0.2, 0.5):
+            row = runs.get(run_key("fisher+global", sparsity, 0))
+            if row is None or dense is None:
+                missing.append(f"{steps} steps at {sparsity}")
+                continue
+            inside, outside, geo = ratios_to_dense(row, dense)
+            lines.append(f"| {steps} | {sparsity} | {row['ppl_austen']:.2f} | {row['ppl_pydoc']:.2f} | {inside:.2f} | "
+                         f"{outside:.2f} | {geo:.2f} | {row['generation']['repetition']:.3f} |")
+    if missing:
+        lines += ["", f"Not run yet (the machine's time ran out; each resumes with its command): {', '.join(missing)}."]
+    return "\n".join(lines) + "\n"
+
+
+def results_name(quick: bool, steps: int | None) -> str:
+    """Each budget its own file (the budget curve's 512 and 2,048 steps must not replace the 128-step runs)."""
+    if quick:
+        return "quality-quick.json"
+    return f"quality-{steps}steps.json" if steps and steps != Settings().steps else "quality.json"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: a few steps, small evaluation")
@@ -429,9 +463,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="take the plan from its last run backwards (a second process sharing the file)")
     args = parser.parse_args(argv)
     settings = QUICK if args.quick else Settings()
-    if args.steps:
-        settings = Settings(**{**asdict(settings), "steps": args.steps})
-    path = args.results or RESULTS / ("quality-quick.json" if args.quick else "quality.json")
+    if args.steps and args.steps != settings.steps:  # a point of the budget curve: only the default method
+        settings = Settings(**{**asdict(settings), "steps": args.steps, "plan": BUDGET_PLAN})
+    path = args.results or RESULTS / results_name(args.quick, args.steps)
     if args.from_json:
         results = json.loads(path.read_text())
         args.steps = results["settings"]["steps"] if results["settings"]["steps"] != Settings().steps else None
@@ -440,8 +474,10 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_docs:
         command = "python benchmarks/quality.py" + (" --quick" if args.quick else "") + \
                   (f" --steps {args.steps}" if args.steps else "")
-        write_section("quality", quality_section(results, command))
-        plot(results, path.parent.parent)
+        if path.name == "quality.json" or args.quick:
+            write_section("quality", quality_section(results, command))
+            plot(results, path.parent.parent)
+        write_section("quality-budget", budget_section(path.parent))
     return 0
 
 

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 
 
 @pytest.mark.slow
-def test_smollm2_prunes_to_the_whole_model_target_and_exports(tmp_path, austen_dir, smollm2):
+def test_smollm2_prunes_to_the_whole_model_target_exports_and_reports_out_of_domain(tmp_path, austen_dir, smollm2):
     out = tmp_path / "smollm2-0.2"
     command = [sys.executable, "-m", "loraprune", "prune", "--data", "austen", "--austen-dir", str(austen_dir),
                "--sparsity", "0.2", "--steps", "20", "--prune-every", "2", "--seq-len", "64",
@@ -30,3 +30,10 @@ def test_smollm2_prunes_to_the_whole_model_target_and_exports(tmp_path, austen_d
     pruned = AutoModelForCausalLM.from_pretrained(out)
     assert pruned.config.num_attention_heads == 6 and pruned.config.num_key_value_heads == 2
     assert pruned.num_parameters() == round(134_515_008 * (1 - report["achieved_sparsity"]))
+    ood = report["out_of_domain"]["after"]
+    assert ood["perplexity"]["data"] == "pydoc" and ood["perplexity"]["n_tokens"] == 4 * 255  # Austen-trained
+    assert f"pruned {ood['perplexity']['ppl']:.3f}" in done.stdout and "repeated 4-grams" in done.stdout
+    assert ood["fidelity"]["kl"] > 0.01 and 0.3 < ood["fidelity"]["top1_agreement"] < 1
+    dense_health, pruned_health = report["out_of_domain"]["before"]["generation"], ood["generation"]
+    assert len(pruned_health["samples"]) == len(dense_health["samples"]) >= 20
+    assert 0 <= dense_health["repetition"] < 0.3  # the dense model does not loop on its own prompts
