@@ -11,7 +11,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from quality import METHODS
+from quality import METHODS, ratios_to_dense, selection_key, summary_lines
 
 
 @pytest.mark.slow
@@ -26,7 +26,29 @@ def test_quick_benchmark_suite_runs_every_method_and_writes_nothing_into_docs(tm
     assert methods == set(METHODS)
     for row in runs.values():
         assert row["ppl_austen"] > 1 and row["ppl_pydoc"] > 1
+        assert 0 <= row["generation"]["repetition"] <= 1 and row["generation"]["n_prompts"] >= 20
+        assert (row["fidelity_pydoc"]["kl"] == 0) == (row["method"] == "dense")
         if row["target_sparsity"]:
             assert abs(row["achieved_sparsity"] - row["target_sparsity"]) < 0.01
     assert "lora_vs_grad" in done.stdout and "default_vs_finetune" in done.stdout
     assert sorted(p.name for p in (ROOT / "docs").rglob("*")) == docs_before
+
+
+def _row(method: str, sparsity: float, austen: float, pydoc: float, repetition: float) -> dict:
+    return {"method": method, "target_sparsity": sparsity, "seed": 0, "ppl_austen": austen, "ppl_pydoc": pydoc,
+            "generation": {"repetition": repetition}}
+
+
+def test_selection_measure_is_the_geometric_mean_of_both_ratios_and_repetition_breaks_ties():
+    dense = _row("dense", 0.0, 30.0, 10.0, 0.05)
+    in_domain_winner = _row("fisher+global", 0.2, 33.0, 40.0, 0.1)  # 1.1× in, 4× out
+    balanced = _row("fisher+global+distill", 0.2, 36.0, 15.0, 0.1)  # 1.2× in, 1.5× out
+    assert ratios_to_dense(balanced, dense) == (1.2, 1.5, (1.2 * 1.5) ** 0.5)
+    assert selection_key(balanced, dense) < selection_key(in_domain_winner, dense)
+    looping = _row("fisher+global+kl", 0.2, 36.0, 15.0, 0.4)
+    assert selection_key(balanced, dense) < selection_key(looping, dense)
+    results = {"settings": {"seed": 0, "sparsities": [0.2]},
+               "runs": {r["method"]: r for r in (dense, in_domain_winner, balanced, looping)}}
+    lines = summary_lines(results)
+    assert "picks `fisher+global+distill`" in lines[1] and "pydoc ≤ 1.6×: 1.50×, met" in lines[2]
+    assert "Northanger Abbey ≤ 1.25×: 1.20×, met" in lines[2]

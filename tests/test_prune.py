@@ -80,10 +80,19 @@ def test_self_distillation_run_exports_and_records_its_setting(tiny_run_inputs, 
     assert all(torch.isfinite(torch.tensor(entry["loss"])) for entry in log)
 
 
-def test_report_holds_greedy_samples_before_and_after(tiny_run_inputs, tmp_path):
+def test_report_holds_greedy_samples_and_out_of_domain_measures_before_and_after(tiny_run_inputs, tmp_path):
     model_dir, text = tiny_run_inputs
-    prune(_config(model_dir, text), tmp_path / "out", progress=False)
-    samples = json.loads((tmp_path / "out" / "loraprune.json").read_text())["greedy_samples"]
+    result = prune(_config(model_dir, text), tmp_path / "out", progress=False)
+    report = json.loads((tmp_path / "out" / "loraprune.json").read_text())
+    ood = report["out_of_domain"]
+    assert ood == result.out_of_domain
+    assert ood["before"]["perplexity"]["data"] == ood["after"]["perplexity"]["data"] == "pydoc"  # text: → pydoc
+    assert ood["after"]["perplexity"]["n_tokens"] == ood["before"]["perplexity"]["n_tokens"] > 0
+    assert ood["after"]["fidelity"]["kl"] > 0 and 0 <= ood["after"]["fidelity"]["top1_agreement"] < 1
+    for health in (ood["before"]["generation"], ood["after"]["generation"]):
+        assert health["n_prompts"] == len(health["samples"]) >= 20
+        assert 0 <= health["repetition"] <= 1
+    samples = report["greedy_samples"]
     assert [s["prompt"] for s in samples] == list(SAMPLE_PROMPTS)
     assert all(isinstance(s["before"], str) and isinstance(s["after"], str) for s in samples)
     assert any(s["before"] != s["after"] for s in samples)  # pruning 30 % of a tiny model changes its text

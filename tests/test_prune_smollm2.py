@@ -86,3 +86,10 @@ def test_smollm2_global_run_exports_a_deci_lm_folder_with_the_runs_perplexity_an
     gguf_top1 = (hidden @ embedding.T).argmax(-1).tolist()
     agreement = sum(a == b for a, b in zip(gguf_top1, loaded["top1"])) / len(ids)
     assert agreement >= 0.99
+    ood = report["out_of_domain"]["after"]
+    assert ood["perplexity"]["data"] == "pydoc" and ood["perplexity"]["n_tokens"] == 4 * 255  # Austen-trained
+    assert f"pruned {ood['perplexity']['ppl']:.3f}" in done.stdout and "repeated 4-grams" in done.stdout
+    assert ood["fidelity"]["kl"] > 0.01 and 0.3 < ood["fidelity"]["top1_agreement"] < 1
+    dense_health, pruned_health = report["out_of_domain"]["before"]["generation"], ood["generation"]
+    assert len(pruned_health["samples"]) == len(dense_health["samples"]) >= 20
+    assert 0 <= dense_health["repetition"] < 0.3  # the dense model does not loop on its own prompts

@@ -235,6 +235,7 @@ def prune_command(args: argparse.Namespace) -> int:
     print(f"achieved whole-model sparsity {result.achieved_sparsity:.4f} (target {result.report['target_sparsity']})")
     print(f"perplexity on {before.data} ({before.split}), {before.n_windows} windows of {before.seq_len} tokens, "
           f"{before.n_tokens} tokens: dense {before.ppl:.3f} -> pruned {after.ppl:.3f}")
+    _print_out_of_domain(result.out_of_domain)
     for sample in result.report["greedy_samples"]:
         print(f"{sample['prompt']!r}\n  dense:  {sample['before']!r}\n  pruned: {sample['after']!r}")
     if not args.no_export:
@@ -255,6 +256,23 @@ def written_kind(folder: Path) -> str:
     remote = ", trust_remote_code=True" if per_layer else ""
     return (f"written as {kind}; load it with:\n  from transformers import AutoModelForCausalLM\n"
             f"  model = AutoModelForCausalLM.from_pretrained({str(folder)!r}{remote})")
+
+
+def _print_out_of_domain(report: dict | None) -> None:
+    """The out-of-domain perplexity, fidelity and repetition lines of the prune summary."""
+    if not report:
+        return
+    before, after = report["before"], report["after"]
+    if "perplexity" in after:
+        dense_ppl, pruned_ppl, fid = before["perplexity"], after["perplexity"], after["fidelity"]
+        print(f"out-of-domain perplexity on {pruned_ppl['data']} (validation), {pruned_ppl['n_windows']} windows of "
+              f"{pruned_ppl['seq_len']} tokens, {pruned_ppl['n_tokens']} tokens: dense {dense_ppl['ppl']:.3f} -> "
+              f"pruned {pruned_ppl['ppl']:.3f} ({pruned_ppl['ppl'] / dense_ppl['ppl']:.2f}x)")
+        print(f"fidelity to dense on {fid['n_tokens']} of those tokens: KL {fid['kl']:.4f} nats/token, "
+              f"top-1 agreement {fid['top1_agreement']:.3f}")
+    gen_before, gen_after = before["generation"], after["generation"]
+    print(f"repeated 4-grams in greedy {gen_after['new_tokens']}-token continuations of {gen_after['n_prompts']} "
+          f"prompts: dense {gen_before['repetition']:.3f} -> pruned {gen_after['repetition']:.3f}")
 
 
 def add_export_arguments(parser: argparse.ArgumentParser) -> None:

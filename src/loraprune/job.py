@@ -31,6 +31,8 @@ from loraprune.data.generated import (
     self_block_count,
 )
 from loraprune.errors import LoraPruneError
+from loraprune.evaluation.fidelity import dense_view
+from loraprune.evaluation.harness import out_of_domain_blocks, out_of_domain_report
 from loraprune.evaluation.perplexity import PerplexityResult, evaluate_perplexity, perplexity
 from loraprune.evaluation.samples import SAMPLE_PROMPTS, greedy_samples
 from loraprune.export.gguf_vocab import check_vocab
@@ -53,6 +55,7 @@ from loraprune.training.run_folder import PARTIAL_SUFFIX, partial_dir
 from loraprune.training.sharding import full_state
 
 RUN_SUBDIR = "run"
+FIDELITY_TOKENS = 4096  # out-of-domain tokens the pruned logits are compared with the dense ones on
 EXPORT_PROBE_TOKENS = 128  # validation text the exported model's logits are checked on
 EXPORT_FORMATS = ("transformers", "gguf", "nemotron-nas")
 # Every export format holds a different width in every layer: transformers as a DeciLM folder.
@@ -70,6 +73,7 @@ class PruneResult:
     pruned_perplexity: PerplexityResult
     report: dict
     main_process: bool = True  # False in the other processes of a data-parallel run
+    out_of_domain: dict | None = None  # {"before", "after"}: see evaluation.harness.out_of_domain_report
 
 
 def _run_folders(out: Path | None, resume: Path | bool) -> tuple[Path, Path]:
@@ -264,6 +268,8 @@ def prune(config: PruneConfig | None = None, out: str | Path | None = None, *,
     main_progress = progress and processes.is_main_process
     generated = _generated_text(model, tokenizer, config, spec, run_dir, resuming, processes, main_progress)
     dense = _evaluate(model, tokenizer, config, main_progress, generated)
+    ood = out_of_domain_blocks(tokenizer, config.data, config.eval_seq_len, config.eval_tokens, config.austen_dir)
+    ood_before = out_of_domain_report(model, tokenizer, ood)
     samples_before = greedy_samples(model, tokenizer)
     if processes.is_main_process:
         if run_dir.exists() and not resuming:
@@ -276,6 +282,8 @@ def prune(config: PruneConfig | None = None, out: str | Path | None = None, *,
     outcome = train_while_pruning(model, sources, config, run_dir, checkpoint, progress)
     outcome.model.eval()
     pruned = _evaluate(outcome.model, tokenizer, config, main_progress, generated)
+    ood_after = out_of_domain_report(outcome.model, tokenizer, ood, dense_view(outcome.model, outcome.masks),
+                                     FIDELITY_TOKENS // config.eval_seq_len)
     samples = [{"prompt": prompt, "before": before, "after": after} for prompt, before, after
                in zip(SAMPLE_PROMPTS, samples_before, greedy_samples(outcome.model, tokenizer))]
     report = {**run_report(config, outcome.steps),
@@ -284,6 +292,7 @@ def prune(config: PruneConfig | None = None, out: str | Path | None = None, *,
               "perplexity_before": dense.to_dict(),
               "perplexity_after": pruned.to_dict(),
               "greedy_samples": samples,
+              "out_of_domain": {"before": ood_before, "after": ood_after},
               "processes": _processes_report(config, processes.num_processes, outcome)}
     # Sharded, the main process rebuilds the whole model: the frozen base from disk, the adapter gathered.
     adapter = full_state(get_peft_model_state_dict(outcome.model)) if export and outcome.sharded else None
@@ -295,7 +304,7 @@ def prune(config: PruneConfig | None = None, out: str | Path | None = None, *,
         os.replace(run_dir, out_path / RUN_SUBDIR)
     processes.wait_for_everyone()
     return PruneResult(out_path, outcome.target, outcome.achieved_sparsity, dense, pruned, report,
-                       processes.is_main_process)
+                       processes.is_main_process, report["out_of_domain"])
 
 
 def _processes_report(config: PruneConfig, count: int, outcome: TrainingOutcome) -> dict:
