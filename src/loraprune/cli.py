@@ -13,6 +13,7 @@ from pathlib import Path
 
 from loraprune import __version__
 from loraprune.errors import LoraPruneError
+from loraprune.quiet import quiet_third_party
 
 EXIT_INTERRUPTED = 130
 
@@ -381,7 +382,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run the loraprune command line; returns the process exit code."""
     args = build_parser().parse_args(argv)
+    # Only a real command line may keep bitsandbytes out: a caller's process may need it later.
+    quiet_third_party(needs_bitsandbytes=argv is not None or _may_need_bitsandbytes(args))
     return _run(args)
+
+
+def _may_need_bitsandbytes(args: argparse.Namespace) -> bool:
+    """Whether the command may quantise a base: --base-bits, or a saved run that may have used it."""
+    if args.command == "prune":
+        return args.base_bits is not None or bool(args.resume)
+    return args.command == "export"
 
 
 def _run(args: argparse.Namespace) -> int:
