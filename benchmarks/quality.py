@@ -110,9 +110,13 @@ class Settings:
 
 BUDGET_STEPS = (128, 512, 2048)  # the budget curve: the default method after each many steps
 BUDGET_PLAN = (("dense", 0.0, 0), ("fisher+global", 0.2, 0), ("fisher+global", 0.5, 0))
+# The smoke run takes each path through run_one once (not every row: CI's budget): the dense model as it is,
+# unpruned training with distillation, the default, global allocation with distillation, a one-shot baseline
+# and the paper's criterion. Every method's settings are checked as a PruneConfig by a fast test.
+QUICK_METHODS = ("dense", "dense+lora+distill", DEFAULT_METHOD, "fisher+global+distill", "llm-pruner+global", "lora")
 QUICK = Settings(steps=6, seq_len=64, prune_every=1, calibration_blocks=2, eval_tokens=1024, eval_seq_len=256,
-                 fidelity_tokens=512, generation_tokens=8,
-                 sparsities=(0.3,), plan=tuple((name, None if METHODS[name].pruned else 0.0, 0) for name in METHODS))
+                 fidelity_tokens=512, generation_tokens=8, sparsities=(0.3,),
+                 plan=tuple((name, None if METHODS[name].pruned else 0.0, 0) for name in QUICK_METHODS))
 
 
 def run_key(method: str, sparsity: float, seed: int) -> str:

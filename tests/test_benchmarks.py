@@ -11,11 +11,11 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from quality import METHODS, ratios_to_dense, selection_key, summary_lines
+from quality import METHODS, QUICK, QUICK_METHODS, Settings, _config, ratios_to_dense, selection_key, summary_lines
 
 
 @pytest.mark.slow
-def test_quick_benchmark_suite_runs_every_method_and_writes_nothing_into_docs(tmp_path, austen_dir, smollm2):
+def test_quick_benchmark_suite_runs_each_path_and_writes_nothing_into_docs(tmp_path, austen_dir, smollm2):
     docs_before = sorted(p.name for p in (ROOT / "docs").rglob("*")) if (ROOT / "docs").exists() else []
     results = tmp_path / "quality-quick.json"
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run_all.py"), "--quick",
@@ -23,7 +23,7 @@ def test_quick_benchmark_suite_runs_every_method_and_writes_nothing_into_docs(tm
     assert done.returncode == 0, done.stderr[-3000:]
     runs = json.loads(results.read_text())["runs"]
     methods = {row["method"] for row in runs.values()}
-    assert methods == set(METHODS)
+    assert methods == set(QUICK_METHODS)
     for row in runs.values():
         assert row["ppl_austen"] > 1 and row["ppl_pydoc"] > 1
         assert 0 <= row["generation"]["repetition"] <= 1 and row["generation"]["n_prompts"] >= 20
@@ -52,3 +52,11 @@ def test_selection_measure_is_the_geometric_mean_of_both_ratios_and_repetition_b
     lines = summary_lines(results)
     assert "picks `fisher+global+distill`" in lines[1] and "pydoc ≤ 1.6×: 1.50×, met" in lines[2]
     assert "Northanger Abbey ≤ 1.25×: 1.20×, met" in lines[2]
+
+
+def test_every_method_of_the_suite_is_a_valid_run():
+    """The quick run takes a few methods; every other row must at least be a configuration prune accepts."""
+    for method in METHODS.values():
+        for sparsity in Settings().sparsities:
+            _config(Settings(), method, sparsity, seed=0).validate()
+    assert set(QUICK_METHODS) <= set(METHODS) and len(QUICK.plan) == len(QUICK_METHODS)
