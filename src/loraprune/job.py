@@ -35,13 +35,13 @@ from loraprune.evaluation.fidelity import dense_view
 from loraprune.evaluation.harness import out_of_domain_blocks, out_of_domain_report
 from loraprune.evaluation.perplexity import PerplexityResult, evaluate_perplexity, perplexity
 from loraprune.evaluation.samples import SAMPLE_PROMPTS, greedy_samples
+from loraprune.export import ExportRequest, export_model
 from loraprune.export.gguf_vocab import check_vocab
 from loraprune.export.gguf_writer import check_architecture, check_gguf_type, export_gguf
 from loraprune.export.logit_check import LogitCheckFailed
 from loraprune.export.nemotron_nas_writer import check_exportable as check_nemotron_nas
 from loraprune.export.nemotron_nas_writer import export_nemotron_nas
 from loraprune.export.slicing import uniform_widths
-from loraprune.export.transformers_writer import export_checkpoint
 from loraprune.models import spec_for, unwrap
 from loraprune.models.loading import load_model, source_gguf_file
 from loraprune.pruning.groups import LayerShape
@@ -206,8 +206,8 @@ def _export(model, tokenizer, masks: ModelMasks, report: dict, out: Path, config
     if export_format == "gguf":
         return export_gguf(model, tokenizer, masks, spec, report, out, gguf_type=gguf_type, overwrite=overwrite,
                            probe=probe, check_logits=check_logits, source_gguf=source_gguf_file(config.model))
-    return export_checkpoint(model, tokenizer, masks, spec, report, out, overwrite=overwrite, probe=probe,
-                             check_logits=check_logits)
+    return export_model(ExportRequest(model, masks, tokenizer, report, out, overwrite=overwrite, probe=probe,
+                                      check_logits=check_logits))
 
 
 def has_uniform_widths(masks: ModelMasks, shape: LayerShape) -> bool:

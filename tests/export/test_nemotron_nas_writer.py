@@ -15,12 +15,11 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
 
 from loraprune.errors import LoraPruneError
-from loraprune.export import nemotron_nas_writer
+from loraprune.export import ExportRequest, export_model, nemotron_nas_writer
 from loraprune.export.logit_check import compare_logits, logits_of, probe_ids
 from loraprune.export.nemotron_nas_layout import PAD, plan_layout
 from loraprune.export.nemotron_nas_reader import WEIGHTS_NAME, load_decilm
 from loraprune.export.nemotron_nas_writer import LogitCheckFailed, export_nemotron_nas
-from loraprune.export.transformers_writer import export_checkpoint
 from loraprune.models import spec_for
 from loraprune.pruning.groups import LayerShape
 from loraprune.pruning.masks import LayerMask, ModelMasks
@@ -244,8 +243,7 @@ def test_uniform_masks_give_the_transformers_export_without_padding(tmp_path):
     probe = probe_ids(TINY["vocab_size"])
     nas = export_nemotron_nas(lora_model(LlamaConfig(**TINY)), None, masks, spec_for(LlamaConfig(**TINY)), {},
                               tmp_path / "nas")
-    hf = export_checkpoint(lora_model(LlamaConfig(**TINY)), None, masks, spec_for(LlamaConfig(**TINY)), {},
-                           tmp_path / "hf")
+    hf = export_model(ExportRequest(lora_model(LlamaConfig(**TINY)), masks, None, {}, tmp_path / "hf"))
     nas_export = json.loads((nas / "loraprune.json").read_text())["export"]
     hf_export = json.loads((hf / "loraprune.json").read_text())["export"]
     assert nas_export["zero_padding_parameters"] == 0

@@ -16,12 +16,19 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from loraprune.errors import LoraPruneError
-from loraprune.export.logit_check import LogitCheckFailed, check_failure, logits_of, probe_ids, rounding_noise
+from loraprune.export.logit_check import (
+    LogitCheckFailed,
+    check_failure,
+    compare_logits,
+    logits_of,
+    probe_ids,
+    rounding_noise,
+)
 from loraprune.export.nemotron_nas_layout import PAD, BlockLayout, plan_layout
 from loraprune.export.nemotron_nas_reader import WEIGHTS_NAME, auto_map, load_decilm, shipped_code
 from loraprune.export.placement import move_into_place, temporary_folder_beside
 from loraprune.export.slicing import merge_lora
-from loraprune.export.transformers_writer import REPORT_NAME, logit_check
+from loraprune.export.writer import REPORT_NAME, TrainedLogits, WrittenModel, logit_check
 from loraprune.models import ArchSpec, decoder_layers, unwrap
 from loraprune.pruning.groups import LayerShape
 from loraprune.pruning.masks import ModelMasks
@@ -71,7 +78,9 @@ def export_nemotron_nas(model: nn.Module, tokenizer, masks: ModelMasks, spec: Ar
             tokenizer.save_pretrained(tmp)
         summary = _export_summary(merged, masks, layouts, shape, tensors)
         exported = logits_of(load_decilm(tmp, merged.dtype), probe)
-        check = logit_check(exported, merged_logits, adapted, rounding, probe)
+        slicing = {"slicing": compare_logits(exported, merged_logits).to_dict()}
+        check = logit_check(WrittenModel(summary, exported, comparisons=slicing),
+                            TrainedLogits(probe, adapted, merged_logits, rounding, merged.dtype))
         full_report = {**report, "export": {**summary, "logit_check": check}}
         (tmp / REPORT_NAME).write_text(json.dumps(full_report, indent=2) + "\n")
         (tmp / "README.md").write_text(model_card(full_report))
