@@ -37,7 +37,7 @@ from loraprune.evaluation.perplexity import PerplexityResult, evaluate_perplexit
 from loraprune.evaluation.samples import SAMPLE_PROMPTS, greedy_samples
 from loraprune.export import ExportRequest, export_model
 from loraprune.export.gguf_vocab import check_vocab
-from loraprune.export.gguf_writer import check_architecture, check_gguf_type, export_gguf
+from loraprune.export.gguf_writer import check_architecture, check_gguf_type
 from loraprune.export.logit_check import LogitCheckFailed
 from loraprune.export.nemotron_nas_writer import check_exportable as check_nemotron_nas
 from loraprune.export.nemotron_nas_writer import export_nemotron_nas
@@ -204,8 +204,9 @@ def _export(model, tokenizer, masks: ModelMasks, report: dict, out: Path, config
         return export_nemotron_nas(model, tokenizer, masks, spec, report, out, overwrite=overwrite, probe=probe,
                                    check_logits=check_logits)
     if export_format == "gguf":
-        return export_gguf(model, tokenizer, masks, spec, report, out, gguf_type=gguf_type, overwrite=overwrite,
-                           probe=probe, check_logits=check_logits, source_gguf=source_gguf_file(config.model))
+        return export_model(ExportRequest(model, masks, tokenizer, report, out, format="gguf", gguf_type=gguf_type,
+                                          overwrite=overwrite, probe=probe, check_logits=check_logits,
+                                          source_gguf=source_gguf_file(config.model)))
     return export_model(ExportRequest(model, masks, tokenizer, report, out, overwrite=overwrite, probe=probe,
                                       check_logits=check_logits))
 

@@ -43,7 +43,8 @@ class TransformersWriter(ExportWriter):
                    "config": config_widths(sliced.config), "parameters_after": sliced.num_parameters(),
                    "layers": layers_report(request.masks, shape)}
         exported = logits_of(reload_checkpoint(folder, summary, reference.dtype), reference.probe)
-        return WrittenModel(summary, exported, comparisons={"slicing": compare_logits(exported, reference.merged).to_dict()})
+        slicing = compare_logits(exported, reference.merged)
+        return WrittenModel(summary, exported, comparisons={"slicing": slicing.to_dict()})
 
     def model_card(self, report: dict) -> str:
         """What was pruned, how much, how to load it."""

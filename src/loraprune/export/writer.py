@@ -54,20 +54,12 @@ class ExportRequest:
     source_gguf: Path | None = None  # the GGUF file the model was loaded from: its tokenizer keys are copied
     threads: int | None = None  # llama.cpp threads of the GGUF check
 
-    @property
-    def config(self):
-        """The model's transformers config."""
-        return unwrap(self.model).config
+    spec: ArchSpec = field(init=False)  # where its layers and projections are
+    shape: LayerShape = field(init=False)  # its unpruned layer widths (slicing changes the config: read first)
 
-    @property
-    def spec(self) -> ArchSpec:
-        """Where the model's layers and projections are."""
-        return spec_for(self.config)
-
-    @property
-    def shape(self) -> LayerShape:
-        """The unpruned widths of one decoder layer."""
-        return LayerShape.from_config(self.config)
+    def __post_init__(self) -> None:
+        self.spec = spec_for(unwrap(self.model).config)
+        self.shape = LayerShape.from_config(unwrap(self.model).config)
 
 
 @dataclass(frozen=True)
@@ -161,7 +153,7 @@ def merged_with_reference(request: ExportRequest) -> tuple[PreTrainedModel, Trai
     """The trained model's logits on the probe (masked, adapters on), then the model merged."""
     model, masks, spec = request.model, request.masks, request.spec
     model.eval()
-    probe = request.probe if request.probe is not None else probe_ids(request.config.vocab_size)
+    probe = request.probe if request.probe is not None else probe_ids(unwrap(model).config.vocab_size)
     dtype = unwrap(model).dtype
     masks.attach(model, spec)
     trained = logits_of(model, probe)
