@@ -18,7 +18,6 @@ from loraprune.data import load_text
 from loraprune.data.tokens import tokenize_cached
 from loraprune.export import ExportRequest, export_model
 from loraprune.export.logit_check import logits_of
-from loraprune.export.nemotron_nas_writer import export_nemotron_nas
 from loraprune.models import spec_for
 from loraprune.models.loading import load_model
 from loraprune.pruning.masks import ModelMasks
@@ -63,7 +62,7 @@ def main() -> None:
         masks.attach(model, spec)
         reference = torch.log_softmax(logits_of(model, ids)[0].double(), dim=-1)
         masks.detach()
-        export_nemotron_nas(model, tokenizer, masks, spec, {}, tmp / f"{case}-nas")
+        export_model(ExportRequest(model, masks, tokenizer, {}, tmp / f"{case}-nas", format="nemotron-nas"))
         export_model(ExportRequest(model, masks, tokenizer, {}, tmp / f"{case}-hf"))  # slices the model: last
         for form in ("hf", "nas"):
             architecture, gap, top1 = vllm_gap(tmp / f"{case}-{form}", ids[0].tolist(), reference)

@@ -39,12 +39,9 @@ from loraprune.export import ExportRequest, export_model
 from loraprune.export.gguf_vocab import check_vocab
 from loraprune.export.gguf_writer import check_architecture, check_gguf_type
 from loraprune.export.logit_check import LogitCheckFailed
-from loraprune.export.nemotron_nas_writer import check_exportable as check_nemotron_nas
-from loraprune.export.nemotron_nas_writer import export_nemotron_nas
-from loraprune.export.slicing import uniform_widths
-from loraprune.models import spec_for, unwrap
+from loraprune.export.nemotron_nas_folder import check_exportable as check_nemotron_nas
+from loraprune.models import spec_for
 from loraprune.models.loading import load_model, source_gguf_file
-from loraprune.pruning.groups import LayerShape
 from loraprune.pruning.masks import ModelMasks
 from loraprune.pruning.schedule import PruningSchedule
 from loraprune.pruning.target import GlobalTarget, PruneTarget, solve_model_target
@@ -198,26 +195,9 @@ def _export(model, tokenizer, masks: ModelMasks, report: dict, out: Path, config
             export_format: str, gguf_type: str, overwrite: bool, check_logits: bool = True,
             run_dir: Path | None = None) -> Path:
     """Write the model in the chosen format, validated before it is put in place."""
-    spec, probe = spec_for(unwrap(model).config), export_probe(tokenizer, config, run_dir)
-    if export_format == "nemotron-nas" or (export_format == "transformers"
-                                         and not has_uniform_widths(masks, LayerShape.from_config(unwrap(model).config))):
-        return export_nemotron_nas(model, tokenizer, masks, spec, report, out, overwrite=overwrite, probe=probe,
-                                   check_logits=check_logits)
-    if export_format == "gguf":
-        return export_model(ExportRequest(model, masks, tokenizer, report, out, format="gguf", gguf_type=gguf_type,
-                                          overwrite=overwrite, probe=probe, check_logits=check_logits,
-                                          source_gguf=source_gguf_file(config.model)))
-    return export_model(ExportRequest(model, masks, tokenizer, report, out, overwrite=overwrite, probe=probe,
-                                      check_logits=check_logits))
-
-
-def has_uniform_widths(masks: ModelMasks, shape: LayerShape) -> bool:
-    """Whether one plain Llama config holds every layer: the same widths everywhere, none zero."""
-    try:
-        uniform_widths(masks, shape)
-    except LoraPruneError:  # its checks are the definition; per-layer widths go to a DeciLM folder
-        return False
-    return True
+    return export_model(ExportRequest(model, masks, tokenizer, report, out, format=export_format, overwrite=overwrite,
+                                      check_logits=check_logits, probe=export_probe(tokenizer, config, run_dir),
+                                      gguf_type=gguf_type, source_gguf=source_gguf_file(config.model)))
 
 
 def prune(config: PruneConfig | None = None, out: str | Path | None = None, *,

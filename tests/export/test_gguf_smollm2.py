@@ -47,8 +47,9 @@ def test_pruned_smollm2_gguf_agrees_with_pytorch_on_512_tokens_of_austen(per_lay
     ids = tokenizer(load_text("austen", "validation", austen_dir)[:20_000])["input_ids"][:PROBE_TOKENS]
     probe = torch.tensor([ids])
 
-    out = export_model(ExportRequest(copy.deepcopy(model), smollm2_masks(per_layer), tokenizer, {"model": "smollm2-135m"},
-                                     tmp_path / "pruned", format="gguf", probe=probe, source_gguf=builtin_gguf_path()))
+    out = export_model(ExportRequest(copy.deepcopy(model), smollm2_masks(per_layer), tokenizer,
+                                     {"model": "smollm2-135m"}, tmp_path / "pruned", format="gguf", probe=probe,
+                                     source_gguf=builtin_gguf_path()))
 
     export = json.loads((out / "loraprune.json").read_text())["export"]
     check = export["logit_check"]

@@ -14,8 +14,8 @@ import torch
 
 from loraprune.data import load_text
 from loraprune.data.tokens import tokenize_cached
+from loraprune.export import ExportRequest, export_model
 from loraprune.export.logit_check import logits_of
-from loraprune.export.nemotron_nas_writer import export_nemotron_nas
 from loraprune.models import spec_for
 from loraprune.pruning.groups import LayerShape
 from loraprune.pruning.masks import LayerMask, ModelMasks
@@ -69,8 +69,8 @@ def test_vllm_runs_a_pruned_smollm2_with_per_layer_widths_like_the_masked_model(
                                 min_new_tokens=GREEDY_NEW_TOKENS)[0, GREEDY_PROMPT_TOKENS:].tolist()
     finally:
         masks.detach()
-    folder = export_nemotron_nas(model, tokenizer, masks, spec, {"source_model": "smollm2-135m"},
-                                 tmp_path / "smollm2-nas")
+    folder = export_model(ExportRequest(model, masks, tokenizer, {"source_model": "smollm2-135m"},
+                                        tmp_path / "smollm2-nas", format="nemotron-nas"))
 
     llm = LLM(model=str(folder), trust_remote_code=True, dtype="float32", enforce_eager=True,
               max_model_len=VALIDATION_TOKENS + 8, max_num_seqs=1, seed=0)

@@ -289,7 +289,8 @@ def _slicing_with_two_ffn_channels_swapped(monkeypatch, layer: int = 2) -> None:
 
 def _pruned_tiny():
     config = LlamaConfig(num_attention_heads=4, num_key_value_heads=2, **TINY)
-    return tiny_model(config), uniform_masks(LayerShape.from_config(config), 3, kv_groups=1, queries_per_group=2, ffn=48)
+    masks = uniform_masks(LayerShape.from_config(config), 3, kv_groups=1, queries_per_group=2, ffn=48)
+    return tiny_model(config), masks
 
 
 def test_a_slicing_bug_fails_the_logit_check_and_writes_nothing(tmp_path, monkeypatch):

@@ -1,54 +1,98 @@
-"""The one Hugging Face writer: a plain Llama-family folder when every layer keeps the same widths.
+"""The one Hugging Face writer: a plain Llama-family folder, or a DeciLM folder for per-layer widths.
 
-The folder is reloaded with plain transformers and its logits handed to the shared check (export/writer.py).
+Every layer the same: the model is sliced and saved as its own architecture, reloaded with plain transformers.
+Layers of different widths (and --format nemotron-nas): a Nemotron-NAS (DeciLM) folder that ships its
+modeling code (nemotron_nas_folder.py), read back with that code. The shared check is export/writer.py's.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from loraprune.errors import LoraPruneError
+from loraprune.export import nemotron_nas_folder
 from loraprune.export.logit_check import compare_logits, logits_of
-from loraprune.export.slicing import slice_model
+from loraprune.export.nemotron_nas_reader import load_decilm
+from loraprune.export.slicing import layers_report, slice_model, uniform_widths
 from loraprune.export.writer import (
     REPORT_NAME,
     ExportRequest,
     ExportWriter,
     TrainedLogits,
     WrittenModel,
-    layers_report,
     register_writer,
 )
+from loraprune.models import unwrap
 from loraprune.models.loading import drop_quantizer
 from loraprune.pruning.groups import LayerShape
+from loraprune.pruning.masks import ModelMasks
 
 
 @register_writer("transformers")
 class TransformersWriter(ExportWriter):
-    """A standard checkpoint that plain transformers loads."""
+    """A folder transformers loads: plain when one config holds every layer, else DeciLM."""
+
+    always_decilm: ClassVar[bool] = False
+
+    def writes_decilm(self, request: ExportRequest) -> bool:
+        """Whether the masks need (or the format asks for) a DeciLM folder."""
+        return self.always_decilm or not has_uniform_widths(request.masks, request.shape)
+
+    def refuse(self, request: ExportRequest) -> None:
+        """A DeciLM folder holds Llama-style models without biases, and at least one attention layer."""
+        if self.writes_decilm(request):
+            nemotron_nas_folder.checked_layouts(unwrap(request.model).config, request.masks, request.shape)
 
     def write(self, merged: PreTrainedModel, request: ExportRequest, reference: TrainedLogits,
               folder: Path) -> WrittenModel:
-        """Slice to one width, save, reload with plain transformers."""
-        shape = request.shape
-        sliced = slice_model(merged, request.masks, request.spec)
-        drop_quantizer(sliced)
-        sliced.save_pretrained(folder, safe_serialization=True)
-        if request.tokenizer is not None:
-            request.tokenizer.save_pretrained(folder)
-        summary = {"format": "transformers", "architecture": type(sliced).__name__,
-                   "config": config_widths(sliced.config), "parameters_after": sliced.num_parameters(),
-                   "layers": layers_report(request.masks, shape)}
-        exported = logits_of(reload_checkpoint(folder, summary, reference.dtype), reference.probe)
+        """Write the folder and read it back as its users will."""
+        if self.writes_decilm(request):
+            summary = nemotron_nas_folder.write_folder(folder, merged, request.masks, request.spec,
+                                                       request.tokenizer)
+            written = load_decilm(folder, merged.dtype)
+        else:
+            summary = write_plain_folder(folder, merged, request)
+            written = reload_checkpoint(folder, summary, reference.dtype)
+        exported = logits_of(written, reference.probe)
         slicing = compare_logits(exported, reference.merged)
         return WrittenModel(summary, exported, comparisons={"slicing": slicing.to_dict()})
 
     def model_card(self, report: dict) -> str:
         """What was pruned, how much, how to load it."""
+        if report["export"]["format"] == nemotron_nas_folder.FORMAT_NAME:
+            return nemotron_nas_folder.model_card(report)
         return model_card(report)
+
+
+@register_writer("nemotron-nas")
+class NemotronNasWriter(TransformersWriter):
+    """Always the DeciLM folder, uniform masks too: what vLLM loads as DeciLMForCausalLM."""
+
+    always_decilm = True
+
+
+def has_uniform_widths(masks: ModelMasks, shape: LayerShape) -> bool:
+    """Whether one plain Llama config holds every layer: the same widths everywhere, none zero."""
+    try:
+        uniform_widths(masks, shape)
+    except LoraPruneError:  # its checks are the definition; per-layer widths go to a DeciLM folder
+        return False
+    return True
+
+
+def write_plain_folder(folder: Path, merged: PreTrainedModel, request: ExportRequest) -> dict:
+    """Slice to one width and save as the model's own architecture; returns the report's export part."""
+    sliced = slice_model(merged, request.masks, request.spec)
+    drop_quantizer(sliced)
+    sliced.save_pretrained(folder, safe_serialization=True)
+    if request.tokenizer is not None:
+        request.tokenizer.save_pretrained(folder)
+    return {"format": "transformers", "architecture": type(sliced).__name__, "config": config_widths(sliced.config),
+            "parameters_after": sliced.num_parameters(), "layers": layers_report(request.masks, request.shape)}
 
 
 def reload_checkpoint(folder: Path, summary: dict, dtype: torch.dtype = torch.float32) -> PreTrainedModel:

@@ -172,10 +172,3 @@ def logit_check(written: WrittenModel, reference: TrainedLogits) -> dict:
                                                                     **written.floors})
     return {"probe_tokens": int(reference.probe.numel()), **check, **written.comparisons,
             "merge": compare_logits(reference.merged, reference.trained).to_dict()}
-
-
-def layers_report(masks: ModelMasks, shape: LayerShape) -> list[dict]:
-    """Per layer: the kept counts and which query heads and FFN channels were kept."""
-    return [{"heads": int(m.heads.sum()), "kv_heads": int(m.kv_heads(shape).sum()), "ffn": int(m.ffn.sum()),
-             "heads_kept": m.heads.nonzero().flatten().tolist(), "ffn_kept": m.ffn.nonzero().flatten().tolist()}
-            for m in masks.layers]
