@@ -6,6 +6,7 @@ saved run. The training itself is the recipe's (loraprune.training.recipe).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from collections.abc import Iterator
@@ -52,6 +53,7 @@ from loraprune.training.run_folder import PARTIAL_SUFFIX, partial_dir
 from loraprune.training.sharding import full_state
 
 RUN_SUBDIR = "run"
+RUN_REPORT = "report.json"  # the run's own report, in its run folder: a re-export carries it over
 FIDELITY_TOKENS = 4096  # out-of-domain tokens the pruned logits are compared with the dense ones on
 EXPORT_PROBE_TOKENS = 128  # validation text the exported model's logits are checked on
 EXPORT_FORMATS = ("transformers", "gguf", "nemotron-nas")
@@ -277,6 +279,8 @@ def prune(config: PruneConfig | None = None, out: str | Path | None = None, *,
               "processes": _processes_report(config, processes.num_processes, outcome)}
     # Sharded, the main process rebuilds the whole model: the frozen base from disk, the adapter gathered.
     adapter = full_state(get_peft_model_state_dict(outcome.model)) if export and outcome.sharded else None
+    if processes.is_main_process:
+        (run_dir / RUN_REPORT).write_text(json.dumps(report, indent=2) + "\n")
     if export and processes.is_main_process:
         exported = adapted_model(config, adapter) if outcome.sharded else outcome.model
         with _run_kept_on_failed_check(run_dir, out_path):
@@ -324,10 +328,17 @@ def export_run(run: str | Path, out: str | Path, *, overwrite: bool = False, che
     set_peft_model_state_dict(peft_model, checkpoint.adapter)
     masks = ModelMasks.for_model(peft_model)
     masks.load_state_dict(checkpoint.masks)
-    report = {**run_report(config, checkpoint.state.step), "finished": checkpoint.state.step >= config.steps}
+    report = {**_saved_run_report(run_dir), **run_report(config, checkpoint.state.step),
+              "finished": checkpoint.state.step >= config.steps}
     with _run_kept_on_failed_check(run_dir, Path(out)):
         return _export(peft_model, tokenizer, masks, report, Path(out), config, export_format=export_format,
                        gguf_type=gguf_type, overwrite=overwrite, check_logits=check_logits, run_dir=run_dir)
+
+
+def _saved_run_report(run_dir: Path) -> dict:
+    """What the prune measured and reported about its run (sparsity, perplexities, samples...); {} if it did not finish."""
+    path = run_dir / RUN_REPORT
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def _refuse_writing_over_the_run(run: Path, run_dir: Path, out: Path) -> None:
