@@ -46,3 +46,21 @@ def machine_line() -> str:
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     return (f"{m['cpu']}, {m['logical_cores']} logical cores, torch {m['torch']} ({m['torch_threads']} "
             f"threads), transformers {m['transformers']}, CPU only; load average {load} when written")
+
+
+def side_by_side(columns: int, size: tuple[float, float]):
+    """(figure, axes) of ``columns`` plots in a row, drawn without a display."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(1, columns, figsize=size)
+
+
+def save_figure(fig, path: Path) -> None:
+    """Write the figure as docs' PNGs are written, and free it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

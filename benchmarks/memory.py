@@ -6,16 +6,12 @@ allocations cannot hide in another's; the OS's resident-set size is sampled duri
 
 from __future__ import annotations
 
-import argparse
-import itertools
 import json
-import statistics
-import subprocess
 import sys
-import tempfile
-import threading
-import time
 from pathlib import Path
+
+from docs_sections import DOCS, machine_line, save_figure, save_results, side_by_side, write_section
+from rss import benchmark_parser, measured_training, run_worker
 
 # mode -> PruneConfig settings; "finetune" trains LoRA under full masks and scores nothing.
 MODES: dict[str, dict] = {
@@ -30,40 +26,20 @@ DEFAULT_MODE = "fisher"  # what PruneConfig() runs
 
 def _worker(mode: str, steps: int, seq_len: int) -> dict:
     """Run one mode in this process and report its training peak RSS and step times."""
-    import psutil
     import torch
 
     from loraprune.config import PruneConfig
     from loraprune.data import load_text, token_blocks
     from loraprune.models.loading import load_model
     from loraprune.pruning.masks import ModelMasks
-    from loraprune.training.recipe import train_while_pruning
 
-    process = psutil.Process()
     model, tokenizer = load_model("smollm2-135m")
     blocks = token_blocks(tokenizer, load_text("pydoc", "train"), seq_len)[:64]
     config = PruneConfig(sparsity=0.5, steps=steps, seq_len=seq_len, prune_every=1, save_every=10 ** 9,
                          warmup_fraction=0.0, cooldown_fraction=0.0, **MODES[mode])
     fixed = ModelMasks.for_model(model) if mode == "finetune" else None
-    after_load = process.memory_info().rss
-    peak, done = [after_load], threading.Event()
-
-    def sample() -> None:
-        while not done.is_set():
-            peak[0] = max(peak[0], process.memory_info().rss)
-            time.sleep(0.02)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    with tempfile.TemporaryDirectory() as run_dir:
-        train_while_pruning(model, blocks, config, Path(run_dir), progress=False, fixed_masks=fixed)
-        log = [json.loads(line) for line in (Path(run_dir) / "log.jsonl").read_text().splitlines()]
-    done.set()
-    sampler.join()
-    elapsed = [b["seconds"] - a["seconds"] for a, b in itertools.pairwise(log)]  # first step excluded: warm-up
-    return {"mode": mode, "rss_after_load_bytes": after_load, "peak_rss_bytes": peak[0],
-            "training_increase_bytes": peak[0] - after_load, "step_seconds_median": statistics.median(elapsed),
-            "steps": steps, "seq_len": seq_len, "threads": torch.get_num_threads()}
+    measured = measured_training(model, blocks, config, fixed, interval=0.02)
+    return {"mode": mode, **measured.row(), "steps": steps, "seq_len": seq_len, "threads": torch.get_num_threads()}
 
 
 def measure(steps: int, seq_len: int) -> dict:
@@ -71,9 +47,8 @@ def measure(steps: int, seq_len: int) -> dict:
     rows = []
     for mode in MODES:
         print(f"--- {mode}", flush=True)
-        out = subprocess.run([sys.executable, __file__, "--worker", mode, "--steps", str(steps),
-                              "--seq-len", str(seq_len)], capture_output=True, text=True, check=True)
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        rows.append(run_worker([sys.executable, __file__, "--worker", mode, "--steps", str(steps),
+                                "--seq-len", str(seq_len)], mode))
         print(rows[-1], flush=True)
     return {"rows": rows, **comparisons(rows)}
 
@@ -155,35 +130,21 @@ def memory_section(result: dict, command: str, machine: str) -> str:
 
 def plot(result: dict, path: Path) -> None:
     """Bars of peak RSS and step time per mode."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rows = result["rows"]
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    fig, axes = side_by_side(2, (9, 3.5))
     axes[0].bar([r["mode"] for r in rows], [r["peak_rss_bytes"] / 2**20 for r in rows])
     axes[0].set(ylabel="peak RSS (MiB)", title="memory")
     axes[1].bar([r["mode"] for r in rows], [r["step_seconds_median"] for r in rows])
     axes[1].set(ylabel="seconds per step", title="step time")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--worker", choices=MODES, help=argparse.SUPPRESS)
-    parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--no-docs", action="store_true")
-    parser.add_argument("--from-json", action="store_true", help="rewrite the docs from saved results, no runs")
+    parser = benchmark_parser(__doc__.splitlines()[0], MODES, steps=8)
     args = parser.parse_args(argv)
     if args.worker:
         print(json.dumps(_worker(args.worker, args.steps, args.seq_len)))
         return 0
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from docs_sections import DOCS, machine_line, save_results, write_section
-
     if args.from_json:
         result = json.loads((DOCS / "results" / "memory.json").read_text())
         args.steps, args.seq_len = result["rows"][0]["steps"], result["rows"][0]["seq_len"]

@@ -10,54 +10,12 @@ import argparse
 import gc
 import itertools
 import json
-import statistics
-import subprocess
 import sys
-import tempfile
-import threading
-import time
-from dataclasses import dataclass, field
-from pathlib import Path
 
-LLAMA_7B_SHAPES = {"hidden_size": 4096, "intermediate_size": 11008, "num_attention_heads": 32,
-                   "num_key_value_heads": 32, "vocab_size": 32000}
-LAYER_COUNTS = (2, 4)
-EXTRAPOLATE_TO = 32
-# LoRAPrune paper, Table 8 (LLaMA-7B, one GPU): vanilla gradient criterion, LoRAPrune, LoRAPrune 8-bit.
-PAPER_GB = {"grad": 38.6, "lora": 18.3, "lora 8-bit": 13.8}
-
-
-@dataclass(frozen=True)
-class Mode:
-    """One measured configuration: PruneConfig settings plus the frozen base's precision."""
-
-    settings: dict = field(default_factory=dict)  # empty: plain LoRA fine-tuning under full masks
-    dtype: str = "float32"
-    base_bits: int | None = None
-
-    @property
-    def prunes(self) -> bool:
-        return "criterion" in self.settings
-
-
-def _modes() -> dict[str, Mode]:
-    modes: dict[str, Mode] = {}
-    for distill in (False, True):
-        extra = {"distill": 0.5} if distill else {}
-        suffix = "+distill" if distill else ""
-        modes[f"finetune{suffix}"] = Mode(dict(extra))
-        for criterion in ("lora", "fisher", "grad"):
-            modes[f"{criterion}{suffix}"] = Mode({"criterion": criterion, **extra})
-    for criterion in ("finetune", "lora", "fisher", "grad"):
-        settings = {} if criterion == "finetune" else {"criterion": criterion}
-        modes[f"{criterion}@bf16"] = Mode(settings, dtype="bfloat16")
-    for criterion in ("finetune", "lora", "fisher"):  # grad needs ∇W, which a quantised base has not
-        settings = {} if criterion == "finetune" else {"criterion": criterion}
-        modes[f"{criterion}@int8"] = Mode(settings, base_bits=8)
-    return modes
-
-
-MODES = _modes()
+from docs_sections import DOCS, machine_line, save_results, write_section
+from memory_at_scale_docs import plot, section
+from memory_at_scale_setup import EXTRAPOLATE_TO, LAYER_COUNTS, LLAMA_7B_SHAPES, MODES, Mode
+from rss import benchmark_parser, measured_training, run_worker
 
 
 def build_model(layers: int, dtype: str):
@@ -95,15 +53,12 @@ def tensor_sizes(model, mode: Mode) -> dict[str, int]:
 
 def _worker(name: str, layers: int, steps: int, seq_len: int) -> dict:
     """Run one mode at one layer count in this process; report its peak RSS and step times."""
-    import psutil
     import torch
 
     from loraprune.config import PruneConfig
     from loraprune.pruning.masks import ModelMasks
-    from loraprune.training.recipe import train_while_pruning
 
     mode = MODES[name]
-    process = psutil.Process()
     model = build_model(layers, mode.dtype)
     if mode.base_bits is not None:
         from loraprune.models.quantised import quantise_frozen_base
@@ -116,28 +71,10 @@ def _worker(name: str, layers: int, steps: int, seq_len: int) -> dict:
                          warmup_fraction=0.0, cooldown_fraction=0.0, dtype=mode.dtype,
                          **({"base_bits": mode.base_bits} if mode.base_bits else {}), **mode.settings)
     fixed = None if mode.prunes else ModelMasks.for_model(model)
-    after_load = process.memory_info().rss
-    peak, done = [after_load], threading.Event()
-
-    def sample() -> None:
-        while not done.is_set():
-            peak[0] = max(peak[0], process.memory_info().rss)
-            time.sleep(0.01)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    with tempfile.TemporaryDirectory() as run_dir:
-        outcome = train_while_pruning(model, blocks, config, Path(run_dir), progress=False, fixed_masks=fixed)
-        log = [json.loads(line) for line in (Path(run_dir) / "log.jsonl").read_text().splitlines()]
-    done.set()
-    sampler.join()
-    elapsed = [b["seconds"] - a["seconds"] for a, b in itertools.pairwise(log)]  # first step excluded: warm-up
-    return {"mode": name, "layers": layers, "dtype": mode.dtype, "base_bits": mode.base_bits,
-            "rss_after_load_bytes": after_load, "peak_rss_bytes": peak[0],
-            "training_increase_bytes": peak[0] - after_load,
-            "step_seconds_median": statistics.median(elapsed), "step_seconds": elapsed,
-            "final_loss": outcome.final_loss, "steps": steps, "seq_len": seq_len,
-            "threads": torch.get_num_threads(), **tensor_sizes(outcome.model, mode)}
+    measured = measured_training(model, blocks, config, fixed, interval=0.01)
+    return {"mode": name, "layers": layers, "dtype": mode.dtype, "base_bits": mode.base_bits, **measured.row(),
+            "step_seconds": measured.step_seconds, "final_loss": measured.outcome.final_loss, "steps": steps,
+            "seq_len": seq_len, "threads": torch.get_num_threads(), **tensor_sizes(measured.outcome.model, mode)}
 
 
 def _free_gib() -> float:
@@ -155,11 +92,7 @@ def measure(modes: list[str], steps: int, seq_len: int, rows: list[dict], save) 
         print(f"--- {name} × {layers} layers (available {_free_gib():.1f} GiB)", flush=True)
         command = ["nice", "-n", "5", sys.executable, __file__, "--worker", name, "--layers", str(layers),
                    "--steps", str(steps), "--seq-len", str(seq_len)]
-        out = subprocess.run(command, check=False, capture_output=True, text=True)
-        if out.returncode != 0:
-            print(out.stderr[-3000:], flush=True)
-            raise SystemExit(f"{name} × {layers} failed")
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        rows.append(run_worker(command, f"{name} × {layers}"))
         print({k: rows[-1][k] for k in ("mode", "layers", "peak_rss_bytes", "step_seconds_median")}, flush=True)
         save(rows)
     return rows
@@ -216,21 +149,13 @@ def step_time_ratios(rows: list[dict]) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--worker", choices=MODES, help=argparse.SUPPRESS)
+    parser = benchmark_parser(__doc__.splitlines()[0], MODES, steps=4)
     parser.add_argument("--layers", type=int, default=2, help=argparse.SUPPRESS)
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
-    parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--no-docs", action="store_true")
-    parser.add_argument("--from-json", action="store_true", help="rewrite the docs from saved results, no runs")
     args = parser.parse_args(argv)
     if args.worker:
         print(json.dumps(_worker(args.worker, args.layers, args.steps, args.seq_len)))
         return 0
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from docs_sections import DOCS, machine_line, save_results, write_section
-
     saved = DOCS / "results" / "memory_at_scale.json"
     result = json.loads(saved.read_text()) if saved.exists() else {"rows": []}
     if not args.from_json:
@@ -250,8 +175,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     result.setdefault("machine", machine_line())
     save_results("memory_at_scale", result)
-    from memory_at_scale_docs import plot, section
-
     commands = "`, then `".join(result.get("commands", []))
     write_section("memory_at_scale", section(result, commands, result["machine"]))
     plot(result, DOCS / "memory_at_scale.png")

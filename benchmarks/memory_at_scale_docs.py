@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from memory_at_scale import EXTRAPOLATE_TO, LAYER_COUNTS, PAPER_GB
+from docs_sections import save_figure, side_by_side
+from memory_at_scale_setup import EXTRAPOLATE_TO, LAYER_COUNTS, LLAMA_7B_SHAPES, MODES, PAPER_GB
 
 GIB = 2**30
 # Targets of issue 12 at 32 layers: (ratio name, kind, limit).
@@ -68,8 +69,6 @@ def _targets(result: dict) -> list[str]:
 
 def _what_dominates(result: dict) -> list[str]:
     """Measured explanations of the peaks (set-up copy, ∇W) and of the step times."""
-    from memory_at_scale import LLAMA_7B_SHAPES
-
     high = {r["mode"]: r for r in result["rows"] if r["layers"] == LAYER_COUNTS[-1]}
     embedding_float64 = LLAMA_7B_SHAPES["vocab_size"] * LLAMA_7B_SHAPES["hidden_size"] * 8
     plain = [name for name in ("finetune", "lora", "fisher") if name in high]
@@ -115,8 +114,6 @@ def _what_dominates(result: dict) -> list[str]:
 
 
 def _not_measured(result: dict) -> str:
-    from memory_at_scale import MODES
-
     measured = {r["mode"] for r in result["rows"]}
     missing = [name for name in MODES if name not in measured]
     return (f"Not measured yet (the same command with `--modes {' '.join(missing)}` adds them): "
@@ -179,12 +176,8 @@ def section(result: dict, command: str, machine: str) -> str:
 
 def plot(result: dict, path: Path) -> None:
     """Peak RSS against layer count with the extrapolation, and step time per mode at 4 layers."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     fits, rows = result["extrapolated"], result["rows"]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, axes = side_by_side(2, (11, 4.2))
     for name, fit in fits.items():
         measured = sorted((r["layers"], r["peak_rss_bytes"] / 1e9) for r in rows if r["mode"] == name)
         xs = [x for x, _ in measured] + [EXTRAPOLATE_TO]
@@ -200,6 +193,4 @@ def plot(result: dict, path: Path) -> None:
     axes[1].bar([r["mode"] for r in high], [r["step_seconds_median"] for r in high])
     axes[1].set(ylabel="seconds per step", title=f"step time, {LAYER_COUNTS[-1]} layers (shared CPU)")
     axes[1].tick_params(axis="x", rotation=60, labelsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)

@@ -26,8 +26,8 @@ from loraprune.data import load_text, token_blocks
 from loraprune.evaluation.fidelity import dense_view, fidelity
 from loraprune.evaluation.generation import generation_health
 from loraprune.evaluation.perplexity import perplexity
-from loraprune.export.transformers_writer import export_checkpoint
-from loraprune.models import count_parameters, spec_for
+from loraprune.export import ExportRequest, export_model
+from loraprune.models import count_parameters
 from loraprune.models.loading import load_model
 from loraprune.pruning.masks import ModelMasks
 from loraprune.pruning.target import solve_model_target
@@ -174,8 +174,7 @@ def run_one(base, name: str, sparsity: float, seed: int, settings: Settings, tra
         report = {"source_model": "smollm2-135m", "criterion": name, "data": "austen", "steps": steps,
                   "seed": seed, "target_sparsity": sparsity, "achieved_sparsity": achieved,
                   "written_by": "benchmarks/quality.py"}
-        export_checkpoint(model, tokenizer, outcome.masks, spec_for(base.config), report, export_to,
-                          overwrite=True)
+        export_model(ExportRequest(model, outcome.masks, tokenizer, report, export_to, overwrite=True))
         row["exported_to"] = str(export_to)
     return row
 

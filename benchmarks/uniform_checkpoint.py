@@ -10,8 +10,7 @@ from pathlib import Path
 
 import torch
 
-from loraprune.export.transformers_writer import export_checkpoint
-from loraprune.models import spec_for
+from loraprune.export import ExportRequest, export_model
 from loraprune.models.loading import load_model
 from loraprune.pruning.groups import LayerShape
 from loraprune.pruning.masks import LayerMask, ModelMasks
@@ -37,11 +36,11 @@ def main() -> None:
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args()
     model, tokenizer = load_model(args.model)
-    spec, shape = spec_for(model.config), LayerShape.from_config(model.config)
+    shape = LayerShape.from_config(model.config)
     masks = uniform_masks(shape, model.config.num_hidden_layers, args.kv_groups,
                           args.queries_per_group, args.ffn)
     report = {"model": args.model, "method": "fixed uniform masks (benchmarks/uniform_checkpoint.py)"}
-    out = export_checkpoint(model, tokenizer, masks, spec, report, args.out, args.overwrite)
+    out = export_model(ExportRequest(model, masks, tokenizer, report, args.out, overwrite=args.overwrite))
     print(out)
 
 

@@ -52,13 +52,12 @@ def test_info_command_prints_widths_and_exits_2_on_a_bad_path(tmp_path, capsys):
 
 def test_info_reads_each_layers_widths_from_a_deci_lm_folders_block_configs(tmp_path, capsys):
     from loraprune.cli import main
-    from loraprune.export.nemotron_nas_writer import export_nemotron_nas
-    from loraprune.models import spec_for
+    from loraprune.export import ExportRequest, export_model
     from tests.export.test_nemotron_nas_writer import PER_LAYER_FFN, PER_LAYER_HEADS, TINY, lora_model, per_layer_masks
 
     model = lora_model(LlamaConfig(**TINY))
     masks = per_layer_masks(PER_LAYER_HEADS, PER_LAYER_FFN, TINY["intermediate_size"])
-    folder = export_nemotron_nas(model, None, masks, spec_for(model.config), {}, tmp_path / "decilm")
+    folder = export_model(ExportRequest(model, masks, None, {}, tmp_path / "decilm", format="nemotron-nas"))
     info = checkpoint_info(folder)
     kv = [layer["kv_heads"] for layer in info["layers"]]
     assert [layer["intermediate_size"] for layer in info["layers"]] == [80, 37, 0, 61, 12]

@@ -135,6 +135,22 @@ def test_export_command_writes_a_saved_run(tiny_run_inputs, tmp_path):
     assert main(["export", str(tmp_path / "out.partial"), "--out", str(tmp_path / "again")]) == 0
     report = json.loads((tmp_path / "again" / "loraprune.json").read_text())
     assert report["export"]["logit_check"]["passed"] and report["steps"] == 12
+    assert report["kept_per_layer"] and report["perplexity_after"]["seq_len"] == 32  # from the run's report.json
+
+
+def test_a_re_export_keeps_what_the_prune_reported_about_its_run(tiny_run_inputs, tmp_path):
+    from loraprune.cli import main
+
+    model_dir, text = tiny_run_inputs
+    prune(_config(model_dir, text, steps=4), tmp_path / "out", progress=False)
+    assert main(["export", str(tmp_path / "out"), "--out", str(tmp_path / "again")]) == 0
+    pruned = json.loads((tmp_path / "out" / "loraprune.json").read_text())
+    again = json.loads((tmp_path / "again" / "loraprune.json").read_text())
+    measured = ["achieved_sparsity", "kept_per_layer", "perplexity_before", "perplexity_after", "out_of_domain",
+                "greedy_samples", "processes", "config", "steps"]
+    assert {key: again.get(key) for key in measured} == {key: pruned[key] for key in measured}
+    assert again["finished"] and again["export"]["logit_check"]["passed"]
+    assert again["export"]["layers"] == pruned["export"]["layers"]
 
 
 def test_export_refuses_an_out_that_would_overwrite_its_own_run(tiny_run_inputs, tmp_path):

@@ -6,6 +6,7 @@ saved run. The training itself is the recipe's (loraprune.training.recipe).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from collections.abc import Iterator
@@ -35,16 +36,13 @@ from loraprune.evaluation.fidelity import dense_view
 from loraprune.evaluation.harness import out_of_domain_blocks, out_of_domain_report
 from loraprune.evaluation.perplexity import PerplexityResult, evaluate_perplexity, perplexity
 from loraprune.evaluation.samples import SAMPLE_PROMPTS, greedy_samples
+from loraprune.export import ExportRequest, export_model
 from loraprune.export.gguf_vocab import check_vocab
-from loraprune.export.gguf_writer import check_architecture, check_gguf_type, export_gguf
+from loraprune.export.gguf_writer import check_architecture, check_gguf_type
 from loraprune.export.logit_check import LogitCheckFailed
-from loraprune.export.nemotron_nas_writer import check_exportable as check_nemotron_nas
-from loraprune.export.nemotron_nas_writer import export_nemotron_nas
-from loraprune.export.slicing import uniform_widths
-from loraprune.export.transformers_writer import export_checkpoint
-from loraprune.models import spec_for, unwrap
+from loraprune.export.nemotron_nas_folder import check_exportable as check_nemotron_nas
+from loraprune.models import spec_for
 from loraprune.models.loading import load_model, source_gguf_file
-from loraprune.pruning.groups import LayerShape
 from loraprune.pruning.masks import ModelMasks
 from loraprune.pruning.schedule import PruningSchedule
 from loraprune.pruning.target import GlobalTarget, PruneTarget, solve_model_target
@@ -55,6 +53,7 @@ from loraprune.training.run_folder import PARTIAL_SUFFIX, partial_dir
 from loraprune.training.sharding import full_state
 
 RUN_SUBDIR = "run"
+RUN_REPORT = "report.json"  # the run's own report, in its run folder: a re-export carries it over
 FIDELITY_TOKENS = 4096  # out-of-domain tokens the pruned logits are compared with the dense ones on
 EXPORT_PROBE_TOKENS = 128  # validation text the exported model's logits are checked on
 EXPORT_FORMATS = ("transformers", "gguf", "nemotron-nas")
@@ -198,25 +197,9 @@ def _export(model, tokenizer, masks: ModelMasks, report: dict, out: Path, config
             export_format: str, gguf_type: str, overwrite: bool, check_logits: bool = True,
             run_dir: Path | None = None) -> Path:
     """Write the model in the chosen format, validated before it is put in place."""
-    spec, probe = spec_for(unwrap(model).config), export_probe(tokenizer, config, run_dir)
-    if export_format == "nemotron-nas" or (export_format == "transformers"
-                                         and not has_uniform_widths(masks, LayerShape.from_config(unwrap(model).config))):
-        return export_nemotron_nas(model, tokenizer, masks, spec, report, out, overwrite=overwrite, probe=probe,
-                                   check_logits=check_logits)
-    if export_format == "gguf":
-        return export_gguf(model, tokenizer, masks, spec, report, out, gguf_type=gguf_type, overwrite=overwrite,
-                           probe=probe, check_logits=check_logits, source_gguf=source_gguf_file(config.model))
-    return export_checkpoint(model, tokenizer, masks, spec, report, out, overwrite=overwrite, probe=probe,
-                             check_logits=check_logits)
-
-
-def has_uniform_widths(masks: ModelMasks, shape: LayerShape) -> bool:
-    """Whether one plain Llama config holds every layer: the same widths everywhere, none zero."""
-    try:
-        uniform_widths(masks, shape)
-    except LoraPruneError:  # its checks are the definition; per-layer widths go to a DeciLM folder
-        return False
-    return True
+    return export_model(ExportRequest(model, masks, tokenizer, report, out, format=export_format, overwrite=overwrite,
+                                      check_logits=check_logits, probe=export_probe(tokenizer, config, run_dir),
+                                      gguf_type=gguf_type, source_gguf=source_gguf_file(config.model)))
 
 
 def prune(config: PruneConfig | None = None, out: str | Path | None = None, *,
@@ -296,6 +279,8 @@ def prune(config: PruneConfig | None = None, out: str | Path | None = None, *,
               "processes": _processes_report(config, processes.num_processes, outcome)}
     # Sharded, the main process rebuilds the whole model: the frozen base from disk, the adapter gathered.
     adapter = full_state(get_peft_model_state_dict(outcome.model)) if export and outcome.sharded else None
+    if processes.is_main_process:
+        (run_dir / RUN_REPORT).write_text(json.dumps(report, indent=2) + "\n")
     if export and processes.is_main_process:
         exported = adapted_model(config, adapter) if outcome.sharded else outcome.model
         with _run_kept_on_failed_check(run_dir, out_path):
@@ -343,10 +328,17 @@ def export_run(run: str | Path, out: str | Path, *, overwrite: bool = False, che
     set_peft_model_state_dict(peft_model, checkpoint.adapter)
     masks = ModelMasks.for_model(peft_model)
     masks.load_state_dict(checkpoint.masks)
-    report = {**run_report(config, checkpoint.state.step), "finished": checkpoint.state.step >= config.steps}
+    report = {**_saved_run_report(run_dir), **run_report(config, checkpoint.state.step),
+              "finished": checkpoint.state.step >= config.steps}
     with _run_kept_on_failed_check(run_dir, Path(out)):
         return _export(peft_model, tokenizer, masks, report, Path(out), config, export_format=export_format,
                        gguf_type=gguf_type, overwrite=overwrite, check_logits=check_logits, run_dir=run_dir)
+
+
+def _saved_run_report(run_dir: Path) -> dict:
+    """What the prune measured and reported about its run (sparsity, perplexities, samples...); {} if it did not finish."""
+    path = run_dir / RUN_REPORT
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def _refuse_writing_over_the_run(run: Path, run_dir: Path, out: Path) -> None:

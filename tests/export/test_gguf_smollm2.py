@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from loraprune.data import load_text
-from loraprune.export.gguf_writer import GGUF_NAME, export_gguf
-from loraprune.models import spec_for
+from loraprune.export import ExportRequest, export_model
+from loraprune.export.gguf_writer import GGUF_NAME
 from loraprune.models.loading import builtin_gguf_path
 from loraprune.pruning.masks import LayerMask, ModelMasks
 
@@ -47,8 +47,9 @@ def test_pruned_smollm2_gguf_agrees_with_pytorch_on_512_tokens_of_austen(per_lay
     ids = tokenizer(load_text("austen", "validation", austen_dir)[:20_000])["input_ids"][:PROBE_TOKENS]
     probe = torch.tensor([ids])
 
-    out = export_gguf(copy.deepcopy(model), tokenizer, smollm2_masks(per_layer), spec_for(model.config),
-                      {"model": "smollm2-135m"}, tmp_path / "pruned", probe=probe, source_gguf=builtin_gguf_path())
+    out = export_model(ExportRequest(copy.deepcopy(model), smollm2_masks(per_layer), tokenizer,
+                                     {"model": "smollm2-135m"}, tmp_path / "pruned", format="gguf", probe=probe,
+                                     source_gguf=builtin_gguf_path()))
 
     export = json.loads((out / "loraprune.json").read_text())["export"]
     check = export["logit_check"]

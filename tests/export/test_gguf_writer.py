@@ -17,7 +17,8 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from loraprune.errors import LoraPruneError
-from loraprune.export.gguf_writer import GGUF_NAME, export_gguf, rope_permuted
+from loraprune.export import ExportRequest, export_model
+from loraprune.export.gguf_writer import GGUF_NAME, rope_permuted
 from loraprune.export.llamacpp import LlamaCpp
 from loraprune.export.slicing import LayerWidths, slice_model, sliced_layer_widths
 from loraprune.models import spec_for
@@ -79,8 +80,8 @@ def llamacpp_normalised(logits: torch.Tensor) -> torch.Tensor:
 
 def export(model, tokenizer, masks, out: Path, **kwargs) -> Path:
     probe = torch.tensor([tokenizer(TEXT)["input_ids"]])
-    return export_gguf(model, tokenizer, masks, spec_for(model.config), {"model": "tiny"}, out, probe=probe,
-                       threads=1, **kwargs)
+    return export_model(ExportRequest(model, masks, tokenizer, {"model": "tiny"}, out, format="gguf", probe=probe,
+                                      threads=1, **kwargs))
 
 
 @pytest.mark.parametrize("layers, architecture", [(PER_LAYER, "deci"), (UNIFORM, "llama")])

@@ -15,10 +15,9 @@ import textwrap
 import torch
 from transformers import LlamaConfig
 
+from loraprune.export import ExportRequest, export_model
 from loraprune.export.logit_check import compare_logits, logits_of
 from loraprune.export.nemotron_nas_reader import load_decilm
-from loraprune.export.nemotron_nas_writer import export_nemotron_nas
-from loraprune.models import spec_for
 from tests.export.test_nemotron_nas_writer import (
     PER_LAYER_FFN,
     PER_LAYER_HEADS,
@@ -123,7 +122,7 @@ def test_llama3_rope_scaling_is_carried_and_gives_the_masked_models_logits(tmp_p
     masks = per_layer_masks(PER_LAYER_HEADS, PER_LAYER_FFN, TINY["intermediate_size"])
     probe = torch.randint(0, TINY["vocab_size"], (1, 32), generator=torch.Generator().manual_seed(2))
     expected = masked_logits(model, masks, probe)
-    folder = export_nemotron_nas(model, None, masks, spec_for(model.config), {}, tmp_path / "llama3")
+    folder = export_model(ExportRequest(model, masks, None, {}, tmp_path / "llama3", format="nemotron-nas"))
     assert json.loads((folder / "config.json").read_text())["rope_parameters"]["rope_type"] == "llama3"
     decilm = load_decilm(folder)
     assert compare_logits(logits_of(decilm, probe), expected).relative_difference < 1e-5

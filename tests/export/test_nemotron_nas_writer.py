@@ -15,12 +15,10 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
 
 from loraprune.errors import LoraPruneError
-from loraprune.export import nemotron_nas_writer
-from loraprune.export.logit_check import compare_logits, logits_of, probe_ids
+from loraprune.export import ExportRequest, export_model, nemotron_nas_folder
+from loraprune.export.logit_check import LogitCheckFailed, compare_logits, logits_of, probe_ids
 from loraprune.export.nemotron_nas_layout import PAD, plan_layout
 from loraprune.export.nemotron_nas_reader import WEIGHTS_NAME, load_decilm
-from loraprune.export.nemotron_nas_writer import LogitCheckFailed, export_nemotron_nas
-from loraprune.export.transformers_writer import export_checkpoint
 from loraprune.models import spec_for
 from loraprune.pruning.groups import LayerShape
 from loraprune.pruning.masks import LayerMask, ModelMasks
@@ -75,8 +73,8 @@ def written(tmp_path):
     masks = per_layer_masks(PER_LAYER_HEADS, PER_LAYER_FFN, TINY["intermediate_size"])
     probe = torch.randint(0, TINY["vocab_size"], (2, 24), generator=torch.Generator().manual_seed(1))
     expected = masked_logits(model, masks, probe)
-    out = export_nemotron_nas(model, None, masks, spec_for(model.config), {"source_model": "tiny"},
-                              tmp_path / "nas")
+    out = export_model(ExportRequest(model, masks, None, {"source_model": "tiny"}, tmp_path / "nas",
+                                     format="nemotron-nas"))
     return out, expected, probe
 
 
@@ -174,7 +172,7 @@ def test_models_the_format_cannot_express_are_refused_before_writing(config, mes
     model = lora_model(config)
     masks = per_layer_masks(PER_LAYER_HEADS, PER_LAYER_FFN, TINY["intermediate_size"])
     with pytest.raises(LoraPruneError, match=message):
-        export_nemotron_nas(model, None, masks, spec_for(model.config), {}, tmp_path / "nas")
+        export_model(ExportRequest(model, masks, None, {}, tmp_path / "nas", format="nemotron-nas"))
     assert list(tmp_path.iterdir()) == []
 
 
@@ -187,7 +185,7 @@ def test_an_ffn_before_the_first_attention_is_refused(heads, ffn, message, tmp_p
     model = lora_model(LlamaConfig(**TINY))
     masks = per_layer_masks(heads, ffn, TINY["intermediate_size"])
     with pytest.raises(LoraPruneError, match=message):
-        export_nemotron_nas(model, None, masks, spec_for(model.config), {}, tmp_path / "nas")
+        export_model(ExportRequest(model, masks, None, {}, tmp_path / "nas", format="nemotron-nas"))
     assert list(tmp_path.iterdir()) == []
 
 
@@ -195,7 +193,7 @@ def test_masks_removing_all_attention_are_refused(tmp_path):
     model = lora_model(LlamaConfig(**TINY))
     masks = per_layer_masks([[0] * 6] * 5, PER_LAYER_FFN, TINY["intermediate_size"])
     with pytest.raises(LoraPruneError, match="every attention head"):
-        export_nemotron_nas(model, None, masks, spec_for(model.config), {}, tmp_path / "nas")
+        export_model(ExportRequest(model, masks, None, {}, tmp_path / "nas", format="nemotron-nas"))
 
 
 def test_existing_out_dir_needs_overwrite(tmp_path):
@@ -205,13 +203,13 @@ def test_existing_out_dir_needs_overwrite(tmp_path):
     model = lora_model(LlamaConfig(**TINY))
     masks = per_layer_masks(PER_LAYER_HEADS, PER_LAYER_FFN, TINY["intermediate_size"])
     with pytest.raises(LoraPruneError, match="--overwrite"):
-        export_nemotron_nas(model, None, masks, spec_for(model.config), {}, out)
-    export_nemotron_nas(model, None, masks, spec_for(model.config), {}, out, overwrite=True)
+        export_model(ExportRequest(model, masks, None, {}, out, format="nemotron-nas"))
+    export_model(ExportRequest(model, masks, None, {}, out, format="nemotron-nas", overwrite=True))
     assert not (out / "old.txt").exists() and (out / "config.json").is_file()
 
 
 def test_a_wrong_head_placement_fails_the_logit_check_and_writes_nothing(tmp_path, monkeypatch):
-    real = nemotron_nas_writer.padded_state_dict
+    real = nemotron_nas_folder.padded_state_dict
 
     def swapped_kv_heads(model, layouts, spec):
         tensors = real(model, layouts, spec)
@@ -219,12 +217,12 @@ def test_a_wrong_head_placement_fails_the_logit_check_and_writes_nothing(tmp_pat
         tensors[name] = torch.cat([tensors[name][16:32], tensors[name][:16], tensors[name][32:]])
         return tensors
 
-    monkeypatch.setattr(nemotron_nas_writer, "padded_state_dict", swapped_kv_heads)
+    monkeypatch.setattr(nemotron_nas_folder, "padded_state_dict", swapped_kv_heads)
     model = lora_model(LlamaConfig(**TINY))
     masks = per_layer_masks(PER_LAYER_HEADS, PER_LAYER_FFN, TINY["intermediate_size"])
     with pytest.raises(LogitCheckFailed, match="nothing was written"):
-        export_nemotron_nas(model, None, masks, spec_for(model.config), {}, tmp_path / "nas",
-                            probe=probe_ids(TINY["vocab_size"]))
+        export_model(ExportRequest(model, masks, None, {}, tmp_path / "nas", format="nemotron-nas",
+                                   probe=probe_ids(TINY["vocab_size"])))
     assert list(tmp_path.iterdir()) == []
 
 
@@ -242,10 +240,9 @@ def test_uniform_masks_give_the_transformers_export_without_padding(tmp_path):
     uniform_heads = [[1, 1, 0, 0, 1, 1]] * 5
     masks = per_layer_masks(uniform_heads, [48] * 5, TINY["intermediate_size"])
     probe = probe_ids(TINY["vocab_size"])
-    nas = export_nemotron_nas(lora_model(LlamaConfig(**TINY)), None, masks, spec_for(LlamaConfig(**TINY)), {},
-                              tmp_path / "nas")
-    hf = export_checkpoint(lora_model(LlamaConfig(**TINY)), None, masks, spec_for(LlamaConfig(**TINY)), {},
-                           tmp_path / "hf")
+    nas = export_model(ExportRequest(lora_model(LlamaConfig(**TINY)), masks, None, {}, tmp_path / "nas",
+                                     format="nemotron-nas"))
+    hf = export_model(ExportRequest(lora_model(LlamaConfig(**TINY)), masks, None, {}, tmp_path / "hf"))
     nas_export = json.loads((nas / "loraprune.json").read_text())["export"]
     hf_export = json.loads((hf / "loraprune.json").read_text())["export"]
     assert nas_export["zero_padding_parameters"] == 0
@@ -258,7 +255,7 @@ def test_uniform_masks_give_the_transformers_export_without_padding(tmp_path):
 def test_bfloat16_model_is_written_in_bfloat16_and_passes_its_check(tmp_path):
     model = lora_model(LlamaConfig(**TINY)).to(torch.bfloat16)
     masks = per_layer_masks(PER_LAYER_HEADS, PER_LAYER_FFN, TINY["intermediate_size"])
-    out = export_nemotron_nas(model, None, masks, spec_for(model.config), {}, tmp_path / "nas")
+    out = export_model(ExportRequest(model, masks, None, {}, tmp_path / "nas", format="nemotron-nas"))
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
     assert {t.dtype for t in load_file(str(out / WEIGHTS_NAME)).values()} == {torch.bfloat16}
 
@@ -268,7 +265,7 @@ def test_a_wholly_removed_first_layer_is_written_as_two_no_op_blocks(tmp_path):
     masks = per_layer_masks([[0] * 6] + PER_LAYER_HEADS[1:], [0] + PER_LAYER_FFN[1:], TINY["intermediate_size"])
     probe = probe_ids(TINY["vocab_size"])
     expected = masked_logits(model, masks, probe)
-    out = export_nemotron_nas(model, None, masks, spec_for(model.config), {}, tmp_path / "nas")
+    out = export_model(ExportRequest(model, masks, None, {}, tmp_path / "nas", format="nemotron-nas"))
     first = json.loads((out / "config.json").read_text())["block_configs"][0]
     assert first["attention"]["no_op"] and first["ffn"]["no_op"]
     assert compare_logits(logits_of(load_decilm(out), probe), expected).relative_difference < 1e-5

@@ -16,10 +16,11 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
 
 from loraprune.errors import LoraPruneError
+from loraprune.export import ExportRequest, export_model
 from loraprune.export import transformers_writer as export_module
-from loraprune.export.logit_check import compare_logits
+from loraprune.export import writer as writer_module
+from loraprune.export.logit_check import LogitCheckFailed, compare_logits
 from loraprune.export.slicing import merge_lora, slice_model
-from loraprune.export.transformers_writer import LogitCheckFailed, export_checkpoint
 from loraprune.models import spec_for
 from loraprune.pruning.groups import LayerShape
 from loraprune.pruning.masks import LayerMask, ModelMasks
@@ -113,7 +114,7 @@ def test_exported_checkpoint_matches_masked_model_in_fresh_process(case, tmp_pat
     input_ids = torch.randint(0, config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
     expected = masked_logits(model, masks, spec, input_ids)
 
-    out = export_checkpoint(model, None, masks, spec, {"model": case}, tmp_path / "pruned")
+    out = export_model(ExportRequest(model, masks, None, {"model": case}, tmp_path / "pruned"))
 
     reloaded = reload_in_fresh_process(out, input_ids, tmp_path)
     assert not reloaded["imported_loraprune"]
@@ -185,21 +186,21 @@ def test_llama_with_biases_and_heads_not_dividing_hidden_is_refused():
 
 def test_existing_out_dir_needs_overwrite(tmp_path):
     config = LlamaConfig(num_attention_heads=4, num_key_value_heads=4, **TINY)
-    spec, shape = spec_for(config), LayerShape.from_config(config)
+    shape = LayerShape.from_config(config)
     out = tmp_path / "pruned"
     out.mkdir()
     (out / "old.txt").write_text("old")
     masks = uniform_masks(shape, 3, kv_groups=2, queries_per_group=1, ffn=48)
     with pytest.raises(LoraPruneError, match="pass --overwrite"):
-        export_checkpoint(tiny_model(config), None, masks, spec, {}, out)
-    export_checkpoint(tiny_model(config), None, masks, spec, {}, out, overwrite=True)
+        export_model(ExportRequest(tiny_model(config), masks, None, {}, out))
+    export_model(ExportRequest(tiny_model(config), masks, None, {}, out, overwrite=True))
     assert not (out / "old.txt").exists() and (out / "config.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pruned"]
 
 
 def test_failed_validation_keeps_the_old_folder_and_removes_the_temporary_one(tmp_path, monkeypatch):
     config = LlamaConfig(num_attention_heads=4, num_key_value_heads=4, **TINY)
-    spec, shape = spec_for(config), LayerShape.from_config(config)
+    shape = LayerShape.from_config(config)
     out = tmp_path / "pruned"
     out.mkdir()
     (out / "old.txt").write_text("old")
@@ -210,7 +211,7 @@ def test_failed_validation_keeps_the_old_folder_and_removes_the_temporary_one(tm
     monkeypatch.setattr(export_module, "reload_checkpoint", broken)
     masks = uniform_masks(shape, 3, kv_groups=2, queries_per_group=1, ffn=48)
     with pytest.raises(LoraPruneError, match="validation failed"):
-        export_checkpoint(tiny_model(config), None, masks, spec, {}, out, overwrite=True)
+        export_model(ExportRequest(tiny_model(config), masks, None, {}, out, overwrite=True))
     assert (out / "old.txt").read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pruned"]
 
@@ -248,7 +249,7 @@ def test_smollm2_export_without_a_kv_group_matches_and_generates(tmp_path):
                           return_tensors="pt")["input_ids"]
     expected = masked_logits(model, masks, spec, input_ids)
 
-    out = export_checkpoint(model, tokenizer, masks, spec, {"model": "smollm2-135m"}, tmp_path / "p")
+    out = export_model(ExportRequest(model, masks, tokenizer, {"model": "smollm2-135m"}, tmp_path / "p"))
 
     written = json.loads((out / "config.json").read_text())
     assert (written["num_attention_heads"], written["num_key_value_heads"]) == (6, 2)
@@ -268,7 +269,7 @@ def test_a_model_dequantized_from_gguf_saves_as_a_plain_checkpoint(tmp_path):
     base.config.quantization_config = {"quant_method": "gguf"}  # what a GGUF load leaves behind
     base.hf_quantizer, base.is_quantized = object(), True
     masks = uniform_masks(LayerShape.from_config(config), 3, kv_groups=2, queries_per_group=1, ffn=48)
-    out = export_checkpoint(model, None, masks, spec_for(config), {}, tmp_path / "pruned")
+    out = export_model(ExportRequest(model, masks, None, {}, tmp_path / "pruned"))
     assert "quantization_config" not in json.loads((out / "config.json").read_text())
 
 
@@ -288,31 +289,31 @@ def _slicing_with_two_ffn_channels_swapped(monkeypatch, layer: int = 2) -> None:
 
 def _pruned_tiny():
     config = LlamaConfig(num_attention_heads=4, num_key_value_heads=2, **TINY)
-    spec, shape = spec_for(config), LayerShape.from_config(config)
-    return tiny_model(config), uniform_masks(shape, 3, kv_groups=1, queries_per_group=2, ffn=48), spec
+    masks = uniform_masks(LayerShape.from_config(config), 3, kv_groups=1, queries_per_group=2, ffn=48)
+    return tiny_model(config), masks
 
 
 def test_a_slicing_bug_fails_the_logit_check_and_writes_nothing(tmp_path, monkeypatch):
     _slicing_with_two_ffn_channels_swapped(monkeypatch)
-    model, masks, spec = _pruned_tiny()
+    model, masks = _pruned_tiny()
     with pytest.raises(LogitCheckFailed, match="beyond rounding.*top-1 agreement"):
-        export_checkpoint(model, None, masks, spec, {}, tmp_path / "pruned")
+        export_model(ExportRequest(model, masks, None, {}, tmp_path / "pruned"))
     assert list(tmp_path.iterdir()) == []
 
 
 def test_a_merge_that_loses_the_adapters_fails_the_check_against_the_trained_model(tmp_path, monkeypatch):
     # The check once took the merge's own drift as its noise floor, so no merge error could fail it.
-    monkeypatch.setattr(export_module, "merge_lora", lambda model: model.unload())
-    model, masks, spec = _pruned_tiny()
+    monkeypatch.setattr(writer_module, "merge_lora", lambda model: model.unload())
+    model, masks = _pruned_tiny()
     with pytest.raises(LogitCheckFailed, match="trained model"):
-        export_checkpoint(model, None, masks, spec, {}, tmp_path / "pruned")
+        export_model(ExportRequest(model, masks, None, {}, tmp_path / "pruned"))
     assert list(tmp_path.iterdir()) == []
 
 
 def test_skipping_the_logit_check_writes_the_model_and_records_the_difference(tmp_path, monkeypatch):
     _slicing_with_two_ffn_channels_swapped(monkeypatch)
-    model, masks, spec = _pruned_tiny()
-    out = export_checkpoint(model, None, masks, spec, {}, tmp_path / "pruned", check_logits=False)
+    model, masks = _pruned_tiny()
+    out = export_model(ExportRequest(model, masks, None, {}, tmp_path / "pruned", check_logits=False))
     check = json.loads((out / "loraprune.json").read_text())["export"]["logit_check"]
     assert not check["passed"]
     assert check["slicing"]["relative_difference"] > 100 * check["tolerance"]
@@ -321,7 +322,7 @@ def test_skipping_the_logit_check_writes_the_model_and_records_the_difference(tm
 def test_rounding_noise_floor_follows_the_dtype_precision():
     from loraprune.export.logit_check import probe_ids, rounding_noise_floor
 
-    model, _, _ = _pruned_tiny()
+    model, _ = _pruned_tiny()
     merged = merge_lora(model)
     ids = probe_ids(merged.config.vocab_size)
     float32_floor = rounding_noise_floor(merged, ids)

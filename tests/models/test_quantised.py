@@ -83,7 +83,7 @@ def test_smollm2_on_a_quantised_base_exports_the_model_it_trained(bits, smollm2,
     import copy
 
     from loraprune.data import load_text
-    from loraprune.export.transformers_writer import export_checkpoint
+    from loraprune.export import ExportRequest, export_model
     from loraprune.models import spec_for
     from loraprune.training.lora import wrap_with_lora
     from tests.export.test_gguf_smollm2 import smollm2_masks
@@ -98,8 +98,7 @@ def test_smollm2_on_a_quantised_base_exports_the_model_it_trained(bits, smollm2,
                 parameter.normal_(0, 0.01, generator=torch.Generator().manual_seed(0))
     adapted.eval()
     probe = torch.tensor([tokenizer(load_text("austen", "validation", austen_dir)[:4000])["input_ids"][:128]])
-    out = export_checkpoint(adapted, None, smollm2_masks(per_layer=False), spec_for(base.config), {}, tmp_path / "q",
-                            probe=probe)
+    out = export_model(ExportRequest(adapted, smollm2_masks(per_layer=False), None, {}, tmp_path / "q", probe=probe))
     check = json.loads((out / "loraprune.json").read_text())["export"]["logit_check"]
     assert check["passed"] and check["exported"]["top1_agreement"] >= 0.99
     assert check["merge"]["relative_difference"] < 1e-4  # merged into exactly the weights the layers used

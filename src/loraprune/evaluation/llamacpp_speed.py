@@ -118,15 +118,13 @@ def gguf_type_of_reader(reader: GGUFReader) -> str:
 
 def write_dense_gguf(model: str, gguf_type: str, out_dir: Path) -> Path:
     """The unpruned ``model`` written as a GGUF file of ``gguf_type`` (validated like any export)."""
-    from loraprune.export.gguf_writer import export_gguf
-    from loraprune.models import spec_for
+    from loraprune.export import ExportRequest, export_model
     from loraprune.models.loading import load_model, source_gguf_file
     from loraprune.pruning.masks import ModelMasks
 
     loaded, tokenizer = load_model(model)
-    export_gguf(loaded, tokenizer, ModelMasks.for_model(loaded), spec_for(loaded.config),
-                {"source_model": model, "dense": True}, out_dir, gguf_type=gguf_type,
-                source_gguf=source_gguf_file(model))
+    export_model(ExportRequest(loaded, ModelMasks.for_model(loaded), tokenizer, {"source_model": model, "dense": True},
+                               out_dir, format="gguf", gguf_type=gguf_type, source_gguf=source_gguf_file(model)))
     return out_dir / "model.gguf"
 
 

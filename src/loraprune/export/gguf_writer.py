@@ -9,8 +9,6 @@ size and RoPE dimensions written explicitly, norms kept in float32.
 from __future__ import annotations
 
 import copy
-import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -22,25 +20,14 @@ from transformers import PreTrainedModel
 from loraprune.errors import LoraPruneError
 from loraprune.export.gguf_vocab import add_vocab, check_vocab
 from loraprune.export.llamacpp import GreedyRun, LlamaCpp
-from loraprune.export.logit_check import (
-    LogitCheckFailed,
-    LogitComparison,
-    check_failure,
-    compare_logits,
-    logits_of,
-    probe_ids,
-    rounding_noise,
-    trained_model_check,
-)
-from loraprune.export.placement import move_into_place, temporary_folder_beside
-from loraprune.export.slicing import LayerWidths, layer_widths, merge_lora, slice_model
+from loraprune.export.logit_check import LogitComparison, compare_logits, logits_of
+from loraprune.export.slicing import LayerWidths, layer_widths, layers_report, slice_model
+from loraprune.export.writer import ExportRequest, ExportWriter, TrainedLogits, WrittenModel, register_writer
 from loraprune.models import ArchSpec, decoder_layers, unwrap
 from loraprune.models.loading import drop_quantizer
 from loraprune.pruning.groups import LayerShape
-from loraprune.pruning.masks import ModelMasks
 
 GGUF_NAME = "model.gguf"
-REPORT_NAME = "loraprune.json"
 # name -> (type of 2-D weights, file type recorded in general.file_type)
 GGUF_TYPES = {
     "f32": (GGMLQuantizationType.F32, LlamaFileType.ALL_F32),
@@ -52,60 +39,37 @@ GREEDY_NEW_TOKENS = 16
 GREEDY_CANDIDATES = 5
 
 
-def export_gguf(model: nn.Module, tokenizer, masks: ModelMasks, spec: ArchSpec, report: dict, out_dir: Path,
-                gguf_type: str = "f32", overwrite: bool = False, probe: torch.Tensor | None = None,
-                check_logits: bool = True, source_gguf: Path | None = None, threads: int | None = None) -> Path:
-    """Merge, slice and write ``out_dir/model.gguf`` (+ loraprune.json); consumes the model.
+@register_writer("gguf")
+class GgufWriter(ExportWriter):
+    """One GGUF file, checked in llama.cpp: its logits on the probe and its greedy continuation."""
 
-    ``source_gguf``: the GGUF file the model was loaded from, whose tokenizer keys are copied.
-    The file is loaded in llama.cpp and its logits on ``probe`` (1, tokens) compared with the
-    masked model's before the folder is renamed into place.
-    """
-    out_dir = Path(out_dir)
-    base = unwrap(model)
-    shape = LayerShape.from_config(base.config)
-    check_gguf_type(gguf_type)
-    check_architecture(base, spec)
-    widths = layer_widths(masks, shape)
-    check_vocab(tokenizer, source_gguf)
-    if out_dir.exists() and not overwrite:
-        raise LoraPruneError(f"{out_dir} exists; pass --overwrite or choose another --out")
-    tmp = temporary_folder_beside(out_dir)
-    try:
-        model.eval()
-        probe = probe if probe is not None else probe_ids(base.config.vocab_size)
-        has_adapters = callable(getattr(model, "merge_and_unload", None))
-        masks.attach(model, spec)
-        adapted = logits_of(model, probe) if has_adapters else None
-        rounding = rounding_noise(model, probe, reference=adapted)  # in the trained model's arithmetic
-        masks.detach()
-        merged = merge_lora(model)
-        masks.attach(merged, spec)
-        reference = logits_of(merged, probe)
-        masks.detach()
-        params_before = merged.num_parameters()
-        source_architecture = type(merged).__name__
-        sliced = slice_model(merged, masks, spec, per_layer=True)
+    checked = "llama.cpp's logits for the written GGUF"
+    advice = "Try --gguf-type f32, or report this"
+
+    def refuse(self, request: ExportRequest) -> None:
+        """A weight type, architecture or tokenizer llama.cpp would not run as trained."""
+        check_gguf_type(request.gguf_type)
+        check_architecture(unwrap(request.model), request.spec)
+        check_vocab(request.tokenizer, request.source_gguf)
+        layer_widths(request.masks, request.shape)  # raises for widths no layer can hold
+
+    def write(self, merged: PreTrainedModel, request: ExportRequest, reference: TrainedLogits,
+              folder: Path) -> WrittenModel:
+        """Slice per layer, write ``model.gguf``, run it in llama.cpp."""
+        widths = layer_widths(request.masks, request.shape)
+        sliced = slice_model(merged, request.masks, request.spec, per_layer=True)
         drop_quantizer(sliced)
         architecture = "llama" if len(set(widths)) == 1 else "deci"
-        path = tmp / GGUF_NAME
-        vocab_source = write_gguf(path, sliced, spec, widths, architecture, gguf_type, tokenizer, source_gguf)
-        type_floor = weight_rounding_floor(sliced, gguf_type, probe, reference)
-        check = llamacpp_check(path, sliced, gguf_type, probe, reference, reference if adapted is None else adapted,
-                               rounding, type_floor, threads)
-        summary = {"format": "gguf", "file": GGUF_NAME, "gguf_type": gguf_type, "architecture": architecture,
-                   "source_architecture": source_architecture, "tokenizer": vocab_source,
-                   "parameters_before": params_before, "parameters_after": sliced.num_parameters(),
-                   "file_bytes": path.stat().st_size, "layers": _layers_report(masks, shape, widths)}
-        full_report = {**report, "export": {**summary, "logit_check": check}}
-        (tmp / REPORT_NAME).write_text(json.dumps(full_report, indent=2) + "\n")
-        if check_logits and not check["passed"]:
-            raise LogitCheckFailed(check_failure("llama.cpp's logits for the written GGUF", check,
-                                                 "Try --gguf-type f32, or report this"))
-        move_into_place(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir
+        path = folder / GGUF_NAME
+        vocab_source = write_gguf(path, sliced, request.spec, widths, architecture, request.gguf_type,
+                                  request.tokenizer, request.source_gguf)
+        type_floor = weight_rounding_floor(sliced, request.gguf_type, reference.probe, reference.merged)
+        llama_logits, comparisons = llamacpp_run(path, sliced, request.gguf_type, reference, request.threads)
+        summary = {"format": "gguf", "file": GGUF_NAME, "gguf_type": request.gguf_type,
+                   "architecture": architecture, "tokenizer": vocab_source,
+                   "parameters_after": sliced.num_parameters(), "file_bytes": path.stat().st_size,
+                   "layers": layers_report(request.masks, request.shape)}
+        return WrittenModel(summary, llama_logits, floors={"weight_type": type_floor}, comparisons=comparisons)
 
 
 def check_gguf_type(gguf_type: str) -> None:
@@ -224,11 +188,10 @@ def weight_rounding_floor(model: PreTrainedModel, gguf_type: str, probe: torch.T
     return compare_logits(logits_of(rounded, probe), reference)
 
 
-def llamacpp_check(path: Path, sliced: PreTrainedModel, gguf_type: str, probe: torch.Tensor, reference: torch.Tensor,
-                   adapted: torch.Tensor, rounding: LogitComparison, type_floor: LogitComparison,
-                   threads: int | None) -> dict:
-    """Load the file in llama.cpp: its logits on the probe and its greedy continuation, against PyTorch."""
-    ids = probe[0].tolist()
+def llamacpp_run(path: Path, sliced: PreTrainedModel, gguf_type: str, reference: TrainedLogits,
+                 threads: int | None) -> tuple[torch.Tensor, dict]:
+    """Load the file in llama.cpp: its logits on the probe, and its comparisons with PyTorch (greedy too)."""
+    ids = reference.probe[0].tolist()
     prompt = ids[:GREEDY_PROMPT_TOKENS]
     runtime = LlamaCpp(path, context=_context_for(len(ids) + GREEDY_NEW_TOKENS), threads=threads, embeddings=True)
     try:
@@ -238,11 +201,9 @@ def llamacpp_check(path: Path, sliced: PreTrainedModel, gguf_type: str, probe: t
         runtime.close()
     if not torch.isfinite(llama_logits).all():
         raise LoraPruneError("llama.cpp computes non-finite logits for the written GGUF; export with --gguf-type f32")
-    greedy_check = greedy_comparison(sliced, prompt, greedy)
-    check = trained_model_check(llama_logits, adapted, {"rounding_noise": rounding, "weight_type": type_floor})
-    return {"runtime": "llama.cpp (xllamacpp), f32 KV cache, flash attention off", "probe_tokens": len(ids),
-            **check, "llamacpp": compare_logits(llama_logits, reference).to_dict(),
-            "merge": compare_logits(reference, adapted).to_dict(), "greedy": greedy_check}
+    return llama_logits, {"runtime": "llama.cpp (xllamacpp), f32 KV cache, flash attention off",
+                          "llamacpp": compare_logits(llama_logits, reference.merged).to_dict(),
+                          "greedy": greedy_comparison(sliced, prompt, greedy)}
 
 
 def greedy_comparison(model: nn.Module, prompt: list[int], greedy: GreedyRun) -> dict:
@@ -276,9 +237,3 @@ def _rope(config) -> tuple[float, str, float]:
     theta = parameters.get("rope_theta", getattr(config, "rope_theta", 10000.0))
     rope_type = parameters.get("rope_type", parameters.get("type", "default"))
     return float(theta), rope_type, float(parameters.get("factor", 1.0))
-
-
-def _layers_report(masks: ModelMasks, shape: LayerShape, widths: list[LayerWidths]) -> list[dict]:
-    return [{"heads": w.heads, "kv_heads": w.kv_heads, "ffn": w.ffn,
-             "heads_kept": m.heads.nonzero().flatten().tolist(), "ffn_kept": m.ffn.nonzero().flatten().tolist()}
-            for m, w in zip(masks.layers, widths)]

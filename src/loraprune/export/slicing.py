@@ -104,6 +104,13 @@ def layer_widths(masks: ModelMasks, shape: LayerShape) -> list[LayerWidths]:
     return widths
 
 
+def layers_report(masks: ModelMasks, shape: LayerShape) -> list[dict]:
+    """Per layer: the kept counts and which query heads and FFN channels were kept."""
+    return [{"heads": int(m.heads.sum()), "kv_heads": int(m.kv_heads(shape).sum()), "ffn": int(m.ffn.sum()),
+             "heads_kept": m.heads.nonzero().flatten().tolist(), "ffn_kept": m.ffn.nonzero().flatten().tolist()}
+            for m in masks.layers]
+
+
 def uniform_widths(masks: ModelMasks, shape: LayerShape) -> LayerWidths:
     """The one width every layer keeps, or a LoraPruneError (a transformers config has one width)."""
     widths = layer_widths(masks, shape)

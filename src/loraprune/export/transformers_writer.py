@@ -1,93 +1,98 @@
-"""Write a pruned model as a standard Hugging Face checkpoint, validated before it is put in place.
+"""The one Hugging Face writer: a plain Llama-family folder, or a DeciLM folder for per-layer widths.
 
-The folder is built beside `out_dir`, reloaded with plain transformers and checked, then renamed.
+Every layer the same: the model is sliced and saved as its own architecture, reloaded with plain transformers.
+Layers of different widths (and --format nemotron-nas): a Nemotron-NAS (DeciLM) folder that ships its
+modeling code (nemotron_nas_folder.py), read back with that code. The shared check is export/writer.py's.
 """
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
+from typing import ClassVar
 
 import torch
-from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from loraprune.errors import LoraPruneError
-from loraprune.export.logit_check import (
-    LogitCheckFailed,
-    LogitComparison,
-    check_failure,
-    compare_logits,
-    logits_of,
-    probe_ids,
-    rounding_noise,
-    trained_model_check,
+from loraprune.export import nemotron_nas_folder
+from loraprune.export.logit_check import compare_logits, logits_of
+from loraprune.export.nemotron_nas_reader import load_decilm
+from loraprune.export.slicing import layers_report, slice_model, uniform_widths
+from loraprune.export.writer import (
+    REPORT_NAME,
+    ExportRequest,
+    ExportWriter,
+    TrainedLogits,
+    WrittenModel,
+    register_writer,
 )
-from loraprune.export.placement import move_into_place, temporary_folder_beside
-from loraprune.export.slicing import merge_lora, slice_model
-from loraprune.models import ArchSpec, unwrap
+from loraprune.models import unwrap
 from loraprune.models.loading import drop_quantizer
 from loraprune.pruning.groups import LayerShape
 from loraprune.pruning.masks import ModelMasks
 
-REPORT_NAME = "loraprune.json"
+
+@register_writer("transformers")
+class TransformersWriter(ExportWriter):
+    """A folder transformers loads: plain when one config holds every layer, else DeciLM."""
+
+    always_decilm: ClassVar[bool] = False
+
+    def writes_decilm(self, request: ExportRequest) -> bool:
+        """Whether the masks need (or the format asks for) a DeciLM folder."""
+        return self.always_decilm or not has_uniform_widths(request.masks, request.shape)
+
+    def refuse(self, request: ExportRequest) -> None:
+        """A DeciLM folder holds Llama-style models without biases, and at least one attention layer."""
+        if self.writes_decilm(request):
+            nemotron_nas_folder.checked_layouts(unwrap(request.model).config, request.masks, request.shape)
+
+    def write(self, merged: PreTrainedModel, request: ExportRequest, reference: TrainedLogits,
+              folder: Path) -> WrittenModel:
+        """Write the folder and read it back as its users will."""
+        if self.writes_decilm(request):
+            summary = nemotron_nas_folder.write_folder(folder, merged, request.masks, request.spec,
+                                                       request.tokenizer)
+            written = load_decilm(folder, merged.dtype)
+        else:
+            summary = write_plain_folder(folder, merged, request)
+            written = reload_checkpoint(folder, summary, reference.dtype)
+        exported = logits_of(written, reference.probe)
+        slicing = compare_logits(exported, reference.merged)
+        return WrittenModel(summary, exported, comparisons={"slicing": slicing.to_dict()})
+
+    def model_card(self, report: dict) -> str:
+        """What was pruned, how much, how to load it."""
+        if report["export"]["format"] == nemotron_nas_folder.FORMAT_NAME:
+            return nemotron_nas_folder.model_card(report)
+        return model_card(report)
 
 
-def export_checkpoint(model: nn.Module, tokenizer, masks: ModelMasks, spec: ArchSpec, report: dict,
-                      out_dir: Path, overwrite: bool = False, probe: torch.Tensor | None = None,
-                      check_logits: bool = True) -> Path:
-    """Merge, slice and save `model` to `out_dir`; consumes the model (it is merged in place).
+@register_writer("nemotron-nas")
+class NemotronNasWriter(TransformersWriter):
+    """Always the DeciLM folder, uniform masks too: what vLLM loads as DeciLMForCausalLM."""
 
-    ``probe`` (1, tokens) is the text the logits are compared on (real text conditions the check
-    far better than random ids); with ``check_logits`` False a failed comparison is only recorded.
-    """
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise LoraPruneError(f"{out_dir} exists; pass --overwrite or choose another --out")
-    tmp = temporary_folder_beside(out_dir)
+    always_decilm = True
+
+
+def has_uniform_widths(masks: ModelMasks, shape: LayerShape) -> bool:
+    """Whether one plain Llama config holds every layer: the same widths everywhere, none zero."""
     try:
-        model.eval()
-        shape = LayerShape.from_config(unwrap(model).config)
-        dtype = unwrap(model).dtype
-        probe = probe if probe is not None else probe_ids(unwrap(model).config.vocab_size)
-        # The reference is the model as it was trained and evaluated: masked, adapters on, in its
-        # own arithmetic (a quantised base included), which also sets the rounding floor.
-        masks.attach(model, spec)
-        adapted = logits_of(model, probe)
-        rounding = rounding_noise(model, probe, reference=adapted)
-        masks.detach()
-        merged = merge_lora(model)
-        masks.attach(merged, spec)
-        merged_logits = logits_of(merged, probe)
-        masks.detach()
-        params_before = merged.num_parameters()
-        source_architecture = type(merged).__name__
-        sliced = slice_model(merged, masks, spec)
-        drop_quantizer(sliced)
-        sliced.save_pretrained(tmp, safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        summary = _export_summary(sliced, masks, shape, source_architecture, params_before)
-        exported = logits_of(reload_checkpoint(tmp, summary, dtype), probe)
-        check = logit_check(exported, merged_logits, adapted, rounding, probe)
-        full_report = {**report, "export": {**summary, "logit_check": check}}
-        (tmp / REPORT_NAME).write_text(json.dumps(full_report, indent=2) + "\n")
-        (tmp / "README.md").write_text(model_card(full_report))
-        if check_logits and not check["passed"]:
-            raise LogitCheckFailed(check_failure("the exported model's logits", check, "Please report this"))
-        move_into_place(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir
+        uniform_widths(masks, shape)
+    except LoraPruneError:  # its checks are the definition; per-layer widths go to a DeciLM folder
+        return False
+    return True
 
 
-def logit_check(exported: torch.Tensor, merged: torch.Tensor, adapted: torch.Tensor, rounding: LogitComparison,
-                probe: torch.Tensor) -> dict:
-    """The exported model against the trained one; merge and slicing drift reported on their own."""
-    check = trained_model_check(exported, adapted, {"rounding_noise": rounding})
-    return {"probe_tokens": int(probe.numel()), **check, "slicing": compare_logits(exported, merged).to_dict(),
-            "merge": compare_logits(merged, adapted).to_dict()}
+def write_plain_folder(folder: Path, merged: PreTrainedModel, request: ExportRequest) -> dict:
+    """Slice to one width and save as the model's own architecture; returns the report's export part."""
+    sliced = slice_model(merged, request.masks, request.spec)
+    drop_quantizer(sliced)
+    sliced.save_pretrained(folder, safe_serialization=True)
+    if request.tokenizer is not None:
+        request.tokenizer.save_pretrained(folder)
+    return {"format": "transformers", "architecture": type(sliced).__name__, "config": config_widths(sliced.config),
+            "parameters_after": sliced.num_parameters(), "layers": layers_report(request.masks, request.shape)}
 
 
 def reload_checkpoint(folder: Path, summary: dict, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
@@ -144,20 +149,3 @@ def model_card(report: dict) -> str:
         "```\n\n"
         f"The full run report is in `{REPORT_NAME}`.\n"
     )
-
-
-def _export_summary(model: PreTrainedModel, masks: ModelMasks, shape: LayerShape,
-                    source_architecture: str, params_before: int) -> dict:
-    """What export adds to the engine's report."""
-    return {
-        "architecture": type(model).__name__,
-        "source_architecture": source_architecture,
-        "config": config_widths(model.config),
-        "parameters_before": params_before,
-        "parameters_after": model.num_parameters(),
-        "layers": [{"heads": int(m.heads.sum()), "kv_heads": int(m.kv_heads(shape).sum()),
-                    "ffn": int(m.ffn.sum()),
-                    "heads_kept": m.heads.nonzero().flatten().tolist(),
-                    "ffn_kept": m.ffn.nonzero().flatten().tolist()}
-                   for m in masks.layers],
-    }

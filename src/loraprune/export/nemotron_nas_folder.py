@@ -1,13 +1,13 @@
-"""Write a pruned Llama as a Nemotron-NAS (DeciLM) folder that vLLM loads with per-layer widths.
+"""A pruned Llama as a Nemotron-NAS (DeciLM) folder: per-layer widths that vLLM and transformers load.
 
 Reads the merged model and its masks directly (no slicing to one width): each layer keeps its own
 KV heads and FFN width; pruned query heads become zero slots, which change nothing (see layout).
+The folder ships its modeling code; transformers_writer.py writes it for per-layer masks and --format nemotron-nas.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
@@ -16,13 +16,11 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from loraprune.errors import LoraPruneError
-from loraprune.export.logit_check import LogitCheckFailed, check_failure, logits_of, probe_ids, rounding_noise
 from loraprune.export.nemotron_nas_layout import PAD, BlockLayout, plan_layout
-from loraprune.export.nemotron_nas_reader import WEIGHTS_NAME, auto_map, load_decilm, shipped_code
-from loraprune.export.placement import move_into_place, temporary_folder_beside
-from loraprune.export.slicing import merge_lora
-from loraprune.export.transformers_writer import REPORT_NAME, logit_check
-from loraprune.models import ArchSpec, decoder_layers, unwrap
+from loraprune.export.nemotron_nas_reader import WEIGHTS_NAME, auto_map, shipped_code
+from loraprune.export.slicing import layers_report
+from loraprune.export.writer import REPORT_NAME
+from loraprune.models import ArchSpec, decoder_layers
 from loraprune.pruning.groups import LayerShape
 from loraprune.pruning.masks import ModelMasks
 
@@ -30,57 +28,30 @@ FORMAT_NAME = "nemotron-nas"
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")
 
 
-def export_nemotron_nas(model: nn.Module, tokenizer, masks: ModelMasks, spec: ArchSpec, report: dict,
-                        out_dir: Path, overwrite: bool = False, probe: torch.Tensor | None = None,
-                        check_logits: bool = True) -> Path:
-    """Merge `model` (in place) and write it with `masks`' per-layer widths as a Nemotron-NAS folder.
-
-    Same contract as ``export_checkpoint``: validated (a reference forward of the written folder
-    against the masked merged model on ``probe``) in a temporary folder, then renamed to ``out_dir``.
-    """
-    out_dir = Path(out_dir)
-    config = unwrap(model).config
+def checked_layouts(config, masks: ModelMasks, shape: LayerShape) -> list[BlockLayout]:
+    """Each layer's slots, after refusing a model or masks this folder cannot hold."""
     check_exportable(config)
-    shape = LayerShape.from_config(config)
     if len(masks.layers) != config.num_hidden_layers:
         raise LoraPruneError(f"masks cover {len(masks.layers)} layers but the model has "
                              f"{config.num_hidden_layers}; export with the masks of this model's run")
-    layouts = plan_layout(masks, shape)
-    if out_dir.exists() and not overwrite:
-        raise LoraPruneError(f"{out_dir} exists; pass --overwrite or choose another --out")
-    tmp = temporary_folder_beside(out_dir)
-    try:
-        model.eval()
-        probe = probe if probe is not None else probe_ids(config.vocab_size)
-        masks.attach(model, spec)
-        adapted = logits_of(model, probe)
-        rounding = rounding_noise(model, probe, reference=adapted)
-        masks.detach()
-        merged = merge_lora(model)
-        masks.attach(merged, spec)
-        merged_logits = logits_of(merged, probe)
-        masks.detach()
-        tensors = padded_state_dict(merged, layouts, spec)
-        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(nemotron_nas_config(merged.config, layouts, shape, merged.dtype), indent=2) + "\n")
-        for name, code in shipped_code().items():
-            (tmp / name).write_text(code)
-        if getattr(merged, "generation_config", None) is not None:
-            merged.generation_config.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        summary = _export_summary(merged, masks, layouts, shape, tensors)
-        exported = logits_of(load_decilm(tmp, merged.dtype), probe)
-        check = logit_check(exported, merged_logits, adapted, rounding, probe)
-        full_report = {**report, "export": {**summary, "logit_check": check}}
-        (tmp / REPORT_NAME).write_text(json.dumps(full_report, indent=2) + "\n")
-        (tmp / "README.md").write_text(model_card(full_report))
-        if check_logits and not check["passed"]:
-            raise LogitCheckFailed(check_failure("the Nemotron-NAS folder's logits", check, "Please report this"))
-        move_into_place(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir
+    return plan_layout(masks, shape)
+
+
+def write_folder(folder: Path, merged: PreTrainedModel, masks: ModelMasks, spec: ArchSpec, tokenizer) -> dict:
+    """Write weights, config, modeling code and tokenizer into ``folder``; returns the report's export part."""
+    shape = LayerShape.from_config(merged.config)
+    layouts = checked_layouts(merged.config, masks, shape)
+    tensors = padded_state_dict(merged, layouts, spec)
+    save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+    config = nemotron_nas_config(merged.config, layouts, shape, merged.dtype)
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    for name, code in shipped_code().items():
+        (folder / name).write_text(code)
+    if getattr(merged, "generation_config", None) is not None:
+        merged.generation_config.save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    return folder_summary(masks, layouts, shape, tensors)
 
 
 def check_exportable(config) -> None:
@@ -188,8 +159,9 @@ def _block_config(layout: BlockLayout) -> dict:
     return {"attention": attention, "ffn": ffn}
 
 
-def _export_summary(model: PreTrainedModel, masks: ModelMasks, layouts: list[BlockLayout], shape: LayerShape,
-                    tensors: dict[str, torch.Tensor]) -> dict:
+def folder_summary(masks: ModelMasks, layouts: list[BlockLayout], shape: LayerShape,
+                   tensors: dict[str, torch.Tensor]) -> dict:
+    """Widths, real parameters and zero padding of the written folder."""
     stored = sum(t.numel() for t in tensors.values())
     zero_padding = sum(
         (layout.query_sources.count(PAD) * 2 + layout.kv_sources.count(PAD) * 2) * shape.head_dim * shape.hidden_size
@@ -198,18 +170,13 @@ def _export_summary(model: PreTrainedModel, masks: ModelMasks, layouts: list[Blo
     return {
         "format": FORMAT_NAME,
         "architecture": "DeciLMForCausalLM",
-        "source_architecture": type(model).__name__,
         "config": {"hidden_size": shape.hidden_size, "num_attention_heads": global_heads,
                    "head_dim": shape.head_dim, "num_hidden_layers": len(layouts)},
-        "parameters_before": model.num_parameters(),
         "parameters_after": stored - zero_padding,
         "parameters_stored": stored,
         "zero_padding_parameters": zero_padding,
-        "layers": [{"heads": int(m.heads.sum()), "kv_heads": int(m.kv_heads(shape).sum()), "ffn": int(m.ffn.sum()),
-                    "heads_kept": m.heads.nonzero().flatten().tolist(),
-                    "ffn_kept": m.ffn.nonzero().flatten().tolist(),
-                    "query_slots": list(layout.query_sources), "kv_slots": list(layout.kv_sources)}
-                   for m, layout in zip(masks.layers, layouts)],
+        "layers": [{**kept, "query_slots": list(layout.query_sources), "kv_slots": list(layout.kv_sources)}
+                   for kept, layout in zip(layers_report(masks, shape), layouts)],
     }
 
 
