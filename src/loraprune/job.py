@@ -19,7 +19,7 @@ from accelerate import PartialState
 from accelerate.utils import broadcast_object_list
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
-from loraprune.config import PruneConfig
+from loraprune.config import EXPORT_FORMATS, PruneConfig
 from loraprune.data.blocks import corpus_blocks, corpus_ids
 from loraprune.data.corpora import load_corpus
 from loraprune.data.generated import (
@@ -57,7 +57,7 @@ from loraprune.training.sharding import full_state
 RUN_SUBDIR = "run"
 FIDELITY_TOKENS = 4096  # out-of-domain tokens the pruned logits are compared with the dense ones on
 EXPORT_PROBE_TOKENS = 128  # validation text the exported model's logits are checked on
-EXPORT_FORMATS = ("transformers", "gguf", "nemotron-nas")
+DEFAULT_GGUF_TYPE = "f32"
 # Every export format holds a different width in every layer: transformers as a DeciLM folder.
 PER_LAYER_FORMATS = EXPORT_FORMATS
 
@@ -100,13 +100,14 @@ def _check_folders(out: Path, run_dir: Path, resuming: bool, overwrite: bool) ->
 def _checked_resume(run_dir: Path, config: PruneConfig | None) -> tuple[LoadedCheckpoint, PruneConfig]:
     checkpoint = load_checkpoint(run_dir)
     saved = PruneConfig.from_dict(checkpoint.state.config)
-    if config is not None:
-        changed = saved.result_changing_differences(config)
-        if changed:
-            raise LoraPruneError(f"cannot resume with changed settings ({', '.join(changed)}); "
-                                 f"rerun with the settings recorded in {run_dir}/checkpoint/state.json "
-                                 "or start a new run")
-    return checkpoint, saved
+    if config is None:
+        return checkpoint, saved
+    changed = saved.result_changing_differences(config)
+    if changed:
+        raise LoraPruneError(f"cannot resume with changed settings ({', '.join(changed)}); "
+                             f"rerun with the settings recorded in {run_dir}/checkpoint/state.json "
+                             "or start a new run")
+    return checkpoint, config  # differs from the saved one only where the result does not
 
 
 def saved_run_config(run: str | Path | None) -> PruneConfig:
@@ -163,17 +164,26 @@ def _generated_text(model, tokenizer, config: PruneConfig, spec: DataSpec, run_d
     return generated
 
 
-def resolved_allocation(config: PruneConfig, export_format: str | None) -> PruneConfig:
+def resolved_allocation(config: PruneConfig) -> PruneConfig:
     """Settle ``allocation="auto"``: global for every export format (it wins on quality, see
     benchmarks/quality.py; transformers gets a DeciLM folder), uniform with no export."""
     if config.allocation != "auto":
         return config
-    return config.with_overrides({"allocation": "global" if export_format in PER_LAYER_FORMATS else "uniform"})
+    per_layer = config.export and config.export_format in PER_LAYER_FORMATS
+    return config.with_overrides({"allocation": "global" if per_layer else "uniform"})
 
 
-def _check_exportable(config: PruneConfig, export_format: str) -> None:
-    if export_format not in EXPORT_FORMATS:
-        raise LoraPruneError(f"--format must be one of {', '.join(EXPORT_FORMATS)}, got {export_format!r}")
+def finished_as(config: PruneConfig, export: bool | None = None, export_format: str | None = None,
+                gguf_type: str | None = None) -> PruneConfig:
+    """The run's settings with the way it ends (write a model? which format and GGUF type?) replaced
+    by what a command passed; a format named without a GGUF type drops the recorded type."""
+    if export_format is not None and export_format != config.export_format:
+        config = config.with_overrides({"export_format": export_format, "gguf_type": None})
+    if gguf_type is not None:
+        config = config.with_overrides({"gguf_type": gguf_type})
+    if export is not None or export_format is not None:  # naming a format asks for the model
+        config = config.with_overrides({"export": export if export is not None else True})
+    return config
 
 
 def _check_format_fits(model, tokenizer, config: PruneConfig, export_format: str, gguf_type: str) -> None:
@@ -220,18 +230,19 @@ def has_uniform_widths(masks: ModelMasks, shape: LayerShape) -> bool:
 
 
 def prune(config: PruneConfig | None = None, out: str | Path | None = None, *,
-          resume: bool | str | Path = False, overwrite: bool = False, export: bool = True,
-          progress: bool = True, export_format: str = "transformers", gguf_type: str = "f32") -> PruneResult:
+          resume: bool | str | Path = False, overwrite: bool = False, export: bool | None = None,
+          progress: bool = True, export_format: str | None = None, gguf_type: str | None = None) -> PruneResult:
     """Prune ``config.model`` while fine-tuning LoRA and write the smaller model to ``out``.
 
     ``export_format`` "transformers" writes a Hugging Face folder, "gguf" ``out/model.gguf`` for
     llama.cpp (weights in ``gguf_type``: f32, f16 or q8_0), "nemotron-nas" a folder vLLM loads as
-    DeciLMForCausalLM (per-layer widths; pruned query heads are zero slots).
+    DeciLMForCausalLM (per-layer widths; pruned query heads are zero slots). ``export``,
+    ``export_format`` and ``gguf_type`` replace the config's when given; the run records them, so a
+    resumed run finishes as it was started.
     """
     out_path = Path(out) if out is not None else None
-    written_format = export_format if export else None
     if config is not None:  # concrete before a resumed run's settings are compared with it
-        config = resolved_allocation(config, written_format)
+        config = resolved_allocation(finished_as(config, export, export_format, gguf_type))
     resume_arg = Path(resume) if isinstance(resume, (str, Path)) else resume
     if resume_arg is True and out_path is not None:
         resume_arg = out_path
@@ -240,12 +251,11 @@ def prune(config: PruneConfig | None = None, out: str | Path | None = None, *,
     checkpoint = None
     if resuming:
         checkpoint, config = _checked_resume(run_dir, config)
-    config = resolved_allocation(config or PruneConfig(), written_format)
+    config = resolved_allocation(finished_as(config or PruneConfig(), export, export_format, gguf_type))
     config.validate()
+    export, export_format, gguf_type = config.export, config.export_format, config.gguf_type or DEFAULT_GGUF_TYPE
     check_base_precision(config)
     PruningSchedule.build(config.steps, config.warmup_fraction, config.cooldown_fraction, config.prune_every)
-    if export:
-        _check_exportable(config, export_format)
     _check_folders(out_path, run_dir, resuming, overwrite)
 
     # Everything that can fail on bad input happens before a folder is created.
@@ -322,18 +332,19 @@ def adapted_model(config: PruneConfig, adapter: dict[str, torch.Tensor]) -> torc
 
 
 def export_run(run: str | Path, out: str | Path, *, overwrite: bool = False, check_logits: bool = True,
-               export_format: str = "transformers", gguf_type: str = "f32") -> Path:
+               export_format: str | None = None, gguf_type: str | None = None) -> Path:
     """Export the model of a saved run (finished or interrupted) as a standard checkpoint or a GGUF file.
 
-    With ``check_logits`` False, a logit comparison that fails is recorded in loraprune.json
-    instead of stopping the export.
+    ``export_format`` and ``gguf_type`` default to the ones the run recorded. With ``check_logits``
+    False, a logit comparison that fails is recorded in loraprune.json instead of stopping the export.
     """
     run = Path(run)
     run_dir = run / RUN_SUBDIR if (run / RUN_SUBDIR).is_dir() else run
     _refuse_writing_over_the_run(run, run_dir, Path(out))
     checkpoint = load_checkpoint(run_dir)
-    config = PruneConfig.from_dict(checkpoint.state.config)
-    _check_exportable(config, export_format)
+    config = finished_as(PruneConfig.from_dict(checkpoint.state.config), True, export_format, gguf_type)
+    config.validate()
+    export_format, gguf_type = config.export_format, config.gguf_type or DEFAULT_GGUF_TYPE
     model, tokenizer = load_model(config.model, config.dtype, config.base_bits)
     _check_format_fits(model, tokenizer, config, export_format, gguf_type)
     if checkpoint.state.model_fingerprint != model_fingerprint(model):
