@@ -98,6 +98,9 @@ BAD_NEW_RUNS = {
     "text_empty": ({"--data": "text:{empty}"}, ["is empty"]),
     "text_binary": ({"--data": "text:{binary}"}, ["binary file", "UTF-8"]),
     "text_shorter_than_one_block": ({"--data": "text:{short}"}, ["fewer than one block", "--seq-len"]),
+    "gguf_type_without_gguf_format": ({"--gguf-type": "q8_0"}, ["--gguf-type needs --format gguf"]),
+    "gguf_type_with_another_format": ({"--gguf-type": "f16", "--format": "nemotron-nas"},
+                                      ["--gguf-type needs --format gguf", "nemotron-nas"]),
 }
 
 
@@ -108,6 +111,30 @@ def test_bad_input_exits_2_with_one_line_and_creates_no_folder(inputs, tmp_path,
     result = run_prune(*_tiny_args(inputs, tmp_path / "out", **flags))
     assert_one_line_error(result, *fragments)
     assert list(tmp_path.iterdir()) == []
+
+
+def run_export(*args: str | Path) -> subprocess.CompletedProcess:
+    """`python -m loraprune export ARGS` with output captured."""
+    command = [sys.executable, "-m", "loraprune", "export", *map(str, args)]
+    return subprocess.run(command, check=False, capture_output=True, text=True, timeout=600)
+
+
+def _unwritable_out(kind: str, tmp_path: Path) -> Path:
+    if kind == "parent_is_a_file":
+        (tmp_path / "afile").write_text("a file, not a folder")
+        return tmp_path / "afile" / "sub" / "out"
+    return Path({"proc": "/proc/loraprune-out", "sys": "/sys/loraprune-out"}[kind])
+
+
+@pytest.mark.parametrize("kind", ["parent_is_a_file", "proc", "sys"])
+def test_an_out_that_cannot_be_created_is_refused_before_the_model_loads(inputs, interrupted_run, tmp_path, kind):
+    out = _unwritable_out(kind, tmp_path)
+    before = sorted(tmp_path.iterdir())
+    # A missing model would be the error if the model were loaded first.
+    assert_one_line_error(run_prune(*_tiny_args(inputs, out, **{"--model": str(inputs["missing"])})),
+                          f"cannot create {out}", "choose another --out")
+    assert_one_line_error(run_export(interrupted_run, "--out", out), f"cannot create {out}", "choose another --out")
+    assert sorted(tmp_path.iterdir()) == before
 
 
 def test_existing_output_is_refused_and_left_untouched(inputs, tmp_path):

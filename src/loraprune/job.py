@@ -30,6 +30,7 @@ from loraprune.data.generated import (
     parse_data,
     self_block_count,
 )
+from loraprune.destination import check_creatable
 from loraprune.errors import LoraPruneError
 from loraprune.evaluation.fidelity import dense_view
 from loraprune.evaluation.harness import out_of_domain_blocks, out_of_domain_report
@@ -257,6 +258,7 @@ def prune(config: PruneConfig | None = None, out: str | Path | None = None, *,
     check_base_precision(config)
     PruningSchedule.build(config.steps, config.warmup_fraction, config.cooldown_fraction, config.prune_every)
     _check_folders(out_path, run_dir, resuming, overwrite)
+    check_creatable(out_path)
 
     # Everything that can fail on bad input happens before a folder is created.
     spec = parse_data(config.data)
@@ -341,6 +343,7 @@ def export_run(run: str | Path, out: str | Path, *, overwrite: bool = False, che
     run = Path(run)
     run_dir = run / RUN_SUBDIR if (run / RUN_SUBDIR).is_dir() else run
     _refuse_writing_over_the_run(run, run_dir, Path(out))
+    check_creatable(Path(out))
     checkpoint = load_checkpoint(run_dir)
     config = finished_as(PruneConfig.from_dict(checkpoint.state.config), True, export_format, gguf_type)
     config.validate()
