@@ -186,6 +186,17 @@ def test_corrupted_checkpoint_is_refused_on_resume(interrupted_run, tmp_path):
     assert _snapshot(run) == before and not (tmp_path / "out").exists()
 
 
+def test_export_of_a_run_with_a_flipped_adapter_byte_is_refused_without_resume_advice(interrupted_run, tmp_path):
+    run = _copied_run(interrupted_run, tmp_path)
+    adapter = run / "checkpoint" / "adapter.safetensors"
+    data = bytearray(adapter.read_bytes())
+    data[-1] ^= 0x01
+    adapter.write_bytes(bytes(data))
+    result = run_export(run, "--out", tmp_path / "exported")
+    assert_one_line_error(result, "adapter.safetensors: its sha256 differs", "restore the run folder from a copy")
+    assert "--resume" not in result.stderr and not (tmp_path / "exported").exists()
+
+
 def test_checkpoint_from_another_model_is_refused_on_resume(inputs, interrupted_run, tmp_path):
     run = _copied_run(interrupted_run, tmp_path)
     before = _snapshot(run)

@@ -49,7 +49,7 @@ from loraprune.pruning.groups import LayerShape
 from loraprune.pruning.masks import ModelMasks
 from loraprune.pruning.schedule import PruningSchedule
 from loraprune.pruning.target import GlobalTarget, PruneTarget, solve_model_target
-from loraprune.training.checkpoint import LoadedCheckpoint, load_checkpoint, model_fingerprint
+from loraprune.training.checkpoint import LoadedCheckpoint, load_checkpoint, load_trained_state, model_fingerprint
 from loraprune.training.lora import check_base_precision, wrap_with_lora
 from loraprune.training.recipe import TrainingOutcome, train_while_pruning
 from loraprune.training.run_folder import PARTIAL_SUFFIX, partial_dir
@@ -344,7 +344,7 @@ def export_run(run: str | Path, out: str | Path, *, overwrite: bool = False, che
     run_dir = run / RUN_SUBDIR if (run / RUN_SUBDIR).is_dir() else run
     _refuse_writing_over_the_run(run, run_dir, Path(out))
     check_creatable(Path(out))
-    checkpoint = load_checkpoint(run_dir)
+    checkpoint = load_trained_state(run_dir)
     config = finished_as(PruneConfig.from_dict(checkpoint.state.config), True, export_format, gguf_type)
     config.validate()
     export_format, gguf_type = config.export_format, config.gguf_type or DEFAULT_GGUF_TYPE
