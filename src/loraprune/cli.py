@@ -385,7 +385,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run the loraprune command line; returns the process exit code."""
     args = build_parser().parse_args(argv)
     # Only a real command line may keep bitsandbytes out: a caller's process may need it later.
-    quiet_third_party(needs_bitsandbytes=argv is not None or _may_need_bitsandbytes(args))
+    quiet_third_party(needs_bitsandbytes=argv is not None or _may_need_bitsandbytes(args),
+                      progress_bars=not getattr(args, "no_progress", False))
     return _run(args)
 
 
