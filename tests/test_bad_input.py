@@ -197,6 +197,32 @@ def test_export_of_a_run_with_a_flipped_adapter_byte_is_refused_without_resume_a
     assert "--resume" not in result.stderr and not (tmp_path / "exported").exists()
 
 
+def _edit_recorded_config(run: Path, **changes) -> None:
+    state_file = run / "checkpoint" / "state.json"
+    state = json.loads(state_file.read_text())
+    state["config"].update(changes)
+    state_file.write_text(json.dumps(state))
+
+
+def test_export_of_a_run_whose_base_model_is_gone_says_the_path_comes_from_the_checkpoint(inputs, interrupted_run,
+                                                                                         tmp_path):
+    run = _copied_run(interrupted_run, tmp_path)
+    _edit_recorded_config(run, model=str(inputs["missing"]))
+    assert_one_line_error(run_export(run, "--out", tmp_path / "exported"), "does not exist",
+                          "recorded in the run's checkpoint", "put the model back")
+    _edit_recorded_config(run, model=str(inputs["other_model"]))
+    assert_one_line_error(run_export(run, "--out", tmp_path / "exported"), "made from another model",
+                          "put the original model back")
+
+
+def test_export_of_an_unfinished_run_says_so_on_the_console(interrupted_run, tmp_path):
+    run = _copied_run(interrupted_run, tmp_path)
+    _edit_recorded_config(run, steps=8)  # the run stopped at step 4 of 8
+    result = run_export(run, "--out", tmp_path / "exported")
+    assert result.returncode == 0, result.stderr
+    assert "the run is unfinished: step 4 of 8" in result.stdout
+
+
 def test_checkpoint_from_another_model_is_refused_on_resume(inputs, interrupted_run, tmp_path):
     run = _copied_run(interrupted_run, tmp_path)
     before = _snapshot(run)

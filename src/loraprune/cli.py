@@ -296,6 +296,10 @@ def export_command(args: argparse.Namespace) -> int:
     written = export_run(args.run, args.out, overwrite=args.overwrite, check_logits=not args.skip_logit_check,
                          export_format=args.export_format, gguf_type=args.gguf_type)
     print(f"pruned model written to {written}")
+    report = json.loads((written / "loraprune.json").read_text())
+    if not report.get("finished", True):
+        print(f"the run is unfinished: step {report['steps']} of {report['config']['steps']}, so this is the model "
+              "as it stood then (loraprune.json says finished: false); `loraprune prune --resume RUN_DIR` trains on")
     print(written_kind(written))
     return 0
 

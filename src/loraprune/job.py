@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -51,7 +52,7 @@ from loraprune.pruning.schedule import PruningSchedule
 from loraprune.pruning.target import GlobalTarget, PruneTarget, solve_model_target
 from loraprune.training.checkpoint import LoadedCheckpoint, load_checkpoint, load_trained_state, model_fingerprint
 from loraprune.training.lora import check_base_precision, wrap_with_lora
-from loraprune.training.recipe import TrainingOutcome, train_while_pruning
+from loraprune.training.recipe import RunInterrupted, TrainingOutcome, train_while_pruning
 from loraprune.training.run_folder import PARTIAL_SUFFIX, partial_dir
 from loraprune.training.sharding import full_state
 
@@ -272,11 +273,14 @@ def prune(config: PruneConfig | None = None, out: str | Path | None = None, *,
     solve_model_target(model, config)
     train_blocks = corpus_blocks(tokenizer, train_corpus, config.seq_len) if spec.corpus is not None else None
     if checkpoint is not None and checkpoint.state.model_fingerprint != model_fingerprint(model):
-        raise LoraPruneError(f"the checkpoint in {run_dir} was made from another model; resume with "
-                             "the model the run was started from")
+        raise LoraPruneError(f"the checkpoint in {run_dir} was made from another model than the one now at "
+                             f"{config.model}; put the model the run was started from back at that path")
 
     # Under torchrun / accelerate launch every process trains; only the main one writes files.
     processes = PartialState(cpu=not torch.cuda.is_available())
+    if config.parallel == "fsdp" and processes.num_processes == 1:
+        print("loraprune: note: --parallel fsdp shards the model across the processes of torchrun or accelerate "
+              "launch; this is one process, so it runs unsharded", file=sys.stderr)
     main_progress = progress and processes.is_main_process
     generated = _generated_text(model, tokenizer, config, spec, run_dir, resuming, processes, main_progress)
     dense = _evaluate(model, tokenizer, config, main_progress, generated)
@@ -310,7 +314,7 @@ def prune(config: PruneConfig | None = None, out: str | Path | None = None, *,
     adapter = full_state(get_peft_model_state_dict(outcome.model)) if export and outcome.sharded else None
     if export and processes.is_main_process:
         exported = adapted_model(config, adapter) if outcome.sharded else outcome.model
-        with _run_kept_on_failed_check(run_dir, out_path):
+        with _run_kept_on_failed_check(run_dir, out_path), _finish_command_on_interrupt(run_dir):
             _export(exported, tokenizer, outcome.masks, report, out_path, config,
                     export_format=export_format, gguf_type=gguf_type, overwrite=overwrite, run_dir=run_dir)
         os.replace(run_dir, out_path / RUN_SUBDIR)
@@ -348,10 +352,15 @@ def export_run(run: str | Path, out: str | Path, *, overwrite: bool = False, che
     config = finished_as(PruneConfig.from_dict(checkpoint.state.config), True, export_format, gguf_type)
     config.validate()
     export_format, gguf_type = config.export_format, config.gguf_type or DEFAULT_GGUF_TYPE
-    model, tokenizer = load_model(config.model, config.dtype, config.base_bits)
+    try:
+        model, tokenizer = load_model(config.model, config.dtype, config.base_bits)
+    except LoraPruneError as e:
+        raise LoraPruneError(f"{e}; that base model path is the one recorded in the run's checkpoint "
+                             f"({run_dir}/checkpoint/state.json): put the model back there") from None
     _check_format_fits(model, tokenizer, config, export_format, gguf_type)
     if checkpoint.state.model_fingerprint != model_fingerprint(model):
-        raise LoraPruneError(f"the run in {run_dir} was made from another model than {config.model}")
+        raise LoraPruneError(f"the run in {run_dir} was made from another model than the one now at {config.model} "
+                             "(the path its checkpoint records); put the original model back at that path")
     spec = spec_for(model.config)
     peft_model = wrap_with_lora(model, config, spec)
     set_peft_model_state_dict(peft_model, checkpoint.adapter)
@@ -382,6 +391,16 @@ def export_probe(tokenizer, config: PruneConfig, run_dir: Path | None = None) ->
         return saved.validation.reshape(-1)[:EXPORT_PROBE_TOKENS][None]
     ids = corpus_ids(tokenizer, load_corpus(spec.corpus, "validation", config.austen_dir))
     return torch.from_numpy(ids[:EXPORT_PROBE_TOKENS].astype(np.int64))[None]
+
+
+@contextmanager
+def _finish_command_on_interrupt(run_dir: Path) -> Iterator[None]:
+    """Ctrl-C while the model is written: the run is whole, so say how to finish it."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise RunInterrupted(f"interrupted while writing the model; the trained run is kept in {run_dir}. "
+                             f"Finish it with: loraprune prune --resume {run_dir}") from None
 
 
 @contextmanager
