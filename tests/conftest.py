@@ -147,6 +147,39 @@ def tiny_run_inputs(tmp_path) -> tuple[Path, Path]:
     return save_tiny_run_inputs(tmp_path)
 
 
+# A tiny Llama with SmolLM2's vocabulary, so SmolLM2's tokenizer (which a GGUF file needs) fits it.
+GGUF_TINY_CONFIG = {"hidden_size": 96, "num_hidden_layers": 4, "num_attention_heads": 6, "num_key_value_heads": 3,
+                    "head_dim": 16, "intermediate_size": 96, "vocab_size": 49152, "max_position_embeddings": 512,
+                    "tie_word_embeddings": True, "rms_norm_eps": 1e-5, "initializer_range": 0.1}
+GGUF_TINY_TEXT = ("It is a truth universally acknowledged, that a single man in possession of a good fortune, "
+                  "must be in want of a wife. However little known the feelings or views of such a man may be "
+                  "on his first entering a neighbourhood, this truth is so well fixed in the minds of the "
+                  "surrounding families, that he is considered the rightful property of some one or other of "
+                  "their daughters.")
+
+
+def save_gguf_tiny_run_inputs(folder: Path, tokenizer) -> tuple[Path, Path]:
+    """Save a tiny LLaMA with SmolLM2's tokenizer (exportable as GGUF) and an English text; return both paths."""
+    from transformers import LlamaConfig
+
+    torch.manual_seed(0)
+    model_dir = folder / "tiny-smollm2"
+    AutoModelForCausalLM.from_config(LlamaConfig(**GGUF_TINY_CONFIG), dtype=torch.float32).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    text = folder / "english.txt"
+    text.write_text((GGUF_TINY_TEXT + "\n") * 100)
+    return model_dir, text
+
+
+def gguf_tiny_prune_command(model_dir: Path, text: Path, out: Path, *extra: str) -> list[str]:
+    """`python -m loraprune prune --format gguf` on the GGUF-able tiny inputs, 12 steps, checkpointing every step."""
+    # The embeddings are most of this tiny model: 2 % of it is what its layers can give.
+    return [sys.executable, "-m", "loraprune", "prune", "--model", str(model_dir), "--data", f"text:{text}",
+            "--out", str(out), "--sparsity", "0.02", "--steps", "12", "--prune-every", "2", "--seq-len", "32",
+            "--eval-seq-len", "32", "--eval-tokens", "256", "--save-every", "1", "--lr", "1e-3",
+            "--no-progress", "--format", "gguf", *extra]
+
+
 def tiny_prune_command(model_dir: Path, text: Path, out: Path, *extra: str) -> list[str]:
     """`python -m loraprune prune` on the tiny inputs with a 12-step schedule, checkpointing every step."""
     return [sys.executable, "-m", "loraprune", "prune", "--model", str(model_dir), "--data", f"text:{text}",

@@ -98,6 +98,9 @@ BAD_NEW_RUNS = {
     "text_empty": ({"--data": "text:{empty}"}, ["is empty"]),
     "text_binary": ({"--data": "text:{binary}"}, ["binary file", "UTF-8"]),
     "text_shorter_than_one_block": ({"--data": "text:{short}"}, ["fewer than one block", "--seq-len"]),
+    "gguf_type_without_gguf_format": ({"--gguf-type": "q8_0"}, ["--gguf-type needs --format gguf"]),
+    "gguf_type_with_another_format": ({"--gguf-type": "f16", "--format": "nemotron-nas"},
+                                      ["--gguf-type needs --format gguf", "nemotron-nas"]),
 }
 
 
@@ -108,6 +111,30 @@ def test_bad_input_exits_2_with_one_line_and_creates_no_folder(inputs, tmp_path,
     result = run_prune(*_tiny_args(inputs, tmp_path / "out", **flags))
     assert_one_line_error(result, *fragments)
     assert list(tmp_path.iterdir()) == []
+
+
+def run_export(*args: str | Path) -> subprocess.CompletedProcess:
+    """`python -m loraprune export ARGS` with output captured."""
+    command = [sys.executable, "-m", "loraprune", "export", *map(str, args)]
+    return subprocess.run(command, check=False, capture_output=True, text=True, timeout=600)
+
+
+def _unwritable_out(kind: str, tmp_path: Path) -> Path:
+    if kind == "parent_is_a_file":
+        (tmp_path / "afile").write_text("a file, not a folder")
+        return tmp_path / "afile" / "sub" / "out"
+    return Path({"proc": "/proc/loraprune-out", "sys": "/sys/loraprune-out"}[kind])
+
+
+@pytest.mark.parametrize("kind", ["parent_is_a_file", "proc", "sys"])
+def test_an_out_that_cannot_be_created_is_refused_before_the_model_loads(inputs, interrupted_run, tmp_path, kind):
+    out = _unwritable_out(kind, tmp_path)
+    before = sorted(tmp_path.iterdir())
+    # A missing model would be the error if the model were loaded first.
+    assert_one_line_error(run_prune(*_tiny_args(inputs, out, **{"--model": str(inputs["missing"])})),
+                          f"cannot create {out}", "choose another --out")
+    assert_one_line_error(run_export(interrupted_run, "--out", out), f"cannot create {out}", "choose another --out")
+    assert sorted(tmp_path.iterdir()) == before
 
 
 def test_existing_output_is_refused_and_left_untouched(inputs, tmp_path):
@@ -157,6 +184,43 @@ def test_corrupted_checkpoint_is_refused_on_resume(interrupted_run, tmp_path):
     before = _snapshot(run)
     assert_one_line_error(run_prune("--resume", run), "corrupted", "start again without --resume")
     assert _snapshot(run) == before and not (tmp_path / "out").exists()
+
+
+def test_export_of_a_run_with_a_flipped_adapter_byte_is_refused_without_resume_advice(interrupted_run, tmp_path):
+    run = _copied_run(interrupted_run, tmp_path)
+    adapter = run / "checkpoint" / "adapter.safetensors"
+    data = bytearray(adapter.read_bytes())
+    data[-1] ^= 0x01
+    adapter.write_bytes(bytes(data))
+    result = run_export(run, "--out", tmp_path / "exported")
+    assert_one_line_error(result, "adapter.safetensors: its sha256 differs", "restore the run folder from a copy")
+    assert "--resume" not in result.stderr and not (tmp_path / "exported").exists()
+
+
+def _edit_recorded_config(run: Path, **changes) -> None:
+    state_file = run / "checkpoint" / "state.json"
+    state = json.loads(state_file.read_text())
+    state["config"].update(changes)
+    state_file.write_text(json.dumps(state))
+
+
+def test_export_of_a_run_whose_base_model_is_gone_says_the_path_comes_from_the_checkpoint(inputs, interrupted_run,
+                                                                                         tmp_path):
+    run = _copied_run(interrupted_run, tmp_path)
+    _edit_recorded_config(run, model=str(inputs["missing"]))
+    assert_one_line_error(run_export(run, "--out", tmp_path / "exported"), "does not exist",
+                          "recorded in the run's checkpoint", "put the model back")
+    _edit_recorded_config(run, model=str(inputs["other_model"]))
+    assert_one_line_error(run_export(run, "--out", tmp_path / "exported"), "made from another model",
+                          "put the original model back")
+
+
+def test_export_of_an_unfinished_run_says_so_on_the_console(interrupted_run, tmp_path):
+    run = _copied_run(interrupted_run, tmp_path)
+    _edit_recorded_config(run, steps=8)  # the run stopped at step 4 of 8
+    result = run_export(run, "--out", tmp_path / "exported")
+    assert result.returncode == 0, result.stderr
+    assert "the run is unfinished: step 4 of 8" in result.stdout
 
 
 def test_checkpoint_from_another_model_is_refused_on_resume(inputs, interrupted_run, tmp_path):

@@ -170,8 +170,7 @@ def test_auto_allocation_is_global_for_every_export_format_and_uniform_without_e
 
     auto = PruneConfig()
     assert auto.allocation == "auto"
-    assert resolved_allocation(auto, "gguf").allocation == "global"
-    assert resolved_allocation(auto, "nemotron-nas").allocation == "global"
-    assert resolved_allocation(auto, "transformers").allocation == "global"
-    assert resolved_allocation(auto, None).allocation == "uniform"
-    assert resolved_allocation(PruneConfig(allocation="uniform"), "gguf").allocation == "uniform"
+    for export_format in ("gguf", "nemotron-nas", "transformers"):
+        assert resolved_allocation(auto.with_overrides({"export_format": export_format})).allocation == "global"
+    assert resolved_allocation(auto.with_overrides({"export": False})).allocation == "uniform"
+    assert resolved_allocation(PruneConfig(allocation="uniform", export_format="gguf")).allocation == "uniform"

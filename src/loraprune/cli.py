@@ -202,20 +202,22 @@ def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", nargs="?", const=True, default=False, metavar="RUN_DIR",
                         help="continue an interrupted run (its RUN_DIR, or the --out it was writing)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    parser.add_argument("--no-export", action="store_true", help="keep only the run folder (masks, adapter)")
+    parser.add_argument("--no-export", action="store_true",
+                        help="keep only the run folder (masks, adapter); recorded, as --format and --gguf-type are")
     add_format_arguments(parser)
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
 def add_format_arguments(parser: argparse.ArgumentParser) -> None:
     """--format and --gguf-type, shared by `prune` and `export`."""
-    parser.add_argument("--format", dest="export_format", default="transformers",
+    parser.add_argument("--format", dest="export_format", default=None,
                         choices=["transformers", "gguf", "nemotron-nas"],
                         help="transformers: a Hugging Face folder, plain Llama when every layer has the same widths, "
                         "else DeciLM (loads with trust_remote_code, in transformers and vLLM); gguf: "
-                        "OUT/model.gguf for llama.cpp; nemotron-nas: always the DeciLM folder (default: %(default)s)")
-    parser.add_argument("--gguf-type", default="f32", choices=["f32", "f16", "q8_0"],
-                        help="with --format gguf: weight type of the file (default: %(default)s)")
+                        "OUT/model.gguf for llama.cpp; nemotron-nas: always the DeciLM folder (default: the "
+                        "run's, else transformers)")
+    parser.add_argument("--gguf-type", default=None, choices=["f32", "f16", "q8_0"],
+                        help="with --format gguf: weight type of the file (default: the run's, else f32)")
 
 
 def prune_command(args: argparse.Namespace) -> int:
@@ -228,7 +230,7 @@ def prune_command(args: argparse.Namespace) -> int:
     base = saved_run_config(args.resume if isinstance(args.resume, str) else args.out) if args.resume else PruneConfig()
     config = base.with_overrides({k: v for k, v in overrides.items() if v is not None})
     result = prune(config, args.out, resume=args.resume, overwrite=args.overwrite,
-                   export=not args.no_export, progress=not args.no_progress,
+                   export=False if args.no_export else None, progress=not args.no_progress,
                    export_format=args.export_format, gguf_type=args.gguf_type)
     if not result.main_process:  # under torchrun every process ran the job; one reports it
         return 0
@@ -239,7 +241,7 @@ def prune_command(args: argparse.Namespace) -> int:
     _print_out_of_domain(result.out_of_domain)
     for sample in result.report["greedy_samples"]:
         print(f"{sample['prompt']!r}\n  dense:  {sample['before']!r}\n  pruned: {sample['after']!r}")
-    if not args.no_export:
+    if result.report["config"]["export"]:
         print(f"pruned model written to {result.output_dir}")
         print(written_kind(result.output_dir))
     return 0
@@ -294,6 +296,10 @@ def export_command(args: argparse.Namespace) -> int:
     written = export_run(args.run, args.out, overwrite=args.overwrite, check_logits=not args.skip_logit_check,
                          export_format=args.export_format, gguf_type=args.gguf_type)
     print(f"pruned model written to {written}")
+    report = json.loads((written / "loraprune.json").read_text())
+    if not report.get("finished", True):
+        print(f"the run is unfinished: step {report['steps']} of {report['config']['steps']}, so this is the model "
+              "as it stood then (loraprune.json says finished: false); `loraprune prune --resume RUN_DIR` trains on")
     print(written_kind(written))
     return 0
 
@@ -383,7 +389,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run the loraprune command line; returns the process exit code."""
     args = build_parser().parse_args(argv)
     # Only a real command line may keep bitsandbytes out: a caller's process may need it later.
-    quiet_third_party(needs_bitsandbytes=argv is not None or _may_need_bitsandbytes(args))
+    quiet_third_party(needs_bitsandbytes=argv is not None or _may_need_bitsandbytes(args),
+                      progress_bars=not getattr(args, "no_progress", False))
     return _run(args)
 
 

@@ -13,6 +13,7 @@ from loraprune.errors import LoraPruneError
 Criterion = Literal["lora", "fisher", "grad", "magnitude", "random"]
 CRITERIA: tuple[str, ...] = ("lora", "fisher", "grad", "magnitude", "random")
 ALLOCATIONS: tuple[str, ...] = ("auto", "uniform", "global")
+EXPORT_FORMATS: tuple[str, ...] = ("transformers", "gguf", "nemotron-nas")
 # Flat setting names (the CLI's) that belong to the LoRA part of the config.
 LORA_FLAGS = {"lora_rank": "rank", "lora_alpha": "alpha", "lora_dropout": "dropout"}
 
@@ -85,6 +86,12 @@ class PruneConfig:
     # (data parallel); "fsdp" shards every weight across them (FSDP2), for models one device cannot hold.
     parallel: Literal["replicate", "fsdp"] = "replicate"
 
+    # What the run writes when it ends, recorded so that --resume and `loraprune export` finish it
+    # the same way: the format, the GGUF weight type (None: f32; only with gguf), or no model at all.
+    export: bool = True
+    export_format: Literal["transformers", "gguf", "nemotron-nas"] = "transformers"
+    gguf_type: Literal["f32", "f16", "q8_0"] | None = None
+
     # Bookkeeping (does not change the result).
     eval_tokens: int = 16384
     eval_seq_len: int = 512
@@ -126,6 +133,11 @@ class PruneConfig:
             raise LoraPruneError(f"--base-bits must be 8 or 4, got {self.base_bits}")
         if self.lr <= 0:
             raise LoraPruneError(f"--lr must be positive, got {self.lr}")
+        if self.export_format not in EXPORT_FORMATS:
+            raise LoraPruneError(f"--format must be one of {', '.join(EXPORT_FORMATS)}, got {self.export_format!r}")
+        if self.gguf_type is not None and self.export_format != "gguf":
+            raise LoraPruneError(f"--gguf-type needs --format gguf (this run writes {self.export_format}); "
+                                 "drop --gguf-type or add --format gguf")
         if self.self_tokens is not None and self.self_tokens <= 0:
             raise LoraPruneError(f"--self-tokens must be a positive number of tokens, got {self.self_tokens}")
 
@@ -161,6 +173,7 @@ class PruneConfig:
 
     def result_changing_differences(self, other: PruneConfig) -> list[str]:
         """Names of settings that differ and would change the pruned model."""
-        harmless = {"eval_tokens", "eval_seq_len", "save_every", "austen_dir", "parallel"}
+        harmless = {"eval_tokens", "eval_seq_len", "save_every", "austen_dir", "parallel",
+                    "export", "export_format", "gguf_type"}  # the masks and adapter do not depend on them
         mine, theirs = self.to_dict(), other.to_dict()
         return sorted(k for k in mine if k not in harmless and mine[k] != theirs[k])

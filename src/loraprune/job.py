@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from accelerate import PartialState
 from accelerate.utils import broadcast_object_list
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
-from loraprune.config import PruneConfig
+from loraprune.config import EXPORT_FORMATS, PruneConfig
 from loraprune.data.blocks import corpus_blocks, corpus_ids
 from loraprune.data.corpora import load_corpus
 from loraprune.data.generated import (
@@ -31,6 +32,7 @@ from loraprune.data.generated import (
     parse_data,
     self_block_count,
 )
+from loraprune.destination import check_creatable
 from loraprune.errors import LoraPruneError
 from loraprune.evaluation.fidelity import dense_view
 from loraprune.evaluation.harness import out_of_domain_blocks, out_of_domain_report
@@ -46,9 +48,9 @@ from loraprune.models.loading import load_model, source_gguf_file
 from loraprune.pruning.masks import ModelMasks
 from loraprune.pruning.schedule import PruningSchedule
 from loraprune.pruning.target import GlobalTarget, PruneTarget, solve_model_target
-from loraprune.training.checkpoint import LoadedCheckpoint, load_checkpoint, model_fingerprint
+from loraprune.training.checkpoint import LoadedCheckpoint, load_checkpoint, load_trained_state, model_fingerprint
 from loraprune.training.lora import check_base_precision, wrap_with_lora
-from loraprune.training.recipe import TrainingOutcome, train_while_pruning
+from loraprune.training.recipe import RunInterrupted, TrainingOutcome, train_while_pruning
 from loraprune.training.run_folder import PARTIAL_SUFFIX, partial_dir
 from loraprune.training.sharding import full_state
 
@@ -56,7 +58,7 @@ RUN_SUBDIR = "run"
 RUN_REPORT = "report.json"  # the run's own report, in its run folder: a re-export carries it over
 FIDELITY_TOKENS = 4096  # out-of-domain tokens the pruned logits are compared with the dense ones on
 EXPORT_PROBE_TOKENS = 128  # validation text the exported model's logits are checked on
-EXPORT_FORMATS = ("transformers", "gguf", "nemotron-nas")
+DEFAULT_GGUF_TYPE = "f32"
 # Every export format holds a different width in every layer: transformers as a DeciLM folder.
 PER_LAYER_FORMATS = EXPORT_FORMATS
 
@@ -99,13 +101,14 @@ def _check_folders(out: Path, run_dir: Path, resuming: bool, overwrite: bool) ->
 def _checked_resume(run_dir: Path, config: PruneConfig | None) -> tuple[LoadedCheckpoint, PruneConfig]:
     checkpoint = load_checkpoint(run_dir)
     saved = PruneConfig.from_dict(checkpoint.state.config)
-    if config is not None:
-        changed = saved.result_changing_differences(config)
-        if changed:
-            raise LoraPruneError(f"cannot resume with changed settings ({', '.join(changed)}); "
-                                 f"rerun with the settings recorded in {run_dir}/checkpoint/state.json "
-                                 "or start a new run")
-    return checkpoint, saved
+    if config is None:
+        return checkpoint, saved
+    changed = saved.result_changing_differences(config)
+    if changed:
+        raise LoraPruneError(f"cannot resume with changed settings ({', '.join(changed)}); "
+                             f"rerun with the settings recorded in {run_dir}/checkpoint/state.json "
+                             "or start a new run")
+    return checkpoint, config  # differs from the saved one only where the result does not
 
 
 def saved_run_config(run: str | Path | None) -> PruneConfig:
@@ -162,17 +165,26 @@ def _generated_text(model, tokenizer, config: PruneConfig, spec: DataSpec, run_d
     return generated
 
 
-def resolved_allocation(config: PruneConfig, export_format: str | None) -> PruneConfig:
+def resolved_allocation(config: PruneConfig) -> PruneConfig:
     """Settle ``allocation="auto"``: global for every export format (it wins on quality, see
     benchmarks/quality.py; transformers gets a DeciLM folder), uniform with no export."""
     if config.allocation != "auto":
         return config
-    return config.with_overrides({"allocation": "global" if export_format in PER_LAYER_FORMATS else "uniform"})
+    per_layer = config.export and config.export_format in PER_LAYER_FORMATS
+    return config.with_overrides({"allocation": "global" if per_layer else "uniform"})
 
 
-def _check_exportable(config: PruneConfig, export_format: str) -> None:
-    if export_format not in EXPORT_FORMATS:
-        raise LoraPruneError(f"--format must be one of {', '.join(EXPORT_FORMATS)}, got {export_format!r}")
+def finished_as(config: PruneConfig, export: bool | None = None, export_format: str | None = None,
+                gguf_type: str | None = None) -> PruneConfig:
+    """The run's settings with the way it ends (write a model? which format and GGUF type?) replaced
+    by what a command passed; a format named without a GGUF type drops the recorded type."""
+    if export_format is not None and export_format != config.export_format:
+        config = config.with_overrides({"export_format": export_format, "gguf_type": None})
+    if gguf_type is not None:
+        config = config.with_overrides({"gguf_type": gguf_type})
+    if export is not None or export_format is not None:  # naming a format asks for the model
+        config = config.with_overrides({"export": export if export is not None else True})
+    return config
 
 
 def _check_format_fits(model, tokenizer, config: PruneConfig, export_format: str, gguf_type: str) -> None:
@@ -203,18 +215,19 @@ def _export(model, tokenizer, masks: ModelMasks, report: dict, out: Path, config
 
 
 def prune(config: PruneConfig | None = None, out: str | Path | None = None, *,
-          resume: bool | str | Path = False, overwrite: bool = False, export: bool = True,
-          progress: bool = True, export_format: str = "transformers", gguf_type: str = "f32") -> PruneResult:
+          resume: bool | str | Path = False, overwrite: bool = False, export: bool | None = None,
+          progress: bool = True, export_format: str | None = None, gguf_type: str | None = None) -> PruneResult:
     """Prune ``config.model`` while fine-tuning LoRA and write the smaller model to ``out``.
 
     ``export_format`` "transformers" writes a Hugging Face folder, "gguf" ``out/model.gguf`` for
     llama.cpp (weights in ``gguf_type``: f32, f16 or q8_0), "nemotron-nas" a folder vLLM loads as
-    DeciLMForCausalLM (per-layer widths; pruned query heads are zero slots).
+    DeciLMForCausalLM (per-layer widths; pruned query heads are zero slots). ``export``,
+    ``export_format`` and ``gguf_type`` replace the config's when given; the run records them, so a
+    resumed run finishes as it was started.
     """
     out_path = Path(out) if out is not None else None
-    written_format = export_format if export else None
     if config is not None:  # concrete before a resumed run's settings are compared with it
-        config = resolved_allocation(config, written_format)
+        config = resolved_allocation(finished_as(config, export, export_format, gguf_type))
     resume_arg = Path(resume) if isinstance(resume, (str, Path)) else resume
     if resume_arg is True and out_path is not None:
         resume_arg = out_path
@@ -223,13 +236,13 @@ def prune(config: PruneConfig | None = None, out: str | Path | None = None, *,
     checkpoint = None
     if resuming:
         checkpoint, config = _checked_resume(run_dir, config)
-    config = resolved_allocation(config or PruneConfig(), written_format)
+    config = resolved_allocation(finished_as(config or PruneConfig(), export, export_format, gguf_type))
     config.validate()
+    export, export_format, gguf_type = config.export, config.export_format, config.gguf_type or DEFAULT_GGUF_TYPE
     check_base_precision(config)
     PruningSchedule.build(config.steps, config.warmup_fraction, config.cooldown_fraction, config.prune_every)
-    if export:
-        _check_exportable(config, export_format)
     _check_folders(out_path, run_dir, resuming, overwrite)
+    check_creatable(out_path)
 
     # Everything that can fail on bad input happens before a folder is created.
     spec = parse_data(config.data)
@@ -243,11 +256,14 @@ def prune(config: PruneConfig | None = None, out: str | Path | None = None, *,
     solve_model_target(model, config)
     train_blocks = corpus_blocks(tokenizer, train_corpus, config.seq_len) if spec.corpus is not None else None
     if checkpoint is not None and checkpoint.state.model_fingerprint != model_fingerprint(model):
-        raise LoraPruneError(f"the checkpoint in {run_dir} was made from another model; resume with "
-                             "the model the run was started from")
+        raise LoraPruneError(f"the checkpoint in {run_dir} was made from another model than the one now at "
+                             f"{config.model}; put the model the run was started from back at that path")
 
     # Under torchrun / accelerate launch every process trains; only the main one writes files.
     processes = PartialState(cpu=not torch.cuda.is_available())
+    if config.parallel == "fsdp" and processes.num_processes == 1:
+        print("loraprune: note: --parallel fsdp shards the model across the processes of torchrun or accelerate "
+              "launch; this is one process, so it runs unsharded", file=sys.stderr)
     main_progress = progress and processes.is_main_process
     generated = _generated_text(model, tokenizer, config, spec, run_dir, resuming, processes, main_progress)
     dense = _evaluate(model, tokenizer, config, main_progress, generated)
@@ -283,7 +299,7 @@ def prune(config: PruneConfig | None = None, out: str | Path | None = None, *,
         (run_dir / RUN_REPORT).write_text(json.dumps(report, indent=2) + "\n")
     if export and processes.is_main_process:
         exported = adapted_model(config, adapter) if outcome.sharded else outcome.model
-        with _run_kept_on_failed_check(run_dir, out_path):
+        with _run_kept_on_failed_check(run_dir, out_path), _finish_command_on_interrupt(run_dir):
             _export(exported, tokenizer, outcome.masks, report, out_path, config,
                     export_format=export_format, gguf_type=gguf_type, overwrite=overwrite, run_dir=run_dir)
         os.replace(run_dir, out_path / RUN_SUBDIR)
@@ -307,22 +323,29 @@ def adapted_model(config: PruneConfig, adapter: dict[str, torch.Tensor]) -> torc
 
 
 def export_run(run: str | Path, out: str | Path, *, overwrite: bool = False, check_logits: bool = True,
-               export_format: str = "transformers", gguf_type: str = "f32") -> Path:
+               export_format: str | None = None, gguf_type: str | None = None) -> Path:
     """Export the model of a saved run (finished or interrupted) as a standard checkpoint or a GGUF file.
 
-    With ``check_logits`` False, a logit comparison that fails is recorded in loraprune.json
-    instead of stopping the export.
+    ``export_format`` and ``gguf_type`` default to the ones the run recorded. With ``check_logits``
+    False, a logit comparison that fails is recorded in loraprune.json instead of stopping the export.
     """
     run = Path(run)
     run_dir = run / RUN_SUBDIR if (run / RUN_SUBDIR).is_dir() else run
     _refuse_writing_over_the_run(run, run_dir, Path(out))
-    checkpoint = load_checkpoint(run_dir)
-    config = PruneConfig.from_dict(checkpoint.state.config)
-    _check_exportable(config, export_format)
-    model, tokenizer = load_model(config.model, config.dtype, config.base_bits)
+    check_creatable(Path(out))
+    checkpoint = load_trained_state(run_dir)
+    config = finished_as(PruneConfig.from_dict(checkpoint.state.config), True, export_format, gguf_type)
+    config.validate()
+    export_format, gguf_type = config.export_format, config.gguf_type or DEFAULT_GGUF_TYPE
+    try:
+        model, tokenizer = load_model(config.model, config.dtype, config.base_bits)
+    except LoraPruneError as e:
+        raise LoraPruneError(f"{e}; that base model path is the one recorded in the run's checkpoint "
+                             f"({run_dir}/checkpoint/state.json): put the model back there") from None
     _check_format_fits(model, tokenizer, config, export_format, gguf_type)
     if checkpoint.state.model_fingerprint != model_fingerprint(model):
-        raise LoraPruneError(f"the run in {run_dir} was made from another model than {config.model}")
+        raise LoraPruneError(f"the run in {run_dir} was made from another model than the one now at {config.model} "
+                             "(the path its checkpoint records); put the original model back at that path")
     spec = spec_for(model.config)
     peft_model = wrap_with_lora(model, config, spec)
     set_peft_model_state_dict(peft_model, checkpoint.adapter)
@@ -360,6 +383,16 @@ def export_probe(tokenizer, config: PruneConfig, run_dir: Path | None = None) ->
         return saved.validation.reshape(-1)[:EXPORT_PROBE_TOKENS][None]
     ids = corpus_ids(tokenizer, load_corpus(spec.corpus, "validation", config.austen_dir))
     return torch.from_numpy(ids[:EXPORT_PROBE_TOKENS].astype(np.int64))[None]
+
+
+@contextmanager
+def _finish_command_on_interrupt(run_dir: Path) -> Iterator[None]:
+    """Ctrl-C while the model is written: the run is whole, so say how to finish it."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise RunInterrupted(f"interrupted while writing the model; the trained run is kept in {run_dir}. "
+                             f"Finish it with: loraprune prune --resume {run_dir}") from None
 
 
 @contextmanager

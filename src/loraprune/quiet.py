@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import warnings
 
@@ -26,8 +27,15 @@ class OncePerMessage(logging.Filter):
         return True
 
 
-def quiet_third_party(needs_bitsandbytes: bool) -> None:
-    """Silence library noise for one CLI command; without ``needs_bitsandbytes`` it is not even imported."""
+def quiet_third_party(needs_bitsandbytes: bool, progress_bars: bool = True) -> None:
+    """Silence library noise for one CLI command; without ``needs_bitsandbytes`` it is not even imported.
+
+    Without ``progress_bars`` (--no-progress) other libraries' bars go too (GGUF conversion, loading
+    and writing weights): tqdm reads TQDM_DISABLE as its default, and loraprune's own bars pass
+    ``disable`` explicitly.
+    """
+    if not progress_bars:
+        os.environ["TQDM_DISABLE"] = "1"
     if not needs_bitsandbytes and "bitsandbytes" not in sys.modules:
         sys.modules["bitsandbytes"] = None  # peft imports it when installed: 1.7 s and a warning for nothing
     bnb_logger = logging.getLogger("bitsandbytes")

@@ -263,8 +263,8 @@ def test_cli_passes_format_and_gguf_type_to_prune_and_export():
     parser = build_parser()
     args = parser.parse_args(["export", "RUN", "--out", "OUT", "--format", "gguf", "--gguf-type", "q8_0"])
     assert (args.export_format, args.gguf_type) == ("gguf", "q8_0")
-    args = parser.parse_args(["prune", "--out", "OUT"])
-    assert (args.export_format, args.gguf_type) == ("transformers", "f32")
+    args = parser.parse_args(["prune", "--out", "OUT"])  # None: the run's recorded format, else the defaults
+    assert (args.export_format, args.gguf_type) == (None, None)
     with pytest.raises(SystemExit) as refused:
         parser.parse_args(["prune", "--out", "OUT", "--format", "gguf", "--gguf-type", "q4_k"])
     assert refused.value.code == 2

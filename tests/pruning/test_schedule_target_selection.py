@@ -52,6 +52,28 @@ def test_unreachable_sparsity_fails_with_the_maximum_reachable():
         solve_target(SMOLLM2, 30, SMOLLM2_PARAMETERS, 0.5, skip_first=20, skip_last=5)
 
 
+def test_unreachable_sparsity_suggests_more_layers_only_when_layers_are_skipped():
+    with pytest.raises(LoraPruneError, match="lower --sparsity$"):
+        solve_target(SMOLLM2, 30, SMOLLM2_PARAMETERS, 0.8)
+    with pytest.raises(LoraPruneError, match="prune more layers"):
+        solve_target(SMOLLM2, 30, SMOLLM2_PARAMETERS, 0.5, skip_first=20, skip_last=5)
+
+
+@pytest.mark.parametrize("allocation", ["uniform", "global"])
+def test_round_to_beyond_the_ffn_width_is_named(allocation):
+    with pytest.raises(LoraPruneError, match="--round-to 100000 is larger than the FFN width \\(1536\\)"):
+        solve_target(SMOLLM2, 30, SMOLLM2_PARAMETERS, 0.1, round_to=100000, allocation=allocation)
+
+
+@pytest.mark.parametrize("allocation", ["uniform", "global"])
+def test_a_sparsity_that_removes_nothing_warns(allocation, caplog):
+    solve_target(SMOLLM2, 30, SMOLLM2_PARAMETERS, 1e-9, allocation=allocation)
+    assert "--sparsity 1e-09 removes no parameter" in caplog.text
+    caplog.clear()
+    solve_target(SMOLLM2, 30, SMOLLM2_PARAMETERS, 0.1, allocation=allocation)
+    assert "removes no parameter" not in caplog.text
+
+
 def test_layer_exclusions_hold_in_the_target():
     target = solve_target(SMOLLM2, 30, SMOLLM2_PARAMETERS, 0.3, skip_first=3, skip_last=1)
     assert target.pruned_layers == tuple(range(3, 29))

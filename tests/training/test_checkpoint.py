@@ -18,6 +18,7 @@ from loraprune.training.checkpoint import (
     RunState,
     capture_rng,
     load_checkpoint,
+    load_trained_state,
     model_fingerprint,
     save_checkpoint,
 )
@@ -110,6 +111,38 @@ def test_truncated_safetensors_file_is_an_error_naming_the_fix(tmp_path):
     adapter = tmp_path / "checkpoint" / "adapter.safetensors"
     adapter.write_bytes(adapter.read_bytes()[: adapter.stat().st_size // 2])
     with pytest.raises(LoraPruneError, match="corrupted.*without --resume"):
+        load_checkpoint(tmp_path)
+
+
+def _flip_last_bytes(path, count: int = 4) -> None:
+    """Invert the last bytes of a file (tensor data in a safetensors file): same size, other values."""
+    data = bytearray(path.read_bytes())
+    data[-count:] = bytes(b ^ 0xFF for b in data[-count:])
+    path.write_bytes(bytes(data))
+
+
+def test_a_same_size_bit_flip_is_refused_by_resume_and_export_naming_the_file(tmp_path):
+    save_example(tmp_path)
+    adapter = tmp_path / "checkpoint" / "adapter.safetensors"
+    size = adapter.stat().st_size
+    _flip_last_bytes(adapter)
+    assert adapter.stat().st_size == size
+    with pytest.raises(LoraPruneError, match="corrupted.*adapter.safetensors: its sha256 differs"):
+        load_checkpoint(tmp_path)
+    with pytest.raises(LoraPruneError, match="damaged.*adapter.safetensors: its sha256 differs") as refused:
+        load_trained_state(tmp_path)
+    assert "--resume" not in str(refused.value) and "delete" not in str(refused.value)
+
+
+def test_export_reads_only_the_adapter_masks_and_state(tmp_path):
+    saved, _, _ = save_example(tmp_path)
+    for name in ("optimizer", "scores", "rng"):
+        _flip_last_bytes(tmp_path / "checkpoint" / f"{name}.safetensors")
+    trained = load_trained_state(tmp_path)
+    assert trained.state == saved["state"]
+    assert all(torch.equal(trained.adapter[k], saved["adapter"][k]) for k in saved["adapter"])
+    assert all(torch.equal(trained.masks[k], saved["masks"][k]) for k in saved["masks"])
+    with pytest.raises(LoraPruneError, match="optimizer.safetensors"):
         load_checkpoint(tmp_path)
 
 

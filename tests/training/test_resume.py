@@ -9,6 +9,7 @@ import json
 import random
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from loraprune.config import PruneConfig
 from loraprune.errors import LoraPruneError
 from loraprune.job import prune
 from loraprune.training.losses import NextTokenCrossEntropy
-from tests.conftest import save_tiny_run_inputs, tiny_prune_command
+from tests.conftest import gguf_tiny_prune_command, save_gguf_tiny_run_inputs, save_tiny_run_inputs, tiny_prune_command
 
 STEPS = 12
 
@@ -116,6 +117,26 @@ def test_ctrl_c_exits_130_naming_resume_and_resuming_gives_the_same_masks(inputs
     assert 3 <= _checkpointed_step(out) < STEPS and not out.exists()
     _resume(inputs, out)
     _assert_same_result(out, uninterrupted)
+
+
+def test_the_printed_resume_command_alone_finishes_a_gguf_run_in_its_format_and_type(smollm2_tokenizer, tmp_path):
+    pytest.importorskip("xllamacpp")
+    model_dir, text = save_gguf_tiny_run_inputs(tmp_path, smollm2_tokenizer)
+    out = tmp_path / "out"
+    process = _start_and_wait_for_step(gguf_tiny_prune_command(model_dir, text, out, "--gguf-type", "q8_0"), out, 3)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    printed = [line.split("Resume with: ")[1].split() for line in stderr.splitlines() if "Resume with: " in line]
+    assert len(printed) == 1, stderr
+    printed = printed[0]
+    assert printed[:2] == ["loraprune", "prune"]
+    resumed = subprocess.run([sys.executable, "-m", *printed], check=False, capture_output=True, text=True,
+                             timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["loraprune.json", "model.gguf", "run"]
+    report = json.loads((out / "loraprune.json").read_text())
+    assert report["export"]["gguf_type"] == "q8_0" and report["config"]["allocation"] == "global"
 
 
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(inputs, tmp_path, monkeypatch):

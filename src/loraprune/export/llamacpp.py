@@ -1,14 +1,18 @@
 """Run a GGUF file in llama.cpp (through the prebuilt ``xllamacpp`` wheel) and read what it computes.
 
-llama.cpp is reached through its server API, in process: greedy tokens with log-probabilities
-come from the completion endpoint, per-position hidden states (after the final norm) from the
-embeddings endpoint with pooling "none", tokenization from /tokenize.
+llama.cpp is reached through its server API, in a child process that can always be killed:
+greedy tokens with log-probabilities come from the completion endpoint, per-position hidden states
+(after the final norm) from the embeddings endpoint with pooling "none", tokenization from /tokenize.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import signal
+import subprocess
+import sys
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,46 +43,46 @@ class GreedyRun:
 class LlamaCpp:
     """A GGUF model loaded in llama.cpp on the CPU: f32 KV cache, flash attention off.
 
-    ``hidden_states`` needs ``embeddings=True`` (llama.cpp then also keeps every position's
-    output); a server for timing leaves it off.
+    llama.cpp runs in a child process that ``close`` kills: in process, a Ctrl-C during a
+    completion left the server's destructor joining its thread for ever. ``hidden_states`` needs
+    ``embeddings=True`` (llama.cpp then also keeps every position's output); a server for timing
+    leaves it off.
     """
 
     def __init__(self, gguf_path: Path, context: int = 1024, threads: int | None = None,
                  embeddings: bool = False):
+        if importlib.util.find_spec("xllamacpp") is None:
+            raise LoraPruneError(f"running a GGUF file needs xllamacpp; install it with: {XLLAMACPP_INSTALL}")
+        settings = {"path": str(gguf_path), "context": context, "threads": threads or os.cpu_count() or 1,
+                    "embeddings": embeddings}
+        package_root = str(Path(__file__).resolve().parents[2])  # the child imports this very loraprune
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
+        # Its own session: a Ctrl-C at the terminal reaches only this process, which then kills it.
+        self._process = subprocess.Popen([sys.executable, "-c", CHILD_ENTRY, json.dumps(settings)], env=env,
+                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                         text=True, start_new_session=True)
         try:
-            import xllamacpp
-        except ImportError as e:
-            raise LoraPruneError(f"running a GGUF file needs xllamacpp; install it with: {XLLAMACPP_INSTALL}") from e
-        params = xllamacpp.CommonParams()
-        params.model.path = str(gguf_path)
-        params.warmup = False
-        params.n_ctx = context
-        params.n_batch = params.n_ubatch = context  # a whole prompt in one batch: one forward pass
-        params.n_parallel = 1
-        params.port = 0  # the in-process HTTP listener takes any free port on 127.0.0.1
-        params.cache_ram_mib = 0
-        threads = threads or os.cpu_count() or 1
-        params.cpuparams.n_threads = params.cpuparams_batch.n_threads = threads
-        # Exactness: a float32 KV cache and the plain attention kernel, as the PyTorch reference.
-        params.cache_type_k = params.cache_type_v = xllamacpp.ggml_type.GGML_TYPE_F32
-        params.flash_attn_type = xllamacpp.llama_flash_attn_type.LLAMA_FLASH_ATTN_TYPE_DISABLED
-        params.verbosity = -1
-        if embeddings:
-            params.embedding = True
-            params.pooling_type = xllamacpp.llama_pooling_type.LLAMA_POOLING_TYPE_NONE
-        try:
-            self._server = xllamacpp.Server(params)
-        except Exception as e:  # the binding raises RuntimeError or ValueError on a bad file
-            raise LoraPruneError(f"llama.cpp cannot load {gguf_path} ({e}); please report this") from e
-        self._address = self._server.listening_address
+            reply = self._process.stdout.readline()
+        except BaseException:
+            self.close()
+            raise
+        answer = json.loads(reply) if reply.startswith("{") else {"error": f"exit code {self._process.wait()}"}
+        if "address" not in answer:
+            self.close()
+            raise LoraPruneError(f"llama.cpp cannot load {gguf_path} ({answer['error']}); please report this")
+        self._address = answer["address"]
 
     def close(self) -> None:
-        """Stop the server and free the model."""
-        self._server = None
+        """Stop llama.cpp and free the model, at once (the process holds nothing that needs saving)."""
+        if self._process.poll() is None:
+            self._process.kill()
+        self._process.wait()
+        self._process.stdin.close()
+        self._process.stdout.close()
 
     def greedy(self, prompt: list[int], new_tokens: int, candidates: int = 1) -> GreedyRun:
         """Decode ``new_tokens`` greedily after ``prompt`` (token ids, no BOS added)."""
-        result = self._server.handle_completions({
+        result = self._post("/v1/completions", {
             "prompt": [int(t) for t in prompt], "n_predict": new_tokens, "temperature": 0.0,
             "n_probs": candidates, "ignore_eos": True, "cache_prompt": False, "repeat_penalty": 1.0})
         if "choices" not in result:
@@ -103,3 +107,39 @@ class LlamaCpp:
                                          headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(request, timeout=600) as response:
             return json.loads(response.read())
+
+
+CHILD_ENTRY = "from loraprune.export.llamacpp import serve; serve()"
+
+
+def serve() -> None:
+    """The child process: load ``argv[1]``'s settings in llama.cpp's server, print its address as
+    JSON, and serve until the parent closes stdin or kills it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when this ends
+    import xllamacpp
+
+    settings = json.loads(sys.argv[1])
+    params = xllamacpp.CommonParams()
+    params.model.path = settings["path"]
+    params.warmup = False
+    params.n_ctx = settings["context"]
+    params.n_batch = params.n_ubatch = settings["context"]  # a whole prompt in one batch: one forward pass
+    params.n_parallel = 1
+    params.port = 0  # the HTTP listener takes any free port on 127.0.0.1
+    params.cache_ram_mib = 0
+    params.cpuparams.n_threads = params.cpuparams_batch.n_threads = settings["threads"]
+    # Exactness: a float32 KV cache and the plain attention kernel, as the PyTorch reference.
+    params.cache_type_k = params.cache_type_v = xllamacpp.ggml_type.GGML_TYPE_F32
+    params.flash_attn_type = xllamacpp.llama_flash_attn_type.LLAMA_FLASH_ATTN_TYPE_DISABLED
+    params.verbosity = -1
+    if settings["embeddings"]:
+        params.embedding = True
+        params.pooling_type = xllamacpp.llama_pooling_type.LLAMA_POOLING_TYPE_NONE
+    try:
+        server = xllamacpp.Server(params)
+    except (RuntimeError, ValueError) as e:  # what the binding raises on a bad file
+        print(json.dumps({"error": str(e)}), flush=True)
+        os._exit(1)
+    print(json.dumps({"address": server.listening_address}), flush=True)
+    sys.stdin.read()
+    os._exit(0)  # never run the server's destructor: it joins threads

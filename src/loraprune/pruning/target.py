@@ -8,6 +8,7 @@ spent wherever units cost the least estimated loss per parameter (per-layer widt
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Literal
 
@@ -17,6 +18,8 @@ from loraprune.config import PruneConfig
 from loraprune.errors import LoraPruneError
 from loraprune.models import count_parameters, projection_biases, spec_for
 from loraprune.pruning.groups import AttentionUnit, LayerShape
+
+log = logging.getLogger(__name__)
 
 Allocation = Literal["auto", "uniform", "global"]  # auto: uniform unless the job resolves it
 
@@ -120,13 +123,19 @@ def solve_target(
     if not layers:
         raise LoraPruneError(f"--skip-first {skip_first} and --skip-last {skip_last} leave none of the "
                              f"{num_layers} layers to prune; lower them")
+    if round_to > shape.intermediate_size:
+        raise LoraPruneError(f"--round-to {round_to} is larger than the FFN width ({shape.intermediate_size}), so "
+                             f"no FFN channel could be removed; use a --round-to of at most {shape.intermediate_size}")
     sizes = UnitSizes.of(shape, unit, attention_bias, mlp_bias)
     if allocation == "global":
         if attention_fraction is not None:
             raise LoraPruneError("--attention-fraction fixes the attention share of every layer; global "
                                  "allocation chooses it by score, so drop one of the two")
         _check_reachable(sparsity, shape, layers, num_layers, total_parameters, unit, round_to, sizes)
-        return GlobalTarget(layers, unit, sizes, round_to, total_parameters, round(sparsity * total_parameters))
+        target = GlobalTarget(layers, unit, sizes, round_to, total_parameters, round(sparsity * total_parameters))
+        _warn_if_nothing_removed(sparsity, target.removed_parameters, min(sizes.ffn_channel, sizes.attention_unit),
+                                 total_parameters)
+        return target
     wanted = sparsity * total_parameters
     width = shape.intermediate_size
     kept_widths = [w for w in range(round_to, width + 1, round_to)] or [width]
@@ -160,7 +169,17 @@ def solve_target(
 
     _check_reachable(sparsity, shape, layers, num_layers, total_parameters, unit, round_to, sizes,
                      missed=best_key[0])
+    smallest_attention = sizes.attention_unit * (1 if unit == "kv_group" else shape.num_kv_heads)
+    _warn_if_nothing_removed(sparsity, best.removed_parameters,
+                             len(layers) * min(sizes.ffn_channel * round_to, smallest_attention), total_parameters)
     return best
+
+
+def _warn_if_nothing_removed(sparsity: float, removed: int, smallest_step: int, total_parameters: int) -> None:
+    if removed < smallest_step:
+        log.warning("loraprune: warning: --sparsity %s removes no parameter (the smallest step removes %d, %.2g "
+                    "of the model); the run will only fine-tune", sparsity, smallest_step,
+                    smallest_step / total_parameters)
 
 
 def _check_reachable(sparsity: float, shape: LayerShape, layers: tuple[int, ...], num_layers: int,
@@ -168,10 +187,11 @@ def _check_reachable(sparsity: float, shape: LayerShape, layers: tuple[int, ...]
                      missed: bool = False) -> None:
     maximum = maximum_sparsity(shape, len(layers), total_parameters, unit, round_to, sizes)
     if sparsity > maximum + 1e-9 or missed:
+        more_layers = " or prune more layers (lower --skip-first/--skip-last)" if len(layers) < num_layers else ""
         raise LoraPruneError(
             f"sparsity {sparsity} is not reachable: with {len(layers)} of {num_layers} layers pruned "
             f"(attention unit {unit}, round-to {round_to}) at most {maximum:.4f} of the parameters can "
-            f"be removed; lower --sparsity or prune more layers (--skip-first/--skip-last)")
+            f"be removed; lower --sparsity{more_layers}")
 
 
 def solve_model_target(model: nn.Module, config: PruneConfig) -> PruneTarget | GlobalTarget:

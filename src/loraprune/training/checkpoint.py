@@ -12,6 +12,7 @@ import logging
 import os
 import random
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,8 @@ from loraprune.errors import LoraPruneError
 log = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoint"
+TENSOR_FILES = ("adapter.safetensors", "optimizer.safetensors", "masks.safetensors", "scores.safetensors",
+                "rng.safetensors")
 FINGERPRINT_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads",
                     "num_key_value_heads", "intermediate_size", "vocab_size")
 
@@ -117,7 +120,8 @@ def save_checkpoint(run_dir: Path, state: RunState, adapter: dict[str, torch.Ten
     save_file(rng.tensors, str(tmp / "rng.safetensors"))
     meta = {"step": state.step, "samples_seen": state.samples_seen,
             "model_fingerprint": state.model_fingerprint, "config": state.config,
-            "optimizer": optimizer_meta, "scheduler": scheduler, "rng": rng.meta}
+            "optimizer": optimizer_meta, "scheduler": scheduler, "rng": rng.meta,
+            "sha256": {name: _sha256(tmp / name) for name in TENSOR_FILES}}
     (tmp / "state.json").write_text(json.dumps(meta, indent=1))
     old = run_dir / f".{CHECKPOINT_DIR}.old"
     if final.exists():  # else a kill came between the renames below and old is the only whole copy
@@ -147,26 +151,92 @@ class LoadedCheckpoint:
 
 
 def load_checkpoint(run_dir: Path) -> LoadedCheckpoint:
-    """Read ``run_dir/checkpoint``; a missing or damaged one is a LoraPruneError."""
+    """Read ``run_dir/checkpoint`` to resume it; a missing or damaged one is a LoraPruneError."""
+    folder = _checkpoint_folder(run_dir, "start without --resume, or point --resume at the run folder of an "
+                                         "interrupted run")
+    try:
+        meta, read = _verified_reader(folder)
+        return LoadedCheckpoint(
+            state=_run_state(meta),
+            adapter=read("adapter.safetensors"),
+            optimizer=_optimizer_state(read("optimizer.safetensors"), meta["optimizer"]),
+            scheduler=meta["scheduler"],
+            masks=read("masks.safetensors"),
+            scores=read("scores.safetensors"),
+            rng_tensors=read("rng.safetensors"),
+            rng_meta=meta["rng"],
+        )
+    except (DamagedFile, KeyError, TypeError, ValueError) as damaged:
+        reason = damaged if isinstance(damaged, DamagedFile) else f"state.json: {type(damaged).__name__}"
+        raise LoraPruneError(f"run checkpoint in {folder} is corrupted ({reason}); delete that folder and start "
+                             "again without --resume") from None
+
+
+@dataclass
+class TrainedState:
+    """What exporting a run needs of its checkpoint: the settings, the adapter and the masks."""
+
+    state: RunState
+    adapter: dict[str, torch.Tensor]
+    masks: dict[str, torch.Tensor]
+
+
+def load_trained_state(run_dir: Path) -> TrainedState:
+    """Read only what an export needs from ``run_dir/checkpoint`` (not the optimizer, scores or RNG)."""
+    folder = _checkpoint_folder(run_dir, "RUN_DIR must be a finished --out folder (holding run/) or the "
+                                         "OUT.partial folder of an interrupted run")
+    try:
+        meta, read = _verified_reader(folder)
+        return TrainedState(_run_state(meta), read("adapter.safetensors"), read("masks.safetensors"))
+    except DamagedFile as damaged:
+        raise LoraPruneError(f"the run checkpoint in {folder} is damaged ({damaged}) and the export needs that "
+                             "file; restore the run folder from a copy (a model already exported from it is "
+                             "not affected)") from None
+
+
+class DamagedFile(Exception):
+    """A checkpoint file that cannot be read or whose checksum differs from the recorded one."""
+
+
+def _checkpoint_folder(run_dir: Path, advice: str) -> Path:
     folder = run_dir / CHECKPOINT_DIR
     if not folder.exists():  # killed between save_checkpoint's two renames: the previous one is whole
         folder = run_dir / f".{CHECKPOINT_DIR}.old"
     if not (folder / "state.json").is_file():
-        raise LoraPruneError(f"no run checkpoint in {run_dir}; start without --resume, or point "
-                             "--resume at the run folder of an interrupted run")
+        raise LoraPruneError(f"no run checkpoint in {run_dir}; {advice}")
+    return folder
+
+
+def _verified_reader(folder: Path) -> tuple[dict, Callable[[str], dict[str, torch.Tensor]]]:
+    """state.json, and a function that reads one tensor file after checking it against state.json's sha256."""
     try:
         meta = json.loads((folder / "state.json").read_text())
-        optimizer = _optimizer_state(load_file(str(folder / "optimizer.safetensors")), meta["optimizer"])
-        return LoadedCheckpoint(
-            state=RunState(meta["step"], meta["samples_seen"], meta["model_fingerprint"], meta["config"]),
-            adapter=load_file(str(folder / "adapter.safetensors")),
-            optimizer=optimizer,
-            scheduler=meta["scheduler"],
-            masks=load_file(str(folder / "masks.safetensors")),
-            scores=load_file(str(folder / "scores.safetensors")),
-            rng_tensors=load_file(str(folder / "rng.safetensors")),
-            rng_meta=meta["rng"],
-        )
-    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as error:
-        raise LoraPruneError(f"run checkpoint in {folder} is corrupted ({type(error).__name__}); "
-                             "delete the folder and start again without --resume") from None
+    except (OSError, ValueError) as error:
+        raise DamagedFile(f"state.json: {type(error).__name__}") from None
+    checksums = meta.get("sha256", {}) if isinstance(meta, dict) else {}  # runs saved before checksums have none
+
+    def read(name: str) -> dict[str, torch.Tensor]:
+        path = folder / name
+        try:
+            if name in checksums and _sha256(path) != checksums[name]:
+                raise DamagedFile(f"{name}: its sha256 differs from the one recorded in state.json")
+            return load_file(str(path))
+        except (OSError, ValueError, SafetensorError) as error:
+            raise DamagedFile(f"{name}: {type(error).__name__}") from None
+
+    return meta, read
+
+
+def _run_state(meta: dict) -> RunState:
+    try:
+        return RunState(meta["step"], meta["samples_seen"], meta["model_fingerprint"], meta["config"])
+    except (KeyError, TypeError) as error:
+        raise DamagedFile(f"state.json: {type(error).__name__}") from None
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

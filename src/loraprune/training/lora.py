@@ -27,8 +27,9 @@ def wrap_with_lora(model: PreTrainedModel, config: PruneConfig, spec: ArchSpec) 
 def check_base_precision(config: PruneConfig) -> None:
     """A quantised base has no ∇W: refuse a criterion that needs it."""
     if config.base_bits is not None and scorer_class(config.criterion).needs_weight_gradients:
-        raise LoraPruneError(f"--criterion {config.criterion} needs gradients of the frozen weights, which a "
-                             f"{config.base_bits}-bit base cannot have; drop --base-bits or use --criterion "
+        article = "an" if config.base_bits == 8 else "a"
+        raise LoraPruneError(f"--criterion {config.criterion} needs gradients of the frozen weights, which "
+                             f"{article} {config.base_bits}-bit base cannot have; drop --base-bits or use --criterion "
                              "lora or fisher")
 
 

@@ -1,0 +1,35 @@
+"""A default `loraprune prune` and `loraprune export` show the user no other library's warnings.
+
+Both run as a user would, in subprocesses, on a tiny saved model; stderr is read line by line.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+from tests.conftest import save_tiny_run_inputs
+
+# What another library's message looks like: a warning category, warnings.warn's echo, or a library's name.
+FOREIGN = re.compile(r"Warning|warnings\.warn|bitsandbytes|kernels|transformers|peft|accelerate|torch",
+                     re.IGNORECASE)
+
+
+def _foreign_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if FOREIGN.search(line)]
+
+
+def test_prune_and_export_print_no_warning_from_another_library(tmp_path):
+    model_dir, text = save_tiny_run_inputs(tmp_path)
+    out = tmp_path / "out"
+    prune = subprocess.run([sys.executable, "-m", "loraprune", "prune", "--model", str(model_dir), "--data",
+                            f"text:{text}", "--out", str(out), "--sparsity", "0.3", "--steps", "4", "--prune-every",
+                            "2", "--seq-len", "32", "--eval-seq-len", "32", "--eval-tokens", "256", "--no-progress"],
+                           check=False, capture_output=True, text=True, timeout=900)
+    assert prune.returncode == 0, prune.stderr
+    assert prune.stderr == ""  # --no-progress: not even another library's progress bar
+    export = subprocess.run([sys.executable, "-m", "loraprune", "export", str(out), "--out", str(tmp_path / "again")],
+                            check=False, capture_output=True, text=True, timeout=900)
+    assert export.returncode == 0, export.stderr
+    assert _foreign_lines(export.stderr) == []
