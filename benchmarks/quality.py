@@ -54,8 +54,8 @@ class Method:
 # LLM-Pruner's element-wise first-order criterion as published: |∇W ⊙ W| summed over each group,
 # no per-matrix normalisation (its "param_first" Taylor importance with sum reduction).
 LLM_PRUNER = {"criterion": "grad", "score_power": "abs", "normalise_scores": False}
-# Half cross-entropy: a pure distillation loss has zero gradient while nothing is pruned yet
-# (the model is its own teacher), which would leave a gradient-based criterion blind early on.
+# Half cross-entropy, half KL. (Pure KL, "+kl", has zero gradient while nothing is pruned: the
+# fisher criterion then scores cross-entropy on tokens sampled from the teacher instead.)
 DISTILL = {"distill": 0.5}
 EARLY = {"warmup_fraction": 0.0, "cooldown_fraction": 2 / 3}  # ramp over the first third, then recover
 METHODS: dict[str, Method] = {
@@ -102,8 +102,8 @@ class Settings:
     # second process --from-the-end starts with the second seeds);
     # (method, sparsity, seed); sparsity None stands for every one of ``sparsities``.
     plan: tuple[tuple[str, float | None, int], ...] = (
-        ("dense", 0.0, 0), ("fisher+global", 0.2, 0), ("fisher+global+distill", 0.2, 0),
-        ("fisher+global", 0.5, 0), ("fisher+global+distill", 0.5, 0), ("fisher+global+kl", 0.2, 0),
+        ("dense", 0.0, 0), ("fisher+global", 0.2, 0), ("fisher+global+distill", 0.2, 0), ("fisher+global+kl", 0.2, 0),
+        ("fisher+global", 0.5, 0), ("fisher+global+distill", 0.5, 0),
         ("llm-pruner+global", 0.2, 0), ("fisher+global+kl", 0.5, 0), ("llm-pruner+global", 0.5, 0),
     )
 
@@ -196,10 +196,11 @@ def _recorded_runs(settings: Settings, results_path: Path) -> dict:
     return results["runs"] if results.get("settings") == _budget(settings) else {}
 
 
-def run_suite(settings: Settings, results_path: Path, from_the_end: bool = False) -> dict:
+def run_suite(settings: Settings, results_path: Path, from_the_end: bool = False,
+              only: tuple[str, ...] = ()) -> dict:
     """Run the plan, skipping runs already recorded with the same budget.
 
-    Two processes can share one results file, one of them ``from_the_end``: each re-reads the file
+    ``only``: run just these methods' rows of the plan. Two processes can share one results file, one of them ``from_the_end``: each re-reads the file
     before a run and merges into it after one, so neither repeats nor erases the other's runs.
     """
     results = {"settings": _budget(settings), "runs": _recorded_runs(settings, results_path)}
@@ -213,7 +214,7 @@ def run_suite(settings: Settings, results_path: Path, from_the_end: bool = False
     }
     results["eval"] = {name: {"windows": int(b.shape[0]), "seq_len": int(b.shape[1]),
                               "tokens": int(b.numel())} for name, b in eval_sets.items()}
-    plan = expanded_plan(settings)
+    plan = [run for run in expanded_plan(settings) if not only or run[0] in only]
     for name, sparsity, seed in reversed(plan) if from_the_end else plan:
         key = run_key(name, sparsity, seed)
         if key in _recorded_runs(settings, results_path) or key in results["runs"]:
@@ -461,6 +462,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--from-json", action="store_true", help="rewrite the docs from saved results, no runs")
     parser.add_argument("--from-the-end", action="store_true",
                         help="take the plan from its last run backwards (a second process sharing the file)")
+    parser.add_argument("--only", nargs="+", default=(), choices=METHODS, metavar="METHOD",
+                        help="run only these methods' rows of the plan (another process may run the rest)")
     args = parser.parse_args(argv)
     settings = QUICK if args.quick else Settings()
     if args.steps and args.steps != settings.steps:  # a point of the budget curve: only the default method
@@ -470,7 +473,7 @@ def main(argv: list[str] | None = None) -> int:
         results = json.loads(path.read_text())
         args.steps = results["settings"]["steps"] if results["settings"]["steps"] != Settings().steps else None
     else:
-        results = run_suite(settings, path, args.from_the_end)
+        results = run_suite(settings, path, args.from_the_end, tuple(args.only))
     if not args.no_docs:
         command = "python benchmarks/quality.py" + (" --quick" if args.quick else "") + \
                   (f" --steps {args.steps}" if args.steps else "")

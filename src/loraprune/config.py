@@ -63,6 +63,7 @@ class PruneConfig:
     # Recovery loss: weight w of self-distillation from the unpruned base (0: cross-entropy only).
     distill: float = 0.0
     distill_temperature: float = 1.0
+    distill_top_k: int | None = None  # KL over the teacher's k likeliest tokens only, renormalised
 
     # Schedule (paper Sec. 3.3: cubic ramp, masks updated every k steps, then recovery).
     steps: int = 200
@@ -120,6 +121,8 @@ class PruneConfig:
             raise LoraPruneError(f"--distill must be a weight in [0, 1], got {self.distill}")
         if self.distill_temperature <= 0:
             raise LoraPruneError(f"--distill-temperature must be positive, got {self.distill_temperature}")
+        if self.distill_top_k is not None and self.distill_top_k < 2:
+            raise LoraPruneError(f"--distill-top-k must be at least 2 tokens, got {self.distill_top_k}")
         if self.parallel not in ("replicate", "fsdp"):
             raise LoraPruneError(f"--parallel must be replicate or fsdp, got '{self.parallel}'")
         if self.base_bits not in (None, 8, 4):

@@ -10,6 +10,9 @@ Memory: one float per unit, plus the unit outputs of a micro-batch kept until it
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -34,8 +37,11 @@ def per_sequence_mask_gradients(activation: torch.Tensor, gradient: torch.Tensor
 class FisherScorer(Scorer):
     """Σ over sequences of (∂L/∂m_unit)², a unit's mask gradient; no ∇W, no per-weight state."""
 
+    takes_scoring_loss = True
+
     def __init__(self, config: PruneConfig, plan: ScoringPlan):
         super().__init__(config, plan)
+        self._reading = True  # False while a backward pass that is not to be scored runs
         self._handles: list[RemovableHandle] = []
         self._attention: dict[int, torch.Tensor] = {}  # layer → (units,) sum of squares this step
         self._ffn: dict[int, torch.Tensor] = {}
@@ -60,6 +66,15 @@ class FisherScorer(Scorer):
         self._ffn.clear()
         super().detach()
 
+    @contextmanager
+    def ignoring_backward(self) -> Iterator[None]:
+        """Backward passes inside the block leave the scores as they are."""
+        self._reading = False
+        try:
+            yield
+        finally:
+            self._reading = True
+
     def step_scores(self) -> dict[int, LayerScores]:
         """This step's sums of squared per-sequence mask gradients; the sums start again from zero."""
         if not self._attention or not self._ffn:
@@ -83,6 +98,8 @@ class FisherScorer(Scorer):
         shape = self.plan.shape
 
         def read_gradient(gradient: torch.Tensor, activation: torch.Tensor) -> None:
+            if not self._reading:
+                return
             if kind == "ffn":
                 per_sequence = per_sequence_mask_gradients(activation, gradient, 1)
             else:
