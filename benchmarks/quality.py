@@ -27,9 +27,10 @@ from loraprune.evaluation.fidelity import dense_view, fidelity
 from loraprune.evaluation.generation import generation_health
 from loraprune.evaluation.perplexity import perplexity
 from loraprune.export.transformers_writer import export_checkpoint
-from loraprune.models import count_parameters, spec_for
+from loraprune.models import count_parameters, projection_biases, spec_for
 from loraprune.models.loading import load_model
-from loraprune.pruning.masks import ModelMasks
+from loraprune.pruning.groups import LayerShape
+from loraprune.pruning.masks import ModelMasks, removed_parameters
 from loraprune.pruning.target import solve_model_target
 from loraprune.training.oneshot import one_shot_masks
 from loraprune.training.recipe import train_while_pruning
@@ -49,11 +50,15 @@ class Method:
     pruned: bool = True  # False: fine-tune with full masks
     one_shot: bool = False  # score once on calibration blocks, then only recover
     trained: bool = True  # False: the dense model as it is
+    recovered: bool = True  # False (one-shot): evaluate the pruned model as it is, no LoRA training
 
 
 # LLM-Pruner's element-wise first-order criterion as published: |∇W ⊙ W| summed over each group,
 # no per-matrix normalisation (its "param_first" Taylor importance with sum reduction).
 LLM_PRUNER = {"criterion": "grad", "score_power": "abs", "normalise_scores": False}
+# FLAP as published: fluctuation metric, standardised across layers, global allocation, bias
+# compensation from the calibration tokens' means; no training at all (flap+lora: LoRA recovery after).
+FLAP = {"criterion": "flap", "allocation": "global", "bias_compensation": True}
 # Half cross-entropy, half KL. (Pure KL, "+kl", has zero gradient while nothing is pruned: the
 # fisher criterion then scores cross-entropy on tokens sampled from the teacher instead.)
 DISTILL = {"distill": 0.5}
@@ -73,6 +78,11 @@ METHODS: dict[str, Method] = {
     "fisher+global": Method({"criterion": "fisher", "allocation": "global"}),
     "fisher+global+distill": Method({"criterion": "fisher", "allocation": "global", **DISTILL}),
     "fisher+global+kl": Method({"criterion": "fisher", "allocation": "global", "distill": 1.0}),
+    "fisher+global+bias": Method({"criterion": "fisher", "allocation": "global", "bias_compensation": True}),
+    "fisher+global+kl+bias": Method({"criterion": "fisher", "allocation": "global", "distill": 1.0,
+                                     "bias_compensation": True}),
+    "flap": Method(FLAP, one_shot=True, recovered=False),
+    "flap+lora": Method(FLAP, one_shot=True),
     "llm-pruner": Method(LLM_PRUNER, one_shot=True),
     "llm-pruner+distill": Method({**LLM_PRUNER, **DISTILL}, one_shot=True),
     "llm-pruner+global": Method({**LLM_PRUNER, "allocation": "global"}, one_shot=True),
@@ -105,6 +115,7 @@ class Settings:
         ("dense", 0.0, 0), ("fisher+global", 0.2, 0), ("fisher+global+distill", 0.2, 0), ("fisher+global+kl", 0.2, 0),
         ("fisher+global", 0.5, 0), ("fisher+global+distill", 0.5, 0),
         ("llm-pruner+global", 0.2, 0), ("fisher+global+kl", 0.5, 0), ("llm-pruner+global", 0.5, 0),
+        ("flap", None, 0), ("fisher+global+bias", 0.2, 0), ("fisher+global+kl+bias", 0.2, 0), ("flap+lora", 0.2, 0),
     )
 
 
@@ -148,11 +159,17 @@ def run_one(base, name: str, sparsity: float, seed: int, settings: Settings, tra
         elif method.one_shot:
             calibration = _calibration(train_blocks, settings, seed)
             fixed = one_shot_masks(model, calibration, config, solve_model_target(model, config))
-        with tempfile.TemporaryDirectory() as run_dir:
-            outcome = train_while_pruning(model, train_blocks, config, Path(run_dir), progress=True,
-                                          fixed_masks=fixed)
-            log = [json.loads(line) for line in (Path(run_dir) / "log.jsonl").read_text().splitlines()]
-        model, achieved, steps = outcome.model, outcome.achieved_sparsity, outcome.steps
+        if method.recovered:
+            with tempfile.TemporaryDirectory() as run_dir:
+                outcome = train_while_pruning(model, train_blocks, config, Path(run_dir), progress=True,
+                                              fixed_masks=fixed)
+                log = [json.loads(line) for line in (Path(run_dir) / "log.jsonl").read_text().splitlines()]
+            model, achieved, steps = outcome.model, outcome.achieved_sparsity, outcome.steps
+        else:
+            fixed.attach(model, spec_for(model.config))
+            outcome = OneShotOutcome(fixed)
+            achieved = removed_parameters(fixed, LayerShape.from_config(model.config),
+                                          *projection_biases(model, spec_for(model.config))) / total
     seconds = time.perf_counter() - started
     model.eval()
     row = {"method": name, "target_sparsity": sparsity, "seed": seed, "achieved_sparsity": achieved,
@@ -174,6 +191,13 @@ def run_one(base, name: str, sparsity: float, seed: int, settings: Settings, tra
                           overwrite=True)
         row["exported_to"] = str(export_to)
     return row
+
+
+@dataclass
+class OneShotOutcome:
+    """What a run without recovery training leaves: the masks (attached to the model)."""
+
+    masks: ModelMasks
 
 
 def _budget(settings: Settings) -> dict:

@@ -122,7 +122,7 @@ PRUNE_SETTINGS = (
     "warmup_fraction", "cooldown_fraction", "prune_every", "lr", "lr_schedule", "batch_size",
     "grad_accumulation", "seq_len", "seed", "lora_rank", "lora_alpha", "lora_dropout", "eval_tokens",
     "eval_seq_len", "save_every", "lora_columns", "distill", "distill_temperature", "distill_top_k", "allocation",
-    "parallel",
+    "parallel", "bias_compensation",
 )
 
 
@@ -166,6 +166,10 @@ def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--distill-top-k", type=int, default=None, metavar="K",
                         help="distil on the teacher's K likeliest tokens of each position only, both "
                         "distributions renormalised over them (default: the whole vocabulary)")
+    parser.add_argument("--bias-compensation", action="store_const", const=True, default=None,
+                        help="a removed head or FFN channel keeps its mean output (over the training tokens it saw "
+                        "while kept), folded into the bias of o_proj/down_proj on export (FLAP's compensation); "
+                        "transformers format only")
     parser.add_argument("--attention-unit", default=None, choices=["kv_group", "query_head"],
                         help="remove whole KV groups, or query heads inside each KV group")
     parser.add_argument("--attention-fraction", type=float, default=None,

@@ -10,8 +10,8 @@ from typing import Any, Literal
 
 from loraprune.errors import LoraPruneError
 
-Criterion = Literal["lora", "fisher", "grad", "magnitude", "random"]
-CRITERIA: tuple[str, ...] = ("lora", "fisher", "grad", "magnitude", "random")
+Criterion = Literal["lora", "fisher", "flap", "grad", "magnitude", "random"]
+CRITERIA: tuple[str, ...] = ("lora", "fisher", "flap", "grad", "magnitude", "random")
 ALLOCATIONS: tuple[str, ...] = ("auto", "uniform", "global")
 # Flat setting names (the CLI's) that belong to the LoRA part of the config.
 LORA_FLAGS = {"lora_rank": "rank", "lora_alpha": "alpha", "lora_dropout": "dropout"}
@@ -64,6 +64,9 @@ class PruneConfig:
     distill: float = 0.0
     distill_temperature: float = 1.0
     distill_top_k: int | None = None  # KL over the teacher's k likeliest tokens only, renormalised
+    # FLAP's bias compensation: a removed unit's mean output (over the training tokens it saw while
+    # kept) stays, folded into the bias of o_proj / down_proj on export.
+    bias_compensation: bool = False
 
     # Schedule (paper Sec. 3.3: cubic ramp, masks updated every k steps, then recovery).
     steps: int = 200

@@ -20,7 +20,7 @@ from loraprune.export.logit_check import LogitCheckFailed, check_failure, logits
 from loraprune.export.nemotron_nas_layout import PAD, BlockLayout, plan_layout
 from loraprune.export.nemotron_nas_reader import WEIGHTS_NAME, auto_map, load_decilm, shipped_code
 from loraprune.export.placement import move_into_place, temporary_folder_beside
-from loraprune.export.slicing import merge_lora
+from loraprune.export.slicing import fold_compensation, merge_lora
 from loraprune.export.transformers_writer import REPORT_NAME, logit_check
 from loraprune.models import ArchSpec, decoder_layers, unwrap
 from loraprune.pruning.groups import LayerShape
@@ -60,6 +60,11 @@ def export_nemotron_nas(model: nn.Module, tokenizer, masks: ModelMasks, spec: Ar
         masks.attach(merged, spec)
         merged_logits = logits_of(merged, probe)
         masks.detach()
+        if masks.means is not None:
+            if any(layout.attention_no_op or layout.ffn_no_op for layout in layouts):
+                raise LoraPruneError("with --bias-compensation every layer must keep an attention head and an "
+                                     "FFN channel (a skipped block cannot hold a bias); lower the sparsity")
+            fold_compensation(merged, masks, spec)
         tensors = padded_state_dict(merged, layouts, spec)
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(nemotron_nas_config(merged.config, layouts, shape, merged.dtype), indent=2) + "\n")
@@ -120,12 +125,20 @@ def padded_state_dict(model: PreTrainedModel, layouts: list[BlockLayout], spec: 
             tensors[f"{prefix}.self_attn.k_proj.weight"] = _gather(_weight(attention, spec.k_proj), kv, head_dim, 0)
             tensors[f"{prefix}.self_attn.v_proj.weight"] = _gather(_weight(attention, spec.v_proj), kv, head_dim, 0)
             tensors[f"{prefix}.self_attn.o_proj.weight"] = _gather(_weight(attention, spec.o_proj), queries, head_dim, 1)
+            if config.attention_bias:  # bias compensation: zeros on q/k/v, the removed heads' mean on o
+                for name, sources in ((spec.q_proj, queries), (spec.k_proj, kv), (spec.v_proj, kv)):
+                    tensors[f"{prefix}.self_attn.{name}.bias"] = _gather(_bias(attention, name), sources, head_dim, 0)
+                tensors[f"{prefix}.self_attn.o_proj.bias"] = _bias(attention, spec.o_proj)
         if not layout.ffn_no_op:
             channels = list(layout.ffn_sources)
             tensors[f"{prefix}.post_attention_layernorm.weight"] = layer.post_attention_layernorm.weight
             tensors[f"{prefix}.mlp.gate_proj.weight"] = _gather(_weight(mlp, spec.gate_proj), channels, 1, 0)
             tensors[f"{prefix}.mlp.up_proj.weight"] = _gather(_weight(mlp, spec.up_proj), channels, 1, 0)
             tensors[f"{prefix}.mlp.down_proj.weight"] = _gather(_weight(mlp, spec.down_proj), channels, 1, 1)
+            if config.mlp_bias:
+                for name in (spec.gate_proj, spec.up_proj):
+                    tensors[f"{prefix}.mlp.{name}.bias"] = _gather(_bias(mlp, name), channels, 1, 0)
+                tensors[f"{prefix}.mlp.down_proj.bias"] = _bias(mlp, spec.down_proj)
     return {name: tensor.detach().to("cpu").contiguous().clone() for name, tensor in tensors.items()}
 
 
@@ -135,6 +148,10 @@ def _weight(module: nn.Module, name: str) -> torch.Tensor:
         raise LoraPruneError(f"cannot export a {type(linear).__name__}; --format {FORMAT_NAME} needs plain "
                              "nn.Linear projections (merge LoRA and load the model unquantized)")
     return linear.weight.detach()
+
+
+def _bias(module: nn.Module, name: str) -> torch.Tensor:
+    return getattr(module, name).bias.detach()
 
 
 def _gather(weight: torch.Tensor, sources: list[int], width: int, dim: int) -> torch.Tensor:
@@ -170,8 +187,8 @@ def nemotron_nas_config(config, layouts: list[BlockLayout], shape: LayerShape, d
         "rope_theta": rope_parameters["rope_theta"],
         "rope_parameters": rope_parameters,
         "tie_word_embeddings": bool(config.tie_word_embeddings),
-        "attention_bias": False,
-        "mlp_bias": False,
+        "attention_bias": bool(getattr(config, "attention_bias", False)),
+        "mlp_bias": bool(getattr(config, "mlp_bias", False)),
         "bos_token_id": config.bos_token_id,
         "eos_token_id": config.eos_token_id,
         "pad_token_id": getattr(config, "pad_token_id", None),

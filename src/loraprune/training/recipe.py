@@ -130,6 +130,8 @@ class PruningRecipe:
             shard_model(peft_model, self.spec, self.accelerator.device)
         self.frozen_bytes = self._frozen_bytes(peft_model)
         self.masks = fixed_masks if fixed_masks is not None else ModelMasks.for_model(peft_model)
+        if config.bias_compensation:
+            self.masks.compensate(self.shape.head_dim)
         self.masks.to(self.accelerator.device)
         self.masks.attach(peft_model, self.spec)
         self.scores = MovingAverageScores(config.ema)

@@ -37,7 +37,8 @@ class Scorer:
 
     name: ClassVar[str]
     needs_weight_gradients: ClassVar[bool] = False  # ∇W of frozen projections: their memory too
-    needs_backward: ClassVar[bool] = True  # False: scores come from weights alone
+    needs_backward: ClassVar[bool] = True  # False: no gradients needed
+    needs_forward: ClassVar[bool] = False  # True (without a backward): scores come from activations
     # True: the scorer reads activation gradients only, so a separate scoring loss can be
     # backpropagated (torch.autograd.grad) while another trains; see ``ignoring_backward``.
     takes_scoring_loss: ClassVar[bool] = False
