@@ -181,6 +181,7 @@ class PruningRecipe:
         plan = ScoringPlan(self.spec, self.shape, self.target.attention_unit, self.target.pruned_layers)
         scorer = build_scorer(self.config, plan)
         scorer.attach(self.inner)
+        scorer.compensate_with(self.masks.means)
         return scorer
 
     def run(self) -> TrainingOutcome:

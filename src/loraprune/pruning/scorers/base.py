@@ -60,6 +60,10 @@ class Scorer:
         """This step's scores of every pruned layer, read after the step's backward pass(es)."""
         raise NotImplementedError
 
+    def compensate_with(self, means: list | None) -> None:
+        """Bias compensation replaces a removed unit by its running mean (``ModelMasks.means``); a
+        scorer that can measure removal as that replacement takes the means here. Default: ignored."""
+
     def ignoring_backward(self) -> AbstractContextManager[None]:
         """A block whose backward passes this scorer does not read (the training loss, when it scores another)."""
         return nullcontext()
