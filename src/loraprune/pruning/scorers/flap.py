@@ -105,7 +105,7 @@ class FlapScorer(Scorer):
             moments.reset()
         sizes = UnitSizes.of(shape, self.plan.unit, False, False)
         attention, ffn = standardised(attention), standardised(ffn)
-        lowest = min(float(torch.cat(attention).min()), float(torch.cat(ffn).min()))
+        lowest = torch.minimum(torch.cat(attention).min(), torch.cat(ffn).min())  # no host read-back
         device = next(layers.parameters()).device
         return {index: LayerScores(((a - lowest + 1e-3) * sizes.attention_unit).float().to(device),
                                    ((f - lowest + 1e-3) * sizes.ffn_channel).float().to(device))
