@@ -10,6 +10,7 @@ compete on one scale. No backward pass: forward hooks keep a sum and a sum of sq
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
@@ -37,6 +38,13 @@ class FeatureMoments:
         self.count += flat.shape[0]
         self.sums += flat.sum(dim=0)
         self.squares += flat.square().sum(dim=0)
+
+    def all_reduce(self) -> None:
+        """Sum the moments of every process (each saw its own share of the batch)."""
+        count = torch.tensor(float(self.count), dtype=torch.float64, device=self.sums.device)
+        for tensor in (count, self.sums, self.squares):
+            dist.all_reduce(tensor)
+        self.count = count
 
     def variance(self) -> torch.Tensor:
         """(features,) population variance over the tokens seen."""
@@ -89,6 +97,9 @@ class FlapScorer(Scorer):
         if any(m.sums is None for m in self._moments.values()):
             raise RuntimeError("the flap criterion saw no forward pass through the hooked layers")
         shape, spec, layers = self.plan.shape, self.plan.spec, self._attached_layers()
+        if dist.is_available() and dist.is_initialized():
+            for moments in self._moments.values():
+                moments.all_reduce()
         attention, ffn = [], []
         for index in self.plan.pruned_layers:
             o_proj = getattr(getattr(layers[index], spec.attention), spec.o_proj)
