@@ -169,7 +169,7 @@ def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bias-compensation", action="store_const", const=True, default=None,
                         help="a removed head or FFN channel keeps its mean output (over the training tokens it saw "
                         "while kept), folded into the bias of o_proj/down_proj on export (FLAP's compensation); "
-                        "transformers format only")
+                        "not with --format gguf")
     parser.add_argument("--attention-unit", default=None, choices=["kv_group", "query_head"],
                         help="remove whole KV groups, or query heads inside each KV group")
     parser.add_argument("--attention-fraction", type=float, default=None,
