@@ -116,6 +116,7 @@ class Settings:
         ("fisher+global", 0.5, 0), ("fisher+global+distill", 0.5, 0),
         ("llm-pruner+global", 0.2, 0), ("fisher+global+kl", 0.5, 0), ("llm-pruner+global", 0.5, 0),
         ("flap", None, 0), ("fisher+global+bias", 0.2, 0), ("fisher+global+kl+bias", 0.2, 0), ("flap+lora", 0.2, 0),
+        ("fisher+global+bias", 0.5, 0),
     )
 
 
