@@ -27,9 +27,10 @@ from loraprune.evaluation.fidelity import dense_view, fidelity
 from loraprune.evaluation.generation import generation_health
 from loraprune.evaluation.perplexity import perplexity
 from loraprune.export import ExportRequest, export_model
-from loraprune.models import count_parameters
+from loraprune.models import count_parameters, projection_biases, spec_for
 from loraprune.models.loading import load_model
-from loraprune.pruning.masks import ModelMasks
+from loraprune.pruning.groups import LayerShape
+from loraprune.pruning.masks import ModelMasks, removed_parameters
 from loraprune.pruning.target import solve_model_target
 from loraprune.training.oneshot import one_shot_masks
 from loraprune.training.recipe import train_while_pruning
@@ -49,13 +50,17 @@ class Method:
     pruned: bool = True  # False: fine-tune with full masks
     one_shot: bool = False  # score once on calibration blocks, then only recover
     trained: bool = True  # False: the dense model as it is
+    recovered: bool = True  # False (one-shot): evaluate the pruned model as it is, no LoRA training
 
 
 # LLM-Pruner's element-wise first-order criterion as published: |∇W ⊙ W| summed over each group,
 # no per-matrix normalisation (its "param_first" Taylor importance with sum reduction).
 LLM_PRUNER = {"criterion": "grad", "score_power": "abs", "normalise_scores": False}
-# Half cross-entropy: a pure distillation loss has zero gradient while nothing is pruned yet
-# (the model is its own teacher), which would leave a gradient-based criterion blind early on.
+# FLAP as published: fluctuation metric, standardised across layers, global allocation, bias
+# compensation from the calibration tokens' means; no training at all (flap+lora: LoRA recovery after).
+FLAP = {"criterion": "flap", "allocation": "global", "bias_compensation": True}
+# Half cross-entropy, half KL. (Pure KL, "+kl", has zero gradient while nothing is pruned: the
+# fisher criterion then scores cross-entropy on tokens sampled from the teacher instead.)
 DISTILL = {"distill": 0.5}
 EARLY = {"warmup_fraction": 0.0, "cooldown_fraction": 2 / 3}  # ramp over the first third, then recover
 METHODS: dict[str, Method] = {
@@ -73,6 +78,11 @@ METHODS: dict[str, Method] = {
     "fisher+global": Method({"criterion": "fisher", "allocation": "global"}),
     "fisher+global+distill": Method({"criterion": "fisher", "allocation": "global", **DISTILL}),
     "fisher+global+kl": Method({"criterion": "fisher", "allocation": "global", "distill": 1.0}),
+    "fisher+global+bias": Method({"criterion": "fisher", "allocation": "global", "bias_compensation": True}),
+    "fisher+global+kl+bias": Method({"criterion": "fisher", "allocation": "global", "distill": 1.0,
+                                     "bias_compensation": True}),
+    "flap": Method(FLAP, one_shot=True, recovered=False),
+    "flap+lora": Method(FLAP, one_shot=True),
     "llm-pruner": Method(LLM_PRUNER, one_shot=True),
     "llm-pruner+distill": Method({**LLM_PRUNER, **DISTILL}, one_shot=True),
     "llm-pruner+global": Method({**LLM_PRUNER, "allocation": "global"}, one_shot=True),
@@ -102,9 +112,11 @@ class Settings:
     # second process --from-the-end starts with the second seeds);
     # (method, sparsity, seed); sparsity None stands for every one of ``sparsities``.
     plan: tuple[tuple[str, float | None, int], ...] = (
-        ("dense", 0.0, 0), ("fisher+global", 0.2, 0), ("fisher+global+distill", 0.2, 0),
-        ("fisher+global", 0.5, 0), ("fisher+global+distill", 0.5, 0), ("fisher+global+kl", 0.2, 0),
+        ("dense", 0.0, 0), ("fisher+global", 0.2, 0), ("fisher+global+distill", 0.2, 0), ("fisher+global+kl", 0.2, 0),
+        ("fisher+global", 0.5, 0), ("fisher+global+distill", 0.5, 0),
         ("llm-pruner+global", 0.2, 0), ("fisher+global+kl", 0.5, 0), ("llm-pruner+global", 0.5, 0),
+        ("flap", None, 0), ("fisher+global+bias", 0.2, 0), ("fisher+global+kl+bias", 0.2, 0), ("flap+lora", 0.2, 0),
+        ("fisher+global+bias", 0.5, 0),
     )
 
 
@@ -152,11 +164,17 @@ def run_one(base, name: str, sparsity: float, seed: int, settings: Settings, tra
         elif method.one_shot:
             calibration = _calibration(train_blocks, settings, seed)
             fixed = one_shot_masks(model, calibration, config, solve_model_target(model, config))
-        with tempfile.TemporaryDirectory() as run_dir:
-            outcome = train_while_pruning(model, train_blocks, config, Path(run_dir), progress=True,
-                                          fixed_masks=fixed)
-            log = [json.loads(line) for line in (Path(run_dir) / "log.jsonl").read_text().splitlines()]
-        model, achieved, steps = outcome.model, outcome.achieved_sparsity, outcome.steps
+        if method.recovered:
+            with tempfile.TemporaryDirectory() as run_dir:
+                outcome = train_while_pruning(model, train_blocks, config, Path(run_dir), progress=True,
+                                              fixed_masks=fixed)
+                log = [json.loads(line) for line in (Path(run_dir) / "log.jsonl").read_text().splitlines()]
+            model, achieved, steps = outcome.model, outcome.achieved_sparsity, outcome.steps
+        else:
+            fixed.attach(model, spec_for(model.config))
+            outcome = OneShotOutcome(fixed)
+            achieved = removed_parameters(fixed, LayerShape.from_config(model.config),
+                                          *projection_biases(model, spec_for(model.config))) / total
     seconds = time.perf_counter() - started
     model.eval()
     row = {"method": name, "target_sparsity": sparsity, "seed": seed, "achieved_sparsity": achieved,
@@ -179,6 +197,13 @@ def run_one(base, name: str, sparsity: float, seed: int, settings: Settings, tra
     return row
 
 
+@dataclass
+class OneShotOutcome:
+    """What a run without recovery training leaves: the masks (attached to the model)."""
+
+    masks: ModelMasks
+
+
 def _budget(settings: Settings) -> dict:
     """What every run shares (the plan may grow or be reordered without invalidating results)."""
     return json.loads(json.dumps({k: v for k, v in asdict(settings).items() if k != "plan"}))
@@ -199,10 +224,11 @@ def _recorded_runs(settings: Settings, results_path: Path) -> dict:
     return results["runs"] if results.get("settings") == _budget(settings) else {}
 
 
-def run_suite(settings: Settings, results_path: Path, from_the_end: bool = False) -> dict:
+def run_suite(settings: Settings, results_path: Path, from_the_end: bool = False,
+              only: tuple[str, ...] = ()) -> dict:
     """Run the plan, skipping runs already recorded with the same budget.
 
-    Two processes can share one results file, one of them ``from_the_end``: each re-reads the file
+    ``only``: run just these methods' rows of the plan. Two processes can share one results file, one of them ``from_the_end``: each re-reads the file
     before a run and merges into it after one, so neither repeats nor erases the other's runs.
     """
     results = {"settings": _budget(settings), "runs": _recorded_runs(settings, results_path)}
@@ -216,7 +242,7 @@ def run_suite(settings: Settings, results_path: Path, from_the_end: bool = False
     }
     results["eval"] = {name: {"windows": int(b.shape[0]), "seq_len": int(b.shape[1]),
                               "tokens": int(b.numel())} for name, b in eval_sets.items()}
-    plan = expanded_plan(settings)
+    plan = [run for run in expanded_plan(settings) if not only or run[0] in only]
     for name, sparsity, seed in reversed(plan) if from_the_end else plan:
         key = run_key(name, sparsity, seed)
         if key in _recorded_runs(settings, results_path) or key in results["runs"]:
@@ -324,9 +350,14 @@ def quality_section(results: dict, command: str) -> str:
          f"projections, lr {s['lr']}, cubic schedule (masks every {s['prune_every']} steps), global allocation "
          "(one whole-model budget spent on the units with the least score per parameter in any layer). "
          "`fisher` is the mask-gradient criterion; `+distill` trains on ½ cross-entropy + ½ KL(dense base ‖ "
-         "pruned model) at τ = 1, `+kl` on the KL alone. `llm-pruner` scores once with |∇W⊙W| summed over "
+         "pruned model) at τ = 1, `+kl` on the KL alone (scored on cross-entropy against tokens sampled from "
+         "the dense model); `+bias`: bias compensation (a removed unit outputs its mean, folded into the "
+         "o_proj/down_proj bias on export). `llm-pruner` scores once with |∇W⊙W| summed over "
          f"each group, no normalisation, on {s['calibration_blocks']} random training blocks, prunes, then "
-         "recovers with LoRA for the same steps. In domain: perplexity on Northanger Abbey "
+         "recovers with LoRA for the same steps. `flap` is FLAP one-shot on the same calibration blocks "
+         "(fluctuation × squared column norm, standardised across layers, global allocation, bias "
+         "compensation from the calibration means) with no training at all; `flap+lora` recovers after it "
+         "like `llm-pruner`. In domain: perplexity on Northanger Abbey "
          f"({ev['austen']['tokens']} tokens in {ev['austen']['windows']} windows of {ev['austen']['seq_len']}); "
          f"out of domain: CPython's pydoc topics, validation part ({ev['pydoc']['tokens']} tokens in "
          f"{ev['pydoc']['windows']} windows of {ev['pydoc']['seq_len']}). `in`/`out` are those perplexities "
@@ -464,6 +495,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--from-json", action="store_true", help="rewrite the docs from saved results, no runs")
     parser.add_argument("--from-the-end", action="store_true",
                         help="take the plan from its last run backwards (a second process sharing the file)")
+    parser.add_argument("--only", nargs="+", default=(), choices=METHODS, metavar="METHOD",
+                        help="run only these methods' rows of the plan (another process may run the rest)")
     args = parser.parse_args(argv)
     settings = QUICK if args.quick else Settings()
     if args.steps and args.steps != settings.steps:  # a point of the budget curve: only the default method
@@ -473,7 +506,7 @@ def main(argv: list[str] | None = None) -> int:
         results = json.loads(path.read_text())
         args.steps = results["settings"]["steps"] if results["settings"]["steps"] != Settings().steps else None
     else:
-        results = run_suite(settings, path, args.from_the_end)
+        results = run_suite(settings, path, args.from_the_end, tuple(args.only))
     if not args.no_docs:
         command = "python benchmarks/quality.py" + (" --quick" if args.quick else "") + \
                   (f" --steps {args.steps}" if args.steps else "")

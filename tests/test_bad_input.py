@@ -94,6 +94,7 @@ BAD_NEW_RUNS = {
     "distill_weight_above_one": ({"--distill": "1.5"}, ["--distill must be a weight in [0, 1]"]),
     "distill_temperature_zero": ({"--distill": "0.5", "--distill-temperature": "0"},
                                  ["--distill-temperature must be positive"]),
+    "distill_top_k_one": ({"--distill": "1", "--distill-top-k": "1"}, ["--distill-top-k must be at least 2"]),
     "unknown_data_name": ({"--data": "shakespeare"}, ["unknown data 'shakespeare'", "use one of"]),
     "text_empty": ({"--data": "text:{empty}"}, ["is empty"]),
     "text_binary": ({"--data": "text:{binary}"}, ["binary file", "UTF-8"]),

@@ -128,9 +128,9 @@ def test_prune_flags_reach_the_config(monkeypatch, tmp_path):
         raise KeyboardInterrupt  # stop before any work: only the parsed config matters here
 
     monkeypatch.setattr(job, "prune", fake_prune)
-    code = cli.main(["prune", "--out", str(tmp_path / "o"), "--criterion", "fisher", "--distill", "0.5",
-                 "--distill-temperature", "2", "--lora-rows-only"])
+    code = cli.main(["prune", "--out", str(tmp_path / "o"), "--criterion", "flap", "--distill", "0.5",
+                 "--distill-temperature", "2", "--distill-top-k", "50", "--bias-compensation", "--lora-rows-only"])
     assert code == 130
     config = seen["config"]
-    assert (config.criterion, config.distill, config.distill_temperature, config.lora_columns) == (
-        "fisher", 0.5, 2.0, False)
+    assert (config.criterion, config.distill, config.distill_temperature, config.distill_top_k,
+            config.bias_compensation, config.lora_columns) == ("flap", 0.5, 2.0, 50, True, False)

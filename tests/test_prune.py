@@ -174,3 +174,21 @@ def test_auto_allocation_is_global_for_every_export_format_and_uniform_without_e
         assert resolved_allocation(auto.with_overrides({"export_format": export_format})).allocation == "global"
     assert resolved_allocation(auto.with_overrides({"export": False})).allocation == "uniform"
     assert resolved_allocation(PruneConfig(allocation="uniform", export_format="gguf")).allocation == "uniform"
+
+
+@pytest.mark.parametrize("allocation", ["uniform", "global"])
+def test_kl_only_run_with_bias_compensation_exports_the_biases_and_resumes_them(tiny_run_inputs, tmp_path,
+                                                                                allocation):
+    """The whole pipeline: KL-only training, means in the checkpoint, biases in the exported folder."""
+    from safetensors.torch import load_file
+
+    model_dir, text = tiny_run_inputs
+    result = prune(_config(model_dir, text, criterion="fisher", distill=1.0, distill_top_k=20,
+                           bias_compensation=True, allocation=allocation), tmp_path / "out", progress=False)
+    assert abs(result.achieved_sparsity - 0.3) < 0.02
+    masks = load_file(tmp_path / "out" / "run" / "checkpoint" / "masks.safetensors")
+    assert masks["layers.0.ffn_counts"].max() > 0
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["attention_bias"] and config["mlp_bias"]
+    report = json.loads((tmp_path / "out" / "loraprune.json").read_text())
+    assert report["export"]["logit_check"]["passed"]

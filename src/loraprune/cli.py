@@ -121,7 +121,8 @@ PRUNE_SETTINGS = (
     "skip_first_layers", "skip_last_layers", "round_to", "criterion", "score_power", "ema", "steps",
     "warmup_fraction", "cooldown_fraction", "prune_every", "lr", "lr_schedule", "batch_size",
     "grad_accumulation", "seq_len", "seed", "lora_rank", "lora_alpha", "lora_dropout", "eval_tokens",
-    "eval_seq_len", "save_every", "lora_columns", "distill", "distill_temperature", "allocation", "parallel",
+    "eval_seq_len", "save_every", "lora_columns", "distill", "distill_temperature", "distill_top_k", "allocation",
+    "parallel", "bias_compensation",
 )
 
 
@@ -160,7 +161,15 @@ def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
                         help="weight of self-distillation from the unpruned model: loss = (1-W)*cross-entropy "
                         f"+ W*KL(teacher||student) (default: {d.distill})")
     parser.add_argument("--distill-temperature", type=float, default=None, metavar="T",
-                        help=f"softmax temperature of the distillation (default: {d.distill_temperature})")
+                        help="softmax temperature of the distillation; the KL is scaled by T^2 "
+                        f"(default: {d.distill_temperature})")
+    parser.add_argument("--distill-top-k", type=int, default=None, metavar="K",
+                        help="distil on the teacher's K likeliest tokens of each position only, both "
+                        "distributions renormalised over them (default: the whole vocabulary)")
+    parser.add_argument("--bias-compensation", action="store_const", const=True, default=None,
+                        help="a removed head or FFN channel keeps its mean output (over the training tokens it saw "
+                        "while kept), folded into the bias of o_proj/down_proj on export (FLAP's compensation); "
+                        "not with --format gguf")
     parser.add_argument("--attention-unit", default=None, choices=["kv_group", "query_head"],
                         help="remove whole KV groups, or query heads inside each KV group")
     parser.add_argument("--attention-fraction", type=float, default=None,

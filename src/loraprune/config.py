@@ -10,8 +10,8 @@ from typing import Any, Literal
 
 from loraprune.errors import LoraPruneError
 
-Criterion = Literal["lora", "fisher", "grad", "magnitude", "random"]
-CRITERIA: tuple[str, ...] = ("lora", "fisher", "grad", "magnitude", "random")
+Criterion = Literal["lora", "fisher", "flap", "grad", "magnitude", "random"]
+CRITERIA: tuple[str, ...] = ("lora", "fisher", "flap", "grad", "magnitude", "random")
 ALLOCATIONS: tuple[str, ...] = ("auto", "uniform", "global")
 EXPORT_FORMATS: tuple[str, ...] = ("transformers", "gguf", "nemotron-nas")
 # Flat setting names (the CLI's) that belong to the LoRA part of the config.
@@ -64,6 +64,10 @@ class PruneConfig:
     # Recovery loss: weight w of self-distillation from the unpruned base (0: cross-entropy only).
     distill: float = 0.0
     distill_temperature: float = 1.0
+    distill_top_k: int | None = None  # KL over the teacher's k likeliest tokens only, renormalised
+    # FLAP's bias compensation: a removed unit's mean output (over the training tokens it saw while
+    # kept) stays, folded into the bias of o_proj / down_proj on export.
+    bias_compensation: bool = False
 
     # Schedule (paper Sec. 3.3: cubic ramp, masks updated every k steps, then recovery).
     steps: int = 200
@@ -127,6 +131,8 @@ class PruneConfig:
             raise LoraPruneError(f"--distill must be a weight in [0, 1], got {self.distill}")
         if self.distill_temperature <= 0:
             raise LoraPruneError(f"--distill-temperature must be positive, got {self.distill_temperature}")
+        if self.distill_top_k is not None and self.distill_top_k < 2:
+            raise LoraPruneError(f"--distill-top-k must be at least 2 tokens, got {self.distill_top_k}")
         if self.parallel not in ("replicate", "fsdp"):
             raise LoraPruneError(f"--parallel must be replicate or fsdp, got '{self.parallel}'")
         if self.base_bits not in (None, 8, 4):

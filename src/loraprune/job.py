@@ -190,6 +190,10 @@ def finished_as(config: PruneConfig, export: bool | None = None, export_format: 
 def _check_format_fits(model, tokenizer, config: PruneConfig, export_format: str, gguf_type: str) -> None:
     """Refuse, before training, a model or tokenizer the chosen format cannot hold."""
     per_layer = config.skip_first_layers or config.skip_last_layers or config.allocation == "global"
+    if config.bias_compensation and export_format == "gguf":
+        # The GGUF writer writes no bias tensors yet (llama.cpp's deci graph would add bo / ffn_down_b).
+        raise LoraPruneError("--bias-compensation is not written to GGUF files yet; export --format transformers "
+                             "or nemotron-nas, or drop --bias-compensation")
     if export_format == "nemotron-nas":
         check_nemotron_nas(model.config)
     if export_format == "transformers" and per_layer:

@@ -134,3 +134,38 @@ def test_one_shot_mode_accepts_the_fisher_scorer_and_calibrates_on_cross_entropy
     assert sorted(scores) == [1, 3]
     assert scores[1].attention.shape == (2,) and scores[1].ffn.shape == (128,)
     assert bool((scores[1].ffn > 0).any())
+
+
+def test_with_bias_compensation_fisher_scores_replacing_a_unit_by_its_mean():
+    """Removal under compensation changes the unit's output from a to its mean: Σ ∂L/∂a · (a − mean)."""
+    from loraprune.pruning.masks import ModelMasks
+
+    model = _adapted_double_llama()
+    shape = LayerShape.from_config(model.config)
+    masks = ModelMasks.full(shape, model.config.num_hidden_layers).compensate(shape.head_dim)
+    generator = torch.Generator().manual_seed(7)
+    for means in masks.means:
+        for unit_means in (means.attention, means.ffn):
+            unit_means.sums.copy_(torch.randn(unit_means.sums.shape, generator=generator))
+            unit_means.counts.fill_(1.0)
+    down_proj = model.base_model.model.model.layers[LAYERS[0]].mlp.down_proj
+    seen = {}
+
+    def keep(module, inputs):
+        inputs[0].register_hook(lambda gradient: seen.setdefault("gradient", gradient.detach()))
+        seen["activation"] = inputs[0].detach()
+
+    handle = down_proj.register_forward_pre_hook(keep)
+    plan = ScoringPlan(spec_for(model.config), shape, "kv_group", LAYERS)
+    scorer = build_scorer(PruneConfig(criterion="fisher"), plan)
+    scorer.attach(model)
+    scorer.compensate_with(masks.means)
+    ids = _sequences()[:1]
+    _loss(model, ids).backward()
+    scores = scorer.step_scores()
+    handle.remove()
+    mean = masks.means[LAYERS[0]].ffn.mean().double()
+    expected = ((seen["activation"] - mean) * seen["gradient"]).sum(dim=(0, 1)).square()
+    torch.testing.assert_close(scores[LAYERS[0]].ffn.double(), expected, rtol=1e-4, atol=1e-12)
+    uncompensated = (seen["activation"] * seen["gradient"]).sum(dim=(0, 1)).square()
+    assert not torch.allclose(expected, uncompensated, rtol=1e-2)

@@ -89,3 +89,66 @@ def test_fused_distillation_gradient_equals_autograd_of_the_plain_formula(weight
     fused_grad, = torch.autograd.grad(fused, student)
     assert fused.item() == pytest.approx(reference.item(), rel=1e-6)
     torch.testing.assert_close(fused_grad, expected_grad, rtol=1e-6, atol=1e-10)  # entries are ~1e-3
+
+
+@pytest.mark.parametrize(("weight", "temperature", "top_k"), [(1.0, 1.0, 5), (0.5, 2.0, 7)])
+def test_top_k_distillation_is_the_kl_over_the_teachers_top_k_renormalised(weight, temperature, top_k):
+    import torch.nn.functional as F
+
+    from loraprune.training.losses import _FusedDistillation, next_token_targets
+
+    generator = torch.Generator().manual_seed(4)
+    batch = torch.randint(0, 50, (2, 40), generator=generator)
+    student = torch.randn(80, 50, generator=generator, dtype=torch.float64, requires_grad=True)
+    teacher = torch.randn(80, 50, generator=generator, dtype=torch.float64)
+    targets = next_token_targets(batch)
+    kept = targets != -100
+    index = teacher.topk(top_k, dim=-1).indices
+    reference = (1 - weight) * F.cross_entropy(student[kept], targets[kept]) + weight * temperature ** 2 * F.kl_div(
+        torch.log_softmax(student.gather(1, index) / temperature, -1),
+        torch.log_softmax(teacher.gather(1, index) / temperature, -1), log_target=True, reduction="batchmean")
+    expected_grad, = torch.autograd.grad(reference, student)
+    fused = _FusedDistillation.apply(student, teacher, targets, weight, temperature, top_k)
+    fused_grad, = torch.autograd.grad(fused, student)
+    assert fused.item() == pytest.approx(reference.item(), rel=1e-6)
+    torch.testing.assert_close(fused_grad, expected_grad, rtol=1e-6, atol=1e-10)
+    assert fused.item() != pytest.approx(_FusedDistillation.apply(student, teacher, targets, weight, temperature,
+                                                                  None).item(), rel=1e-3)
+
+
+def test_build_loss_passes_the_top_k_on():
+    assert build_loss(PruneConfig(distill=1.0, distill_top_k=20)).top_k == 20
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_kl_only_run_scores_the_teacher_sampled_cross_entropy_from_step_zero(tiny_llama, tmp_path, temperature):
+    """At step 0 the student is its own teacher: the KL and its gradient are zero, yet fisher scores exist."""
+    import torch.nn.functional as F
+
+    from loraprune.config import LoraSettings
+    from loraprune.training.checkpoint import capture_rng
+    from loraprune.training.losses import sample_teacher_tokens
+    from loraprune.training.recipe import StepStart
+
+    block = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(1))
+    config = PruneConfig(criterion="fisher", distill=1.0, distill_temperature=temperature, steps=10, sparsity=0.3,
+                         warmup_fraction=0.0, lora=LoraSettings(dropout=0.0))
+    recipe = PruningRecipe(tiny_llama, block.repeat(4, 1), config, tmp_path, progress=False)
+    torch.manual_seed(5)
+    kl = recipe.forward_backward(StepStart(0, capture_rng()))
+    scores = recipe.score()
+    assert kl == pytest.approx(0.0, abs=1e-6)
+    for name, parameter in recipe.inner.named_parameters():  # training saw the exact KL only: zero gradient
+        if parameter.grad is not None:
+            assert parameter.grad.abs().max() < 1e-6, name
+    assert all(s.attention.sum() > 0 and s.ffn.sum() > 0 for s in scores.values())
+
+    torch.manual_seed(5)
+    teacher = recipe._teacher_logits(block)
+    logits = recipe.inner(input_ids=block, use_cache=False).logits.reshape(-1, 256)
+    sampled = sample_teacher_tokens(teacher, temperature)
+    (temperature * F.cross_entropy(logits / temperature, sampled)).backward()
+    expected = recipe.scorer.step_scores()
+    for index, layer in scores.items():
+        torch.testing.assert_close(layer.attention, expected[index].attention, rtol=1e-4, atol=1e-12)
+        torch.testing.assert_close(layer.ffn, expected[index].ffn, rtol=1e-4, atol=1e-12)

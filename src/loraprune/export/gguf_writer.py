@@ -52,6 +52,9 @@ class GgufWriter(ExportWriter):
         check_architecture(unwrap(request.model), request.spec)
         check_vocab(request.tokenizer, request.source_gguf)
         layer_widths(request.masks, request.shape)  # raises for widths no layer can hold
+        if request.masks.means is not None:  # the writer writes no bias tensors (yet)
+            raise LoraPruneError("this run used --bias-compensation, whose biases are not written to GGUF files "
+                                 "yet; export it with --format transformers or nemotron-nas")
 
     def write(self, merged: PreTrainedModel, request: ExportRequest, reference: TrainedLogits,
               folder: Path) -> WrittenModel:

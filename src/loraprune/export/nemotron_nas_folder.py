@@ -34,13 +34,17 @@ def checked_layouts(config, masks: ModelMasks, shape: LayerShape) -> list[BlockL
     if len(masks.layers) != config.num_hidden_layers:
         raise LoraPruneError(f"masks cover {len(masks.layers)} layers but the model has "
                              f"{config.num_hidden_layers}; export with the masks of this model's run")
-    return plan_layout(masks, shape)
+    layouts = plan_layout(masks, shape)
+    if masks.means is not None and any(layout.attention_no_op or layout.ffn_no_op for layout in layouts):
+        raise LoraPruneError("with --bias-compensation every layer must keep an attention head and an "
+                             "FFN channel (a skipped block cannot hold a bias); lower the sparsity")
+    return layouts
 
 
 def write_folder(folder: Path, merged: PreTrainedModel, masks: ModelMasks, spec: ArchSpec, tokenizer) -> dict:
     """Write weights, config, modeling code and tokenizer into ``folder``; returns the report's export part."""
     shape = LayerShape.from_config(merged.config)
-    layouts = checked_layouts(merged.config, masks, shape)
+    layouts = plan_layout(masks, shape)  # the writer's refuse() checked them on the unmerged model
     tensors = padded_state_dict(merged, layouts, spec)
     save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
     config = nemotron_nas_config(merged.config, layouts, shape, merged.dtype)
@@ -91,12 +95,20 @@ def padded_state_dict(model: PreTrainedModel, layouts: list[BlockLayout], spec: 
             tensors[f"{prefix}.self_attn.k_proj.weight"] = _gather(_weight(attention, spec.k_proj), kv, head_dim, 0)
             tensors[f"{prefix}.self_attn.v_proj.weight"] = _gather(_weight(attention, spec.v_proj), kv, head_dim, 0)
             tensors[f"{prefix}.self_attn.o_proj.weight"] = _gather(_weight(attention, spec.o_proj), queries, head_dim, 1)
+            if config.attention_bias:  # bias compensation: zeros on q/k/v, the removed heads' mean on o
+                for name, sources in ((spec.q_proj, queries), (spec.k_proj, kv), (spec.v_proj, kv)):
+                    tensors[f"{prefix}.self_attn.{name}.bias"] = _gather(_bias(attention, name), sources, head_dim, 0)
+                tensors[f"{prefix}.self_attn.o_proj.bias"] = _bias(attention, spec.o_proj)
         if not layout.ffn_no_op:
             channels = list(layout.ffn_sources)
             tensors[f"{prefix}.post_attention_layernorm.weight"] = layer.post_attention_layernorm.weight
             tensors[f"{prefix}.mlp.gate_proj.weight"] = _gather(_weight(mlp, spec.gate_proj), channels, 1, 0)
             tensors[f"{prefix}.mlp.up_proj.weight"] = _gather(_weight(mlp, spec.up_proj), channels, 1, 0)
             tensors[f"{prefix}.mlp.down_proj.weight"] = _gather(_weight(mlp, spec.down_proj), channels, 1, 1)
+            if config.mlp_bias:
+                for name in (spec.gate_proj, spec.up_proj):
+                    tensors[f"{prefix}.mlp.{name}.bias"] = _gather(_bias(mlp, name), channels, 1, 0)
+                tensors[f"{prefix}.mlp.down_proj.bias"] = _bias(mlp, spec.down_proj)
     return {name: tensor.detach().to("cpu").contiguous().clone() for name, tensor in tensors.items()}
 
 
@@ -106,6 +118,10 @@ def _weight(module: nn.Module, name: str) -> torch.Tensor:
         raise LoraPruneError(f"cannot export a {type(linear).__name__}; --format {FORMAT_NAME} needs plain "
                              "nn.Linear projections (merge LoRA and load the model unquantized)")
     return linear.weight.detach()
+
+
+def _bias(module: nn.Module, name: str) -> torch.Tensor:
+    return getattr(module, name).bias.detach()
 
 
 def _gather(weight: torch.Tensor, sources: list[int], width: int, dim: int) -> torch.Tensor:
@@ -141,8 +157,8 @@ def nemotron_nas_config(config, layouts: list[BlockLayout], shape: LayerShape, d
         "rope_theta": rope_parameters["rope_theta"],
         "rope_parameters": rope_parameters,
         "tie_word_embeddings": bool(config.tie_word_embeddings),
-        "attention_bias": False,
-        "mlp_bias": False,
+        "attention_bias": bool(getattr(config, "attention_bias", False)),
+        "mlp_bias": bool(getattr(config, "mlp_bias", False)),
         "bos_token_id": config.bos_token_id,
         "eos_token_id": config.eos_token_id,
         "pad_token_id": getattr(config, "pad_token_id", None),

@@ -82,6 +82,45 @@ def slice_model(model: PreTrainedModel, masks: ModelMasks, spec: ArchSpec,
     return as_mistral(model)
 
 
+@torch.no_grad()
+def fold_compensation(model: PreTrainedModel, masks: ModelMasks, spec: ArchSpec) -> None:
+    """Fold removed units' mean outputs into the biases of o_proj / down_proj, in place (merged model).
+
+    The masked model feeds o_proj the mean of a removed unit; W[:, removed] @ mean in the bias does
+    the same once the columns are gone. Llama's config has one flag for all four attention
+    projections and one for all three MLP ones, so q/k/v and gate/up get zero biases.
+    """
+    shape = LayerShape.from_config(model.config)
+    for layer, mask, means in zip(decoder_layers(model, spec), masks.layers, masks.means):
+        attention, mlp = getattr(layer, spec.attention), getattr(layer, spec.mlp)
+        removed_features = ~mask.heads.repeat_interleave(shape.head_dim)
+        for module, projection, removed, unit_means in (
+                (attention, spec.o_proj, removed_features, means.attention),
+                (mlp, spec.down_proj, ~mask.ffn, means.ffn)):
+            linear = getattr(module, projection)
+            kept_mean = unit_means.mean().to(linear.weight.device) * removed.to(linear.weight.device)
+            compensation = linear.weight.float() @ kept_mean  # (out,)
+            _add_bias(module, projection, compensation)
+        for module, projection in ((attention, spec.q_proj), (attention, spec.k_proj), (attention, spec.v_proj),
+                                   (mlp, spec.gate_proj), (mlp, spec.up_proj)):
+            _add_bias(module, projection, None)
+    model.config.attention_bias = True
+    model.config.mlp_bias = True
+
+
+def _add_bias(module: nn.Module, name: str, values: torch.Tensor | None) -> None:
+    """Add ``values`` to the bias of ``module.name`` (made, zero, if it had none); None: just make sure it has one."""
+    linear = getattr(module, name)
+    if not isinstance(linear, nn.Linear):
+        raise LoraPruneError(f"cannot fold bias compensation into a {type(linear).__name__}; export needs "
+                             "plain nn.Linear projections (merge LoRA and load the model unquantized)")
+    if linear.bias is None:
+        linear.bias = nn.Parameter(torch.zeros(linear.out_features, dtype=linear.weight.dtype,
+                                               device=linear.weight.device), requires_grad=False)
+    if values is not None:
+        linear.bias += values.to(linear.bias.dtype)
+
+
 def layer_widths(masks: ModelMasks, shape: LayerShape) -> list[LayerWidths]:
     """Kept widths of every layer, or a LoraPruneError for a layer no runtime can run."""
     widths = []

@@ -29,7 +29,7 @@ from loraprune.export.logit_check import (
     trained_model_check,
 )
 from loraprune.export.placement import move_into_place, temporary_folder_beside
-from loraprune.export.slicing import merge_lora
+from loraprune.export.slicing import fold_compensation, merge_lora
 from loraprune.models import ArchSpec, spec_for, unwrap
 from loraprune.pruning.groups import LayerShape
 from loraprune.pruning.masks import ModelMasks
@@ -163,6 +163,8 @@ def merged_with_reference(request: ExportRequest) -> tuple[PreTrainedModel, Trai
     masks.attach(merged, spec)
     merged_logits = logits_of(merged, probe)
     masks.detach()
+    if masks.means is not None:  # bias compensation: removed units' mean outputs become biases
+        fold_compensation(merged, masks, spec)
     return merged, TrainedLogits(probe, trained, merged_logits, rounding, dtype)
 
 

@@ -130,6 +130,8 @@ class PruningRecipe:
             shard_model(peft_model, self.spec, self.accelerator.device)
         self.frozen_bytes = self._frozen_bytes(peft_model)
         self.masks = fixed_masks if fixed_masks is not None else ModelMasks.for_model(peft_model)
+        if config.bias_compensation:
+            self.masks.compensate(self.shape.head_dim)
         self.masks.to(self.accelerator.device)
         self.masks.attach(peft_model, self.spec)
         self.scores = MovingAverageScores(config.ema)
@@ -179,6 +181,7 @@ class PruningRecipe:
         plan = ScoringPlan(self.spec, self.shape, self.target.attention_unit, self.target.pruned_layers)
         scorer = build_scorer(self.config, plan)
         scorer.attach(self.inner)
+        scorer.compensate_with(self.masks.means)
         return scorer
 
     def run(self) -> TrainingOutcome:
@@ -220,17 +223,30 @@ class PruningRecipe:
     def forward_backward(self, start: StepStart) -> float:
         """Accumulate gradients over the step's micro-batches; returns the step's loss."""
         accumulation, step_loss = self.config.grad_accumulation, 0.0
+        separate_scoring = self._scoring_this_step() and self.scorer.takes_scoring_loss
         for micro in range(accumulation):
             batch, labels = split_labels(self.stream.next_batch().to(self.accelerator.device))
             syncing = micro == accumulation - 1
             teacher_logits = self._teacher_logits(batch) if self.loss.needs_teacher else None
             with nullcontext() if syncing or self.sharded else self.accelerator.no_sync(self.model), self._autocast():
-                loss = self.loss(self.model, batch, teacher_logits, labels=labels) / accumulation
+                if separate_scoring:
+                    loss, scoring_loss = self.loss.with_scoring_loss(self.model, batch, teacher_logits, labels=labels)
+                else:
+                    loss, scoring_loss = self.loss(self.model, batch, teacher_logits, labels=labels), None
+                loss = loss / accumulation
                 if not torch.isfinite(loss):
                     self._stop_on_bad_loss(loss, start)
-                self.accelerator.backward(loss)
+                if scoring_loss is not None:
+                    # The scorer's hooks read this pass; the adapters' gradients come from the loss below.
+                    torch.autograd.grad(scoring_loss / accumulation, self.trainable, retain_graph=True,
+                                        allow_unused=True)
+                with self.scorer.ignoring_backward() if scoring_loss is not None else nullcontext():
+                    self.accelerator.backward(loss)
             step_loss += loss.item()
         return step_loss
+
+    def _scoring_this_step(self) -> bool:
+        return self.pruning and self.step < self.schedule.end_step
 
     def _autocast(self):
         """On CUDA with a half-precision base, autocast the float32 LoRA path too; elsewhere nothing.
@@ -250,9 +266,7 @@ class PruningRecipe:
 
     def score(self) -> dict[int, LayerScores] | None:
         """This step's unit scores, or None when masks no longer change (pruning done or off)."""
-        if not self.pruning or self.step >= self.schedule.end_step:
-            return None
-        return self.scorer.step_scores()
+        return self.scorer.step_scores() if self._scoring_this_step() else None
 
     def commit(self, fresh_scores: dict[int, LayerScores] | None, loss_value: float, grad_norm: float,
                started: float) -> dict:

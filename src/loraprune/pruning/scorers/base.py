@@ -9,6 +9,7 @@ frozen weights, a backward pass at all, activation hooks) it declares; nobody br
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import ClassVar, TypeVar
 
@@ -36,7 +37,11 @@ class Scorer:
 
     name: ClassVar[str]
     needs_weight_gradients: ClassVar[bool] = False  # ∇W of frozen projections: their memory too
-    needs_backward: ClassVar[bool] = True  # False: scores come from weights alone
+    needs_backward: ClassVar[bool] = True  # False: no gradients needed
+    needs_forward: ClassVar[bool] = False  # True (without a backward): scores come from activations
+    # True: the scorer reads activation gradients only, so a separate scoring loss can be
+    # backpropagated (torch.autograd.grad) while another trains; see ``ignoring_backward``.
+    takes_scoring_loss: ClassVar[bool] = False
 
     def __init__(self, config: PruneConfig, plan: ScoringPlan):
         self.config = config
@@ -54,6 +59,14 @@ class Scorer:
     def step_scores(self) -> dict[int, LayerScores]:
         """This step's scores of every pruned layer, read after the step's backward pass(es)."""
         raise NotImplementedError
+
+    def compensate_with(self, means: list | None) -> None:
+        """Bias compensation replaces a removed unit by its running mean (``ModelMasks.means``); a
+        scorer that can measure removal as that replacement takes the means here. Default: ignored."""
+
+    def ignoring_backward(self) -> AbstractContextManager[None]:
+        """A block whose backward passes this scorer does not read (the training loss, when it scores another)."""
+        return nullcontext()
 
     def _attached_layers(self) -> nn.ModuleList:
         if self.layers is None:

@@ -6,9 +6,14 @@ o/down columns: the exact first-order loss change of removing the unit. Autograd
 anyway while training LoRA; a tensor hook reads it. The squares of per-sequence values, summed, are
 an empirical-Fisher estimate of the loss increase (Kwon et al. 2022; Molchanov et al. 2019).
 Memory: one float per unit, plus the unit outputs of a micro-batch kept until its backward.
+With bias compensation a removed unit is replaced by its mean, not by zero, so the loss change of
+removing it is Σ ⟨∂L/∂a_g, a_g − mean_g⟩: ``compensate_with`` gives the scorer the running means.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
@@ -34,11 +39,19 @@ def per_sequence_mask_gradients(activation: torch.Tensor, gradient: torch.Tensor
 class FisherScorer(Scorer):
     """Σ over sequences of (∂L/∂m_unit)², a unit's mask gradient; no ∇W, no per-weight state."""
 
+    takes_scoring_loss = True
+
     def __init__(self, config: PruneConfig, plan: ScoringPlan):
         super().__init__(config, plan)
         self._handles: list[RemovableHandle] = []
         self._attention: dict[int, torch.Tensor] = {}  # layer → (units,) sum of squares this step
         self._ffn: dict[int, torch.Tensor] = {}
+        self._reading = True  # False while a backward pass that is not to be scored runs
+        self._means: list | None = None  # per layer LayerMeans, with bias compensation
+
+    def compensate_with(self, means: list | None) -> None:
+        """Score removal as replacement by these running means (``ModelMasks.means``) instead of by zero."""
+        self._means = means
 
     def attach(self, model: nn.Module) -> None:
         """Hook the inputs of o_proj and down_proj of every pruned layer."""
@@ -59,6 +72,15 @@ class FisherScorer(Scorer):
         self._attention.clear()
         self._ffn.clear()
         super().detach()
+
+    @contextmanager
+    def ignoring_backward(self) -> Iterator[None]:
+        """Backward passes inside the block leave the scores as they are."""
+        self._reading = False
+        try:
+            yield
+        finally:
+            self._reading = True
 
     def step_scores(self) -> dict[int, LayerScores]:
         """This step's sums of squared per-sequence mask gradients; the sums start again from zero."""
@@ -83,6 +105,11 @@ class FisherScorer(Scorer):
         shape = self.plan.shape
 
         def read_gradient(gradient: torch.Tensor, activation: torch.Tensor) -> None:
+            if not self._reading:
+                return
+            if self._means is not None:
+                unit_means = getattr(self._means[index], "ffn" if kind == "ffn" else "attention")
+                activation = activation.float() - unit_means.mean()
             if kind == "ffn":
                 per_sequence = per_sequence_mask_gradients(activation, gradient, 1)
             else:
