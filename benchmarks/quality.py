@@ -23,6 +23,9 @@ import torch
 
 from loraprune.config import PruneConfig
 from loraprune.data import load_text, token_blocks
+from loraprune.data.blocks import corpus_ids
+from loraprune.data.corpora import load_corpus
+from loraprune.data.generated import GeneratedText, generate_text, parse_data, self_block_count
 from loraprune.evaluation.fidelity import dense_view, fidelity
 from loraprune.evaluation.generation import generation_health
 from loraprune.evaluation.perplexity import perplexity
@@ -39,6 +42,8 @@ from docs_sections import RESULTS, machine_line, write_section
 
 # The pruned models of DEFAULT_METHOD are exported here for the speed benchmark (not committed).
 EXPORTS = Path(__file__).resolve().parent.parent / "runs" / "benchmarks"
+# Text the dense model sampled, kept so every run with the same seed and budget trains on the same samples.
+SELF_TEXT = EXPORTS / "self-text"
 
 
 @dataclass(frozen=True)
@@ -49,6 +54,7 @@ class Method:
     pruned: bool = True  # False: fine-tune with full masks
     one_shot: bool = False  # score once on calibration blocks, then only recover
     trained: bool = True  # False: the dense model as it is
+    data: str = "austen"  # --data: Austen alone, Austen alternating with the dense model's samples, or samples only
 
 
 # LLM-Pruner's element-wise first-order criterion as published: |∇W ⊙ W| summed over each group,
@@ -73,6 +79,11 @@ METHODS: dict[str, Method] = {
     "fisher+global": Method({"criterion": "fisher", "allocation": "global"}),
     "fisher+global+distill": Method({"criterion": "fisher", "allocation": "global", **DISTILL}),
     "fisher+global+kl": Method({"criterion": "fisher", "allocation": "global", "distill": 1.0}),
+    # Recovery text (the run key says it after "@"): "self" is sampled by the dense model (see SELF_TEXT).
+    "fisher+global@austen+self": Method({"criterion": "fisher", "allocation": "global"}, data="austen+self"),
+    "fisher+global+distill@austen+self": Method({"criterion": "fisher", "allocation": "global", **DISTILL},
+                                                data="austen+self"),
+    "fisher+global+distill@self": Method({"criterion": "fisher", "allocation": "global", **DISTILL}, data="self"),
     "llm-pruner": Method(LLM_PRUNER, one_shot=True),
     "llm-pruner+distill": Method({**LLM_PRUNER, **DISTILL}, one_shot=True),
     "llm-pruner+global": Method({**LLM_PRUNER, "allocation": "global"}, one_shot=True),
@@ -103,7 +114,8 @@ class Settings:
     # (method, sparsity, seed); sparsity None stands for every one of ``sparsities``.
     plan: tuple[tuple[str, float | None, int], ...] = (
         ("dense", 0.0, 0), ("fisher+global", 0.2, 0), ("fisher+global+distill", 0.2, 0),
-        ("fisher+global", 0.5, 0), ("fisher+global+distill", 0.5, 0), ("fisher+global+kl", 0.2, 0),
+        ("fisher+global", 0.5, 0), ("fisher+global@austen+self", 0.2, 0), ("fisher+global+distill@austen+self", 0.2, 0),
+        ("fisher+global+distill@self", 0.2, 0), ("fisher+global+distill", 0.5, 0), ("fisher+global+kl", 0.2, 0),
         ("llm-pruner+global", 0.2, 0), ("fisher+global+kl", 0.5, 0), ("llm-pruner+global", 0.5, 0),
     )
 
@@ -121,7 +133,7 @@ def run_key(method: str, sparsity: float, seed: int) -> str:
 
 
 def _config(settings: Settings, method: Method, sparsity: float, seed: int) -> PruneConfig:
-    return PruneConfig(data="austen", sparsity=sparsity or 0.5, steps=settings.steps, seq_len=settings.seq_len,
+    return PruneConfig(data=method.data, sparsity=sparsity or 0.5, steps=settings.steps, seq_len=settings.seq_len,
                        lr=settings.lr, prune_every=settings.prune_every, seed=seed, save_every=10 ** 9,
                        **method.settings)
 
@@ -132,10 +144,42 @@ def _calibration(train_blocks: torch.Tensor, settings: Settings, seed: int) -> t
     return train_blocks[order[: settings.calibration_blocks]]
 
 
+def self_text(base, tokenizer, settings: Settings, data: str, seed: int) -> torch.Tensor:
+    """The blocks ``prune --data DATA`` would sample from the dense model, generated once and cached.
+
+    The same code as the CLI's (loraprune.data.generated): a chat-turn opening, plus 8 tokens of
+    Austen's training text when mixed, then temperature-1 samples up to one block.
+    """
+    spec = parse_data(data)
+    count = self_block_count(settings.steps, 1, spec.corpus is not None, None, settings.seq_len)
+    prompts = spec.corpus or "chat-turn"
+    folder = SELF_TEXT / f"{prompts}-prompts-seed{seed}-len{settings.seq_len}-blocks{count}"
+    cached = GeneratedText.load(folder)
+    if cached is None:
+        user_ids = corpus_ids(tokenizer, load_corpus(spec.corpus, "train")) if spec.corpus else None
+        cached = generate_text(base, tokenizer, count, 0, settings.seq_len, seed, user_ids)
+        folder.mkdir(parents=True, exist_ok=True)
+        cached.save(folder)
+    return cached.train
+
+
+def recovery_blocks(base, tokenizer, settings: Settings, method: Method, seed: int,
+                    austen_blocks: torch.Tensor) -> list[torch.Tensor]:
+    """The training sources of one method, alternating sample by sample as in ``prune``: Austen first."""
+    spec = parse_data(method.data)
+    sources = [austen_blocks] if spec.corpus == "austen" else []
+    if spec.corpus not in (None, "austen"):
+        raise ValueError(f"the suite trains on Austen or self-generated text, not {method.data!r}")
+    if spec.with_self:
+        sources.append(self_text(base, tokenizer, settings, method.data, seed))
+    return sources
+
+
 def run_one(base, name: str, sparsity: float, seed: int, settings: Settings, train_blocks: torch.Tensor,
             eval_sets: dict[str, torch.Tensor], export_to: Path | None = None, tokenizer=None) -> dict:
     """Prune (or fine-tune) a copy of ``base`` with one method, measure it, optionally export it."""
     method = METHODS[name]
+    sources = recovery_blocks(base, tokenizer, settings, method, seed, train_blocks) if method.trained else []
     model = copy.deepcopy(base)
     total = count_parameters(model)
     started = time.perf_counter()
@@ -149,7 +193,7 @@ def run_one(base, name: str, sparsity: float, seed: int, settings: Settings, tra
             calibration = _calibration(train_blocks, settings, seed)
             fixed = one_shot_masks(model, calibration, config, solve_model_target(model, config))
         with tempfile.TemporaryDirectory() as run_dir:
-            outcome = train_while_pruning(model, train_blocks, config, Path(run_dir), progress=True,
+            outcome = train_while_pruning(model, sources, config, Path(run_dir), progress=True,
                                           fixed_masks=fixed)
             log = [json.loads(line) for line in (Path(run_dir) / "log.jsonl").read_text().splitlines()]
         model, achieved, steps = outcome.model, outcome.achieved_sparsity, outcome.steps
@@ -157,7 +201,7 @@ def run_one(base, name: str, sparsity: float, seed: int, settings: Settings, tra
     model.eval()
     row = {"method": name, "target_sparsity": sparsity, "seed": seed, "achieved_sparsity": achieved,
            "parameters": round(total * (1 - achieved)), "steps": steps, "wall_seconds": seconds,
-           "settings": method.settings, "loss_curve": [round(entry["loss"], 4) for entry in log]}
+           "settings": method.settings, "data": method.data, "loss_curve": [round(entry["loss"], 4) for entry in log]}
     if outcome is not None:
         row["kept_per_layer"] = outcome.masks.kept_counts()
     for text, blocks in eval_sets.items():
@@ -167,7 +211,7 @@ def run_one(base, name: str, sparsity: float, seed: int, settings: Settings, tra
                                      view).to_dict()
     row["generation"] = generation_health(model, tokenizer, settings.generation_tokens).to_dict()
     if export_to is not None and outcome is not None:
-        report = {"source_model": "smollm2-135m", "criterion": name, "data": "austen", "steps": steps,
+        report = {"source_model": "smollm2-135m", "criterion": name, "data": method.data, "steps": steps,
                   "seed": seed, "target_sparsity": sparsity, "achieved_sparsity": achieved,
                   "written_by": "benchmarks/quality.py"}
         export_checkpoint(model, tokenizer, outcome.masks, spec_for(base.config), report, export_to,
@@ -196,11 +240,13 @@ def _recorded_runs(settings: Settings, results_path: Path) -> dict:
     return results["runs"] if results.get("settings") == _budget(settings) else {}
 
 
-def run_suite(settings: Settings, results_path: Path, from_the_end: bool = False) -> dict:
+def run_suite(settings: Settings, results_path: Path, from_the_end: bool = False,
+              only: set[str] | None = None) -> dict:
     """Run the plan, skipping runs already recorded with the same budget.
 
     Two processes can share one results file, one of them ``from_the_end``: each re-reads the file
     before a run and merges into it after one, so neither repeats nor erases the other's runs.
+    ``only``: run keys to run (others in the plan are skipped).
     """
     results = {"settings": _budget(settings), "runs": _recorded_runs(settings, results_path)}
     base, tokenizer = load_model("smollm2-135m")
@@ -216,7 +262,7 @@ def run_suite(settings: Settings, results_path: Path, from_the_end: bool = False
     plan = expanded_plan(settings)
     for name, sparsity, seed in reversed(plan) if from_the_end else plan:
         key = run_key(name, sparsity, seed)
-        if key in _recorded_runs(settings, results_path) or key in results["runs"]:
+        if key in _recorded_runs(settings, results_path) or key in results["runs"] or (only and key not in only):
             continue
         print(f"--- {key}", flush=True)
         exported = name == DEFAULT_METHOD and seed == settings.seed and settings != QUICK
@@ -461,6 +507,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--from-json", action="store_true", help="rewrite the docs from saved results, no runs")
     parser.add_argument("--from-the-end", action="store_true",
                         help="take the plan from its last run backwards (a second process sharing the file)")
+    parser.add_argument("--only", nargs="+", metavar="KEY", default=None,
+                        help="run only these runs of the plan, by run key (e.g. fisher+global@austen+self@0.2)")
     args = parser.parse_args(argv)
     settings = QUICK if args.quick else Settings()
     if args.steps and args.steps != settings.steps:  # a point of the budget curve: only the default method
@@ -470,7 +518,9 @@ def main(argv: list[str] | None = None) -> int:
         results = json.loads(path.read_text())
         args.steps = results["settings"]["steps"] if results["settings"]["steps"] != Settings().steps else None
     else:
-        results = run_suite(settings, path, args.from_the_end)
+        if args.only and not set(args.only) <= {run_key(*run) for run in expanded_plan(settings)}:
+            parser.error(f"--only takes run keys of the plan: {', '.join(run_key(*run) for run in expanded_plan(settings))}")
+        results = run_suite(settings, path, args.from_the_end, set(args.only or ()))
     if not args.no_docs:
         command = "python benchmarks/quality.py" + (" --quick" if args.quick else "") + \
                   (f" --steps {args.steps}" if args.steps else "")
