@@ -334,6 +334,24 @@ def summary_lines(results: dict) -> list[str]:
         lines.append(line + ".")
         if sparsity in TARGETS:
             lines.append("  " + _target_verdict(inside, outside, TARGETS[sparsity]))
+        lines += _recovery_text_lines(pruned, dense)
+    return lines
+
+
+def _recovery_text_lines(pruned: list[dict], dense: dict) -> list[str]:
+    """Each run on other recovery text beside the same method on Austen alone (the name before "@")."""
+    on_austen = {r["method"]: r for r in pruned if METHODS[r["method"]].data == "austen"}
+    lines = []
+    for row in pruned:
+        method, _, data = row["method"].partition("@")
+        twin = on_austen.get(method)
+        if not data or twin is None:
+            continue
+        (inside, outside, geo), (twin_in, twin_out, twin_geo) = ratios_to_dense(row, dense), ratios_to_dense(twin, dense)
+        lines.append(f"  - Recovery text `{data}` against Austen alone for `{method}`: geometric mean {geo:.2f} "
+                     f"against {twin_geo:.2f} ({geo / twin_geo - 1:+.0%}); Northanger Abbey {inside:.2f}× against "
+                     f"{twin_in:.2f}×, pydoc {outside:.2f}× against {twin_out:.2f}×, repetition "
+                     f"{row['generation']['repetition']:.3f} against {twin['generation']['repetition']:.3f}.")
     return lines
 
 
@@ -366,6 +384,13 @@ def quality_section(results: dict, command: str) -> str:
          f"Sensibility), {s['steps']} optimizer steps of 1×{s['seq_len']} tokens, LoRA rank 8 on all "
          f"projections, lr {s['lr']}, cubic schedule (masks every {s['prune_every']} steps), global allocation "
          "(one whole-model budget spent on the units with the least score per parameter in any layer). "
+         "Recovery text: Austen, except where the method's name says `@austen+self` (training samples alternate "
+         "between Austen blocks and blocks the dense model sampled, as `prune --data austen+self` does: "
+         "temperature 1, each from SmolLM2's chat-turn opening plus 8 Austen tokens; "
+         f"{s['steps'] // 2} samples) or `@self` (the model's samples alone, from the chat-turn opening, "
+         f"{s['steps']} samples, as `--data self`); the samples are drawn once per seed and shared by every run "
+         "(runs/benchmarks/self-text), their sampling time is not in the wall times. Out of domain stays pydoc "
+         "for every row, so rows compare (`@self` trains on neither text). "
          "`fisher` is the mask-gradient criterion; `+distill` trains on ½ cross-entropy + ½ KL(dense base ‖ "
          "pruned model) at τ = 1, `+kl` on the KL alone. `llm-pruner` scores once with |∇W⊙W| summed over "
          f"each group, no normalisation, on {s['calibration_blocks']} random training blocks, prunes, then "
