@@ -498,21 +498,27 @@ def budget_section(folder: Path) -> str:
              "--steps N`; 128 is the main suite's run); otherwise the protocol of the section above."), "",
              "| steps | target | ppl Northanger | ppl pydoc | in | out | geo | repetition |",
              "|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    missing = []
+    missing, base_seconds = [], {}
     for steps in BUDGET_STEPS:
         path = folder / results_name(False, steps)
         runs = json.loads(path.read_text())["runs"] if path.exists() else {}
         dense = runs.get(run_key("dense", 0.0, 0))
         for sparsity in (0.2, 0.5):
             row = runs.get(run_key("fisher+global", sparsity, 0))
+            if row is not None and steps == Settings().steps:
+                base_seconds[sparsity] = row["wall_seconds"]
             if row is None or dense is None:
-                missing.append(f"{steps} steps at {sparsity}")
+                missing.append((steps, sparsity))
                 continue
             inside, outside, geo = ratios_to_dense(row, dense)
             lines.append(f"| {steps} | {sparsity} | {row['ppl_austen']:.2f} | {row['ppl_pydoc']:.2f} | {inside:.2f} | "
                          f"{outside:.2f} | {geo:.2f} | {row['generation']['repetition']:.3f} |")
     if missing:
-        lines += ["", f"Not run yet (the machine's time ran out; each resumes with its command): {', '.join(missing)}."]
+        lines += ["", "Not run yet (the machine's time ran out; each resumes with its command): " + "; ".join(
+            f"{steps} steps at {sparsity}" + (f" (under {steps / Settings().steps * base_seconds[sparsity] / 3600:.1f} h "
+                                             "at the 128-step run's pace on the shared machine, evaluation included)"
+                                             if sparsity in base_seconds else "")
+            for steps, sparsity in missing) + "."]
     return "\n".join(lines) + "\n"
 
 

@@ -107,22 +107,30 @@ def section(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def saved(path: Path) -> dict:
+    """The results so far."""
+    return json.loads(path.read_text()) if path.exists() else {"runs": {}}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="+", choices=list(VARIANTS), default=None, help="run only these variants")
     parser.add_argument("--from-json", action="store_true", help="rewrite the docs section from saved results")
     args = parser.parse_args(argv)
     path = RESULTS / "quickstart_quality.json"
-    results = json.loads(path.read_text()) if path.exists() else {"runs": {}}
     for name in [] if args.from_json else (args.only or VARIANTS):
-        if name in results["runs"]:
+        if name in saved(path)["runs"]:
             continue
         print(f"--- {shown(name)}", flush=True)
-        results["runs"][name] = measure(name)
+        row = measure(name)
+        results = saved(path)  # another process (--only) may have added a variant meanwhile
+        results["runs"][name] = row
         results["machine"] = machine_line()
         partial = path.with_suffix(".tmp")
         partial.write_text(json.dumps(results, indent=1) + "\n")
         partial.replace(path)
+    results = saved(path)
+    results["runs"] = {name: results["runs"][name] for name in VARIANTS if name in results["runs"]}
     write_section("quickstart-quality", section(results))
     return 0
 
