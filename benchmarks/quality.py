@@ -115,7 +115,7 @@ class Settings:
     plan: tuple[tuple[str, float | None, int], ...] = (
         ("dense", 0.0, 0), ("fisher+global", 0.2, 0), ("fisher+global+distill", 0.2, 0),
         ("fisher+global", 0.5, 0), ("fisher+global@austen+self", 0.2, 0), ("fisher+global+distill@austen+self", 0.2, 0),
-        ("fisher+global+distill@self", 0.2, 0), ("fisher+global+distill", 0.5, 0), ("fisher+global+kl", 0.2, 0),
+        ("fisher+global+distill@self", 0.2, 0), ("fisher+global@austen+self", 0.5, 0), ("fisher+global+distill", 0.5, 0), ("fisher+global+kl", 0.2, 0),
         ("llm-pruner+global", 0.2, 0), ("fisher+global+kl", 0.5, 0), ("llm-pruner+global", 0.5, 0),
     )
 
