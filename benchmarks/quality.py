@@ -23,6 +23,9 @@ import torch
 
 from loraprune.config import PruneConfig
 from loraprune.data import load_text, token_blocks
+from loraprune.data.blocks import corpus_ids
+from loraprune.data.corpora import load_corpus
+from loraprune.data.generated import GeneratedText, generate_text, parse_data, self_block_count
 from loraprune.evaluation.fidelity import dense_view, fidelity
 from loraprune.evaluation.generation import generation_health
 from loraprune.evaluation.perplexity import perplexity
@@ -40,6 +43,8 @@ from docs_sections import RESULTS, machine_line, write_section
 
 # The pruned models of DEFAULT_METHOD are exported here for the speed benchmark (not committed).
 EXPORTS = Path(__file__).resolve().parent.parent / "runs" / "benchmarks"
+# Text the dense model sampled, kept so every run with the same seed and budget trains on the same samples.
+SELF_TEXT = EXPORTS / "self-text"
 
 
 @dataclass(frozen=True)
@@ -51,6 +56,7 @@ class Method:
     one_shot: bool = False  # score once on calibration blocks, then only recover
     trained: bool = True  # False: the dense model as it is
     recovered: bool = True  # False (one-shot): evaluate the pruned model as it is, no LoRA training
+    data: str = "austen"  # --data: Austen alone, Austen alternating with the dense model's samples, or samples only
 
 
 # LLM-Pruner's element-wise first-order criterion as published: |∇W ⊙ W| summed over each group,
@@ -83,6 +89,11 @@ METHODS: dict[str, Method] = {
                                      "bias_compensation": True}),
     "flap": Method(FLAP, one_shot=True, recovered=False),
     "flap+lora": Method(FLAP, one_shot=True),
+    # Recovery text (the run key says it after "@"): "self" is sampled by the dense model (see SELF_TEXT).
+    "fisher+global@austen+self": Method({"criterion": "fisher", "allocation": "global"}, data="austen+self"),
+    "fisher+global+distill@austen+self": Method({"criterion": "fisher", "allocation": "global", **DISTILL},
+                                                data="austen+self"),
+    "fisher+global+distill@self": Method({"criterion": "fisher", "allocation": "global", **DISTILL}, data="self"),
     "llm-pruner": Method(LLM_PRUNER, one_shot=True),
     "llm-pruner+distill": Method({**LLM_PRUNER, **DISTILL}, one_shot=True),
     "llm-pruner+global": Method({**LLM_PRUNER, "allocation": "global"}, one_shot=True),
@@ -113,7 +124,8 @@ class Settings:
     # (method, sparsity, seed); sparsity None stands for every one of ``sparsities``.
     plan: tuple[tuple[str, float | None, int], ...] = (
         ("dense", 0.0, 0), ("fisher+global", 0.2, 0), ("fisher+global+distill", 0.2, 0), ("fisher+global+kl", 0.2, 0),
-        ("fisher+global", 0.5, 0), ("fisher+global+distill", 0.5, 0),
+        ("fisher+global", 0.5, 0), ("fisher+global@austen+self", 0.2, 0), ("fisher+global+distill@austen+self", 0.2, 0),
+        ("fisher+global+distill@self", 0.2, 0), ("fisher+global@austen+self", 0.5, 0), ("fisher+global+distill", 0.5, 0),
         ("llm-pruner+global", 0.2, 0), ("fisher+global+kl", 0.5, 0), ("llm-pruner+global", 0.5, 0),
         ("flap", None, 0), ("fisher+global+bias", 0.2, 0), ("fisher+global+kl+bias", 0.2, 0), ("flap+lora", 0.2, 0),
         ("fisher+global+bias", 0.5, 0),
@@ -137,7 +149,7 @@ def run_key(method: str, sparsity: float, seed: int) -> str:
 
 
 def _config(settings: Settings, method: Method, sparsity: float, seed: int) -> PruneConfig:
-    return PruneConfig(data="austen", sparsity=sparsity or 0.5, steps=settings.steps, seq_len=settings.seq_len,
+    return PruneConfig(data=method.data, sparsity=sparsity or 0.5, steps=settings.steps, seq_len=settings.seq_len,
                        lr=settings.lr, prune_every=settings.prune_every, seed=seed, save_every=10 ** 9,
                        **method.settings)
 
@@ -148,10 +160,42 @@ def _calibration(train_blocks: torch.Tensor, settings: Settings, seed: int) -> t
     return train_blocks[order[: settings.calibration_blocks]]
 
 
+def self_text(base, tokenizer, settings: Settings, data: str, seed: int) -> torch.Tensor:
+    """The blocks ``prune --data DATA`` would sample from the dense model, generated once and cached.
+
+    The same code as the CLI's (loraprune.data.generated): a chat-turn opening, plus 8 tokens of
+    Austen's training text when mixed, then temperature-1 samples up to one block.
+    """
+    spec = parse_data(data)
+    count = self_block_count(settings.steps, 1, spec.corpus is not None, None, settings.seq_len)
+    prompts = spec.corpus or "chat-turn"
+    folder = SELF_TEXT / f"{prompts}-prompts-seed{seed}-len{settings.seq_len}-blocks{count}"
+    cached = GeneratedText.load(folder)
+    if cached is None:
+        user_ids = corpus_ids(tokenizer, load_corpus(spec.corpus, "train")) if spec.corpus else None
+        cached = generate_text(base, tokenizer, count, 0, settings.seq_len, seed, user_ids)
+        folder.mkdir(parents=True, exist_ok=True)
+        cached.save(folder)
+    return cached.train
+
+
+def recovery_blocks(base, tokenizer, settings: Settings, method: Method, seed: int,
+                    austen_blocks: torch.Tensor) -> list[torch.Tensor]:
+    """The training sources of one method, alternating sample by sample as in ``prune``: Austen first."""
+    spec = parse_data(method.data)
+    sources = [austen_blocks] if spec.corpus == "austen" else []
+    if spec.corpus not in (None, "austen"):
+        raise ValueError(f"the suite trains on Austen or self-generated text, not {method.data!r}")
+    if spec.with_self:
+        sources.append(self_text(base, tokenizer, settings, method.data, seed))
+    return sources
+
+
 def run_one(base, name: str, sparsity: float, seed: int, settings: Settings, train_blocks: torch.Tensor,
             eval_sets: dict[str, torch.Tensor], export_to: Path | None = None, tokenizer=None) -> dict:
     """Prune (or fine-tune) a copy of ``base`` with one method, measure it, optionally export it."""
     method = METHODS[name]
+    sources = recovery_blocks(base, tokenizer, settings, method, seed, train_blocks) if method.trained else []
     model = copy.deepcopy(base)
     total = count_parameters(model)
     started = time.perf_counter()
@@ -166,7 +210,7 @@ def run_one(base, name: str, sparsity: float, seed: int, settings: Settings, tra
             fixed = one_shot_masks(model, calibration, config, solve_model_target(model, config))
         if method.recovered:
             with tempfile.TemporaryDirectory() as run_dir:
-                outcome = train_while_pruning(model, train_blocks, config, Path(run_dir), progress=True,
+                outcome = train_while_pruning(model, sources, config, Path(run_dir), progress=True,
                                               fixed_masks=fixed)
                 log = [json.loads(line) for line in (Path(run_dir) / "log.jsonl").read_text().splitlines()]
             model, achieved, steps = outcome.model, outcome.achieved_sparsity, outcome.steps
@@ -179,7 +223,7 @@ def run_one(base, name: str, sparsity: float, seed: int, settings: Settings, tra
     model.eval()
     row = {"method": name, "target_sparsity": sparsity, "seed": seed, "achieved_sparsity": achieved,
            "parameters": round(total * (1 - achieved)), "steps": steps, "wall_seconds": seconds,
-           "settings": method.settings, "loss_curve": [round(entry["loss"], 4) for entry in log]}
+           "settings": method.settings, "data": method.data, "loss_curve": [round(entry["loss"], 4) for entry in log]}
     if outcome is not None:
         row["kept_per_layer"] = outcome.masks.kept_counts()
     for text, blocks in eval_sets.items():
@@ -189,7 +233,7 @@ def run_one(base, name: str, sparsity: float, seed: int, settings: Settings, tra
                                      view).to_dict()
     row["generation"] = generation_health(model, tokenizer, settings.generation_tokens).to_dict()
     if export_to is not None and outcome is not None:
-        report = {"source_model": "smollm2-135m", "criterion": name, "data": "austen", "steps": steps,
+        report = {"source_model": "smollm2-135m", "criterion": name, "data": method.data, "steps": steps,
                   "seed": seed, "target_sparsity": sparsity, "achieved_sparsity": achieved,
                   "written_by": "benchmarks/quality.py"}
         export_model(ExportRequest(model, outcome.masks, tokenizer, report, export_to, overwrite=True))
@@ -225,11 +269,12 @@ def _recorded_runs(settings: Settings, results_path: Path) -> dict:
 
 
 def run_suite(settings: Settings, results_path: Path, from_the_end: bool = False,
-              only: tuple[str, ...] = ()) -> dict:
+              only: set[str] | None = None) -> dict:
     """Run the plan, skipping runs already recorded with the same budget.
 
-    ``only``: run just these methods' rows of the plan. Two processes can share one results file, one of them ``from_the_end``: each re-reads the file
-    before a run and merges into it after one, so neither repeats nor erases the other's runs.
+    ``only``: run just these methods' rows, or these run keys, of the plan. Two processes can share one
+    results file, one of them ``from_the_end``: each re-reads the file before a run and merges into it
+    after one, so neither repeats nor erases the other's runs.
     """
     results = {"settings": _budget(settings), "runs": _recorded_runs(settings, results_path)}
     base, tokenizer = load_model("smollm2-135m")
@@ -242,7 +287,7 @@ def run_suite(settings: Settings, results_path: Path, from_the_end: bool = False
     }
     results["eval"] = {name: {"windows": int(b.shape[0]), "seq_len": int(b.shape[1]),
                               "tokens": int(b.numel())} for name, b in eval_sets.items()}
-    plan = [run for run in expanded_plan(settings) if not only or run[0] in only]
+    plan = [run for run in expanded_plan(settings) if not only or run[0] in only or run_key(*run) in only]
     for name, sparsity, seed in reversed(plan) if from_the_end else plan:
         key = run_key(name, sparsity, seed)
         if key in _recorded_runs(settings, results_path) or key in results["runs"]:
@@ -317,6 +362,24 @@ def summary_lines(results: dict) -> list[str]:
         lines.append(line + ".")
         if sparsity in TARGETS:
             lines.append("  " + _target_verdict(inside, outside, TARGETS[sparsity]))
+        lines += _recovery_text_lines(pruned, dense)
+    return lines
+
+
+def _recovery_text_lines(pruned: list[dict], dense: dict) -> list[str]:
+    """Each run on other recovery text beside the same method on Austen alone (the name before "@")."""
+    on_austen = {r["method"]: r for r in pruned if METHODS[r["method"]].data == "austen"}
+    lines = []
+    for row in pruned:
+        method, _, data = row["method"].partition("@")
+        twin = on_austen.get(method)
+        if not data or twin is None:
+            continue
+        (inside, outside, geo), (twin_in, twin_out, twin_geo) = ratios_to_dense(row, dense), ratios_to_dense(twin, dense)
+        lines.append(f"  - Recovery text `{data}` against Austen alone for `{method}`: geometric mean {geo:.2f} "
+                     f"against {twin_geo:.2f} ({geo / twin_geo - 1:+.0%}); Northanger Abbey {inside:.2f}× against "
+                     f"{twin_in:.2f}×, pydoc {outside:.2f}× against {twin_out:.2f}×, repetition "
+                     f"{row['generation']['repetition']:.3f} against {twin['generation']['repetition']:.3f}.")
     return lines
 
 
@@ -349,6 +412,13 @@ def quality_section(results: dict, command: str) -> str:
          f"Sensibility), {s['steps']} optimizer steps of 1×{s['seq_len']} tokens, LoRA rank 8 on all "
          f"projections, lr {s['lr']}, cubic schedule (masks every {s['prune_every']} steps), global allocation "
          "(one whole-model budget spent on the units with the least score per parameter in any layer). "
+         "Recovery text: Austen, except where the method's name says `@austen+self` (training samples alternate "
+         "between Austen blocks and blocks the dense model sampled, as `prune --data austen+self` does: "
+         "temperature 1, each from SmolLM2's chat-turn opening plus 8 Austen tokens; "
+         f"{s['steps'] // 2} samples) or `@self` (the model's samples alone, from the chat-turn opening, "
+         f"{s['steps']} samples, as `--data self`); the samples are drawn once per seed and shared by every run "
+         "(runs/benchmarks/self-text), their sampling time is not in the wall times. Out of domain stays pydoc "
+         "for every row, so rows compare (`@self` trains on neither text). "
          "`fisher` is the mask-gradient criterion; `+distill` trains on ½ cross-entropy + ½ KL(dense base ‖ "
          "pruned model) at τ = 1, `+kl` on the KL alone (scored on cross-entropy against tokens sampled from "
          "the dense model); `+bias`: bias compensation (a removed unit outputs its mean, folded into the "
@@ -461,21 +531,27 @@ def budget_section(folder: Path) -> str:
              "--steps N`; 128 is the main suite's run); otherwise the protocol of the section above."), "",
              "| steps | target | ppl Northanger | ppl pydoc | in | out | geo | repetition |",
              "|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    missing = []
+    missing, base_seconds = [], {}
     for steps in BUDGET_STEPS:
         path = folder / results_name(False, steps)
         runs = json.loads(path.read_text())["runs"] if path.exists() else {}
         dense = runs.get(run_key("dense", 0.0, 0))
         for sparsity in (0.2, 0.5):
             row = runs.get(run_key("fisher+global", sparsity, 0))
+            if row is not None and steps == Settings().steps:
+                base_seconds[sparsity] = row["wall_seconds"]
             if row is None or dense is None:
-                missing.append(f"{steps} steps at {sparsity}")
+                missing.append((steps, sparsity))
                 continue
             inside, outside, geo = ratios_to_dense(row, dense)
             lines.append(f"| {steps} | {sparsity} | {row['ppl_austen']:.2f} | {row['ppl_pydoc']:.2f} | {inside:.2f} | "
                          f"{outside:.2f} | {geo:.2f} | {row['generation']['repetition']:.3f} |")
     if missing:
-        lines += ["", f"Not run yet (the machine's time ran out; each resumes with its command): {', '.join(missing)}."]
+        lines += ["", "Not run yet (the machine's time ran out; each resumes with its command): " + "; ".join(
+            f"{steps} steps at {sparsity}" + (f" (under {steps / Settings().steps * base_seconds[sparsity] / 3600:.1f} h "
+                                             "at the 128-step run's pace on the shared machine, evaluation included)"
+                                             if sparsity in base_seconds else "")
+            for steps, sparsity in missing) + "."]
     return "\n".join(lines) + "\n"
 
 
@@ -495,8 +571,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--from-json", action="store_true", help="rewrite the docs from saved results, no runs")
     parser.add_argument("--from-the-end", action="store_true",
                         help="take the plan from its last run backwards (a second process sharing the file)")
-    parser.add_argument("--only", nargs="+", default=(), choices=METHODS, metavar="METHOD",
-                        help="run only these methods' rows of the plan (another process may run the rest)")
+    parser.add_argument("--only", nargs="+", metavar="KEY", default=None,
+                        help="run only these runs of the plan, by method (every sparsity) or run key "
+                             "(e.g. fisher+global@austen+self@0.2)")
     args = parser.parse_args(argv)
     settings = QUICK if args.quick else Settings()
     if args.steps and args.steps != settings.steps:  # a point of the budget curve: only the default method
@@ -506,7 +583,10 @@ def main(argv: list[str] | None = None) -> int:
         results = json.loads(path.read_text())
         args.steps = results["settings"]["steps"] if results["settings"]["steps"] != Settings().steps else None
     else:
-        results = run_suite(settings, path, args.from_the_end, tuple(args.only))
+        plan_keys = {run_key(*run) for run in expanded_plan(settings)}
+        if args.only and not set(args.only) <= plan_keys | set(METHODS):
+            parser.error(f"--only takes methods or run keys of the plan: {', '.join(sorted(plan_keys))}")
+        results = run_suite(settings, path, args.from_the_end, set(args.only or ()))
     if not args.no_docs:
         command = "python benchmarks/quality.py" + (" --quick" if args.quick else "") + \
                   (f" --steps {args.steps}" if args.steps else "")

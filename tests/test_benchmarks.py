@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -60,3 +61,31 @@ def test_every_method_of_the_suite_is_a_valid_run():
         for sparsity in Settings().sparsities:
             _config(Settings(), method, sparsity, seed=0).validate()
     assert set(QUICK_METHODS) <= set(METHODS) and len(QUICK.plan) == len(QUICK_METHODS)
+
+
+def test_suite_trains_on_the_data_each_method_names_and_samples_self_text_once(tmp_path, monkeypatch):
+    import quality
+
+    from tests.conftest import build_tiny_model, build_word_tokenizer
+
+    words = [f"w{i}" for i in range(100)]
+    model, tokenizer = build_tiny_model("llama"), build_word_tokenizer(words, bos=True)
+    monkeypatch.setattr(quality, "SELF_TEXT", tmp_path)
+    monkeypatch.setattr(quality, "load_corpus", lambda name, split: " ".join(words))
+    settings = quality.Settings(steps=6, seq_len=24)
+    austen = torch.zeros(10, 24, dtype=torch.long)
+    mixed = quality.recovery_blocks(model, tokenizer, settings, quality.METHODS["fisher+global@austen+self"], 0, austen)
+    assert len(mixed) == 2 and mixed[0] is austen and mixed[1].shape == (3, 24)  # half the samples each
+    alone = quality.recovery_blocks(model, tokenizer, settings, quality.METHODS["fisher+global+distill@self"], 0, austen)
+    assert len(alone) == 1 and alone[0].shape == (6, 24) and (alone[0][:, 0] == tokenizer.bos_token_id).all()
+    assert quality.recovery_blocks(model, tokenizer, settings, quality.METHODS["fisher+global"], 0, austen) == [austen]
+
+    def no_second_sampling(*args, **kwargs):
+        raise AssertionError("the suite sampled again instead of reading its cached self text")
+
+    monkeypatch.setattr(quality, "generate_text", no_second_sampling)
+    again = quality.recovery_blocks(model, tokenizer, settings, quality.METHODS["fisher+global+distill@self"], 0, austen)
+    assert torch.equal(again[0], alone[0])
+    other_method = quality.recovery_blocks(model, tokenizer, settings,
+                                           quality.METHODS["fisher+global+distill@austen+self"], 0, austen)
+    assert torch.equal(other_method[1], mixed[1])  # every run with the same data trains on the same samples
