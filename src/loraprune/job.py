@@ -35,8 +35,9 @@ from loraprune.evaluation.fidelity import dense_view
 from loraprune.evaluation.harness import out_of_domain_blocks, out_of_domain_report
 from loraprune.evaluation.perplexity import PerplexityResult, evaluate_perplexity, perplexity
 from loraprune.evaluation.samples import SAMPLE_PROMPTS, greedy_samples
+from loraprune.export.gguf_types import check_gguf_type, check_reachable_widths_fit, default_round_to
 from loraprune.export.gguf_vocab import check_vocab
-from loraprune.export.gguf_writer import check_architecture, check_gguf_type, export_gguf
+from loraprune.export.gguf_writer import check_architecture, export_gguf
 from loraprune.export.logit_check import LogitCheckFailed
 from loraprune.export.nemotron_nas_writer import check_exportable as check_nemotron_nas
 from loraprune.export.nemotron_nas_writer import export_nemotron_nas
@@ -171,13 +172,24 @@ def resolved_allocation(config: PruneConfig, export_format: str | None) -> Prune
     return config.with_overrides({"allocation": "global" if export_format in PER_LAYER_FORMATS else "uniform"})
 
 
+def resolved_round_to(config: PruneConfig, export_format: str | None, gguf_type: str) -> PruneConfig:
+    """Settle ``round_to=None``: the row multiple a quantised GGUF type needs (down_proj's rows are the
+    kept FFN width), else 1."""
+    if config.round_to is not None:
+        return config
+    needed = default_round_to(gguf_type) if export_format == "gguf" else 1
+    return config.with_overrides({"round_to": needed})
+
+
 def _check_exportable(config: PruneConfig, export_format: str) -> None:
     if export_format not in EXPORT_FORMATS:
         raise LoraPruneError(f"--format must be one of {', '.join(EXPORT_FORMATS)}, got {export_format!r}")
 
 
-def _check_format_fits(model, tokenizer, config: PruneConfig, export_format: str, gguf_type: str) -> None:
-    """Refuse, before training, a model or tokenizer the chosen format cannot hold."""
+def _check_format_fits(model, tokenizer, config: PruneConfig, export_format: str, gguf_type: str,
+                       before_training: bool = True) -> None:
+    """Refuse, before training, a model or tokenizer the chosen format cannot hold (after training, the
+    GGUF writer checks the widths the run chose)."""
     per_layer = config.skip_first_layers or config.skip_last_layers or config.allocation == "global"
     if export_format == "nemotron-nas":
         check_nemotron_nas(model.config)
@@ -190,6 +202,9 @@ def _check_format_fits(model, tokenizer, config: PruneConfig, export_format: str
                                  "uniform for a plain folder of one width") from e
     if export_format == "gguf":
         check_gguf_type(gguf_type)
+        if before_training:
+            check_reachable_widths_fit(gguf_type, LayerShape.from_config(model.config), config.round_to,
+                                       config.attention_unit, config.attention_fraction)
         check_architecture(model, spec_for(model.config))
         check_vocab(tokenizer, source_gguf_file(config.model))
 
@@ -225,13 +240,13 @@ def prune(config: PruneConfig | None = None, out: str | Path | None = None, *,
     """Prune ``config.model`` while fine-tuning LoRA and write the smaller model to ``out``.
 
     ``export_format`` "transformers" writes a Hugging Face folder, "gguf" ``out/model.gguf`` for
-    llama.cpp (weights in ``gguf_type``: f32, f16 or q8_0), "nemotron-nas" a folder vLLM loads as
+    llama.cpp (weights in ``gguf_type``: f32, f16, q8_0, q6_k, q5_k_m, q4_k_m or q4_0), "nemotron-nas" a folder vLLM loads as
     DeciLMForCausalLM (per-layer widths; pruned query heads are zero slots).
     """
     out_path = Path(out) if out is not None else None
     written_format = export_format if export else None
     if config is not None:  # concrete before a resumed run's settings are compared with it
-        config = resolved_allocation(config, written_format)
+        config = resolved_round_to(resolved_allocation(config, written_format), written_format, gguf_type)
     resume_arg = Path(resume) if isinstance(resume, (str, Path)) else resume
     if resume_arg is True and out_path is not None:
         resume_arg = out_path
@@ -240,7 +255,7 @@ def prune(config: PruneConfig | None = None, out: str | Path | None = None, *,
     checkpoint = None
     if resuming:
         checkpoint, config = _checked_resume(run_dir, config)
-    config = resolved_allocation(config or PruneConfig(), written_format)
+    config = resolved_round_to(resolved_allocation(config or PruneConfig(), written_format), written_format, gguf_type)
     config.validate()
     check_base_precision(config)
     PruningSchedule.build(config.steps, config.warmup_fraction, config.cooldown_fraction, config.prune_every)
@@ -335,7 +350,7 @@ def export_run(run: str | Path, out: str | Path, *, overwrite: bool = False, che
     config = PruneConfig.from_dict(checkpoint.state.config)
     _check_exportable(config, export_format)
     model, tokenizer = load_model(config.model, config.dtype, config.base_bits)
-    _check_format_fits(model, tokenizer, config, export_format, gguf_type)
+    _check_format_fits(model, tokenizer, config, export_format, gguf_type, before_training=False)
     if checkpoint.state.model_fingerprint != model_fingerprint(model):
         raise LoraPruneError(f"the run in {run_dir} was made from another model than {config.model}")
     spec = spec_for(model.config)
