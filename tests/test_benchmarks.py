@@ -52,3 +52,18 @@ def test_selection_measure_is_the_geometric_mean_of_both_ratios_and_repetition_b
     lines = summary_lines(results)
     assert "picks `fisher+global+distill`" in lines[1] and "pydoc ≤ 1.6×: 1.50×, met" in lines[2]
     assert "Northanger Abbey ≤ 1.25×: 1.20×, met" in lines[2]
+
+
+def test_speed_at_scale_models_are_k_quant_widths_of_one_size_per_sparsity():
+    from speed_at_scale import AS_DECI, llama_config, model_widths, parameter_count
+
+    config = llama_config("llama-3.2-1b")
+    models = model_widths("llama-3.2-1b")
+    assert parameter_count(config, models["dense"]) == 1_235_814_400  # Llama-3.2-1B's published count
+    for sparsity in (0.2, 0.5):
+        uniform, per_layer = models[f"uniform-{sparsity}"], models[f"global-{sparsity}"]
+        assert len(set(uniform)) == 1 and len(set(per_layer)) > 1
+        assert abs(parameter_count(config, per_layer) / parameter_count(config, uniform) - 1) < 0.005
+        assert abs(1 - parameter_count(config, uniform) / 1_235_814_400 - sparsity) < 0.02
+        assert all(w.ffn % 256 == 0 and w.heads * 64 % 256 == 0 for w in uniform + per_layer)
+    assert models[f"uniform-0.5{AS_DECI}"] == models["uniform-0.5"]
