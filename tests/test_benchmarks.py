@@ -89,3 +89,18 @@ def test_suite_trains_on_the_data_each_method_names_and_samples_self_text_once(t
     other_method = quality.recovery_blocks(model, tokenizer, settings,
                                            quality.METHODS["fisher+global+distill@austen+self"], 0, austen)
     assert torch.equal(other_method[1], mixed[1])  # every run with the same data trains on the same samples
+
+
+def test_speed_at_scale_models_are_k_quant_widths_of_one_size_per_sparsity():
+    from speed_at_scale import AS_DECI, llama_config, model_widths, parameter_count
+
+    config = llama_config("llama-3.2-1b")
+    models = model_widths("llama-3.2-1b")
+    assert parameter_count(config, models["dense"]) == 1_235_814_400  # Llama-3.2-1B's published count
+    for sparsity in (0.2, 0.5):
+        uniform, per_layer = models[f"uniform-{sparsity}"], models[f"global-{sparsity}"]
+        assert len(set(uniform)) == 1 and len(set(per_layer)) > 1
+        assert abs(parameter_count(config, per_layer) / parameter_count(config, uniform) - 1) < 0.005
+        assert abs(1 - parameter_count(config, uniform) / 1_235_814_400 - sparsity) < 0.02
+        assert all(w.ffn % 256 == 0 and w.heads * 64 % 256 == 0 for w in uniform + per_layer)
+    assert models[f"uniform-0.5{AS_DECI}"] == models["uniform-0.5"]

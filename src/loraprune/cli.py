@@ -184,7 +184,9 @@ def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
                         help="leave the first N layers unpruned (per-layer widths)")
     parser.add_argument("--skip-last", dest="skip_last_layers", type=int, default=None,
                         help="leave the last N layers unpruned (per-layer widths)")
-    parser.add_argument("--round-to", type=int, default=None, help="kept FFN width is a multiple of N")
+    parser.add_argument("--round-to", type=int, default=None,
+                        help="kept FFN width is a multiple of N (default: what --gguf-type needs: 32 for q8_0 and "
+                        "q4_0, 256 for the K-quants, else 1)")
     parser.add_argument("--steps", type=int, default=None, help=f"optimizer steps (default: {d.steps})")
     parser.add_argument("--warmup", dest="warmup_fraction", type=float, default=None,
                         help="fraction of steps before pruning starts")
@@ -219,14 +221,17 @@ def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_format_arguments(parser: argparse.ArgumentParser) -> None:
     """--format and --gguf-type, shared by `prune` and `export`."""
+    from loraprune.config import GGUF_TYPE_NAMES
+
     parser.add_argument("--format", dest="export_format", default=None,
                         choices=["transformers", "gguf", "nemotron-nas"],
                         help="transformers: a Hugging Face folder, plain Llama when every layer has the same widths, "
                         "else DeciLM (loads with trust_remote_code, in transformers and vLLM); gguf: "
                         "OUT/model.gguf for llama.cpp; nemotron-nas: always the DeciLM folder (default: the "
                         "run's, else transformers)")
-    parser.add_argument("--gguf-type", default=None, choices=["f32", "f16", "q8_0"],
-                        help="with --format gguf: weight type of the file (default: the run's, else f32)")
+    parser.add_argument("--gguf-type", default=None, choices=list(GGUF_TYPE_NAMES),
+                        help="with --format gguf: weight type of the file; q6_k, q5_k_m, q4_k_m and q4_0 are made "
+                        "by llama.cpp's quantizer (llama-cpp-python) (default: the run's, else f32)")
 
 
 def prune_command(args: argparse.Namespace) -> int:
@@ -257,10 +262,10 @@ def prune_command(args: argparse.Namespace) -> int:
 
 
 def written_kind(folder: Path) -> str:
-    """Which kind of folder was written and the lines of Python that load it (empty for a GGUF)."""
+    """Which kind of folder was written and the lines of Python that load it; for a GGUF, its type and size."""
     config_file = Path(folder) / "config.json"
     if not config_file.is_file():
-        return ""
+        return gguf_summary(folder)
     per_layer = "DeciLMForCausalLM" in json.loads(config_file.read_text()).get("architectures", [])
     kind = ("a DeciLM folder (per-layer widths; its modeling code ships in the folder, so transformers needs "
             "trust_remote_code; --allocation uniform writes a plain Llama folder instead)" if per_layer else
@@ -268,6 +273,20 @@ def written_kind(folder: Path) -> str:
     remote = ", trust_remote_code=True" if per_layer else ""
     return (f"written as {kind}; load it with:\n  from transformers import AutoModelForCausalLM\n"
             f"  model = AutoModelForCausalLM.from_pretrained({str(folder)!r}{remote})")
+
+
+def gguf_summary(folder: Path) -> str:
+    """The written GGUF's weight type, projection types and size against the dense model's weights in f16."""
+    report_file = Path(folder) / "loraprune.json"
+    if not report_file.is_file():
+        return ""
+    export = json.loads(report_file.read_text()).get("export", {})
+    if export.get("format") != "gguf":
+        return ""
+    types = ", ".join(f"{count} {kind}" for kind, count in export["projection_types"].items())
+    return (f"written as a GGUF file ({export['gguf_type']}, llama.cpp arch {export['architecture']}; projections: "
+            f"{types}): {export['file_bytes'] / 2**20:.1f} MiB, {export['file_bytes'] / export['dense_f16_bytes']:.2f}x "
+            f"the dense model's weights in f16 ({export['dense_f16_bytes'] / 2**20:.1f} MiB)")
 
 
 def _print_out_of_domain(report: dict | None) -> None:

@@ -14,6 +14,8 @@ Criterion = Literal["lora", "fisher", "flap", "grad", "magnitude", "random"]
 CRITERIA: tuple[str, ...] = ("lora", "fisher", "flap", "grad", "magnitude", "random")
 ALLOCATIONS: tuple[str, ...] = ("auto", "uniform", "global")
 EXPORT_FORMATS: tuple[str, ...] = ("transformers", "gguf", "nemotron-nas")
+# --gguf-type choices (the types themselves: export/gguf_types.py; a test checks both agree).
+GGUF_TYPE_NAMES: tuple[str, ...] = ("f32", "f16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0")
 # Flat setting names (the CLI's) that belong to the LoRA part of the config.
 LORA_FLAGS = {"lora_rank": "rank", "lora_alpha": "alpha", "lora_dropout": "dropout"}
 
@@ -48,7 +50,8 @@ class PruneConfig:
     attention_fraction: float | None = None  # share of attention units removed; None balances
     skip_first_layers: int = 0
     skip_last_layers: int = 0
-    round_to: int = 1  # kept FFN width is a multiple of this
+    # Kept FFN widths are multiples of this; None: what the export needs (GGUF q4_0/q8_0: 32, K-quants: 256, else 1).
+    round_to: int | None = None
     # uniform: every pruned layer keeps the same widths (one transformers config); global: units of
     # all layers compete on score per parameter, so each layer keeps its own widths (GGUF deci, vLLM
     # nemotron-nas). auto: global when the export format holds per-layer widths, else uniform.
@@ -94,7 +97,7 @@ class PruneConfig:
     # the same way: the format, the GGUF weight type (None: f32; only with gguf), or no model at all.
     export: bool = True
     export_format: Literal["transformers", "gguf", "nemotron-nas"] = "transformers"
-    gguf_type: Literal["f32", "f16", "q8_0"] | None = None
+    gguf_type: str | None = None  # one of GGUF_TYPE_NAMES
 
     # Bookkeeping (does not change the result).
     eval_tokens: int = 16384
@@ -115,7 +118,7 @@ class PruneConfig:
             raise LoraPruneError("--attention-fraction must be in [0, 1)")
         positive = {"steps": self.steps, "prune-every": self.prune_every, "batch-size": self.batch_size,
                     "grad-accumulation": self.grad_accumulation, "seq-len": self.seq_len,
-                    "round-to": self.round_to, "eval-tokens": self.eval_tokens,
+                    "round-to": 1 if self.round_to is None else self.round_to, "eval-tokens": self.eval_tokens,
                     "eval-seq-len": self.eval_seq_len, "save-every": self.save_every, "lora-rank": self.lora.rank}
         for flag, value in positive.items():
             if value <= 0:

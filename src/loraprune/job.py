@@ -39,12 +39,14 @@ from loraprune.evaluation.harness import out_of_domain_blocks, out_of_domain_rep
 from loraprune.evaluation.perplexity import PerplexityResult, evaluate_perplexity, perplexity
 from loraprune.evaluation.samples import SAMPLE_PROMPTS, greedy_samples
 from loraprune.export import ExportRequest, export_model
+from loraprune.export.gguf_types import check_gguf_type, check_reachable_widths_fit, default_round_to
 from loraprune.export.gguf_vocab import check_vocab
-from loraprune.export.gguf_writer import check_architecture, check_gguf_type
+from loraprune.export.gguf_writer import check_architecture
 from loraprune.export.logit_check import LogitCheckFailed
 from loraprune.export.nemotron_nas_folder import check_exportable as check_nemotron_nas
 from loraprune.models import spec_for
 from loraprune.models.loading import load_model, source_gguf_file
+from loraprune.pruning.groups import LayerShape
 from loraprune.pruning.masks import ModelMasks
 from loraprune.pruning.schedule import PruningSchedule
 from loraprune.pruning.target import GlobalTarget, PruneTarget, solve_model_target
@@ -187,8 +189,19 @@ def finished_as(config: PruneConfig, export: bool | None = None, export_format: 
     return config
 
 
-def _check_format_fits(model, tokenizer, config: PruneConfig, export_format: str, gguf_type: str) -> None:
-    """Refuse, before training, a model or tokenizer the chosen format cannot hold."""
+def resolved_round_to(config: PruneConfig) -> PruneConfig:
+    """Settle ``round_to=None``: the row multiple a quantised GGUF type needs (down_proj's rows are the
+    kept FFN width), else 1."""
+    if config.round_to is not None:
+        return config
+    gguf = config.export and config.export_format == "gguf"
+    return config.with_overrides({"round_to": default_round_to(config.gguf_type or DEFAULT_GGUF_TYPE) if gguf else 1})
+
+
+def _check_format_fits(model, tokenizer, config: PruneConfig, export_format: str, gguf_type: str,
+                       before_training: bool = True) -> None:
+    """Refuse, before training, a model or tokenizer the chosen format cannot hold (after training, the
+    GGUF writer checks the widths the run chose)."""
     per_layer = config.skip_first_layers or config.skip_last_layers or config.allocation == "global"
     if config.bias_compensation and export_format == "gguf":
         # The GGUF writer writes no bias tensors yet (llama.cpp's deci graph would add bo / ffn_down_b).
@@ -205,6 +218,9 @@ def _check_format_fits(model, tokenizer, config: PruneConfig, export_format: str
                                  "uniform for a plain folder of one width") from e
     if export_format == "gguf":
         check_gguf_type(gguf_type)
+        if before_training:
+            check_reachable_widths_fit(gguf_type, LayerShape.from_config(model.config), config.round_to,
+                                       config.attention_unit, config.attention_fraction)
         check_architecture(model, spec_for(model.config))
         check_vocab(tokenizer, source_gguf_file(config.model))
 
@@ -224,14 +240,14 @@ def prune(config: PruneConfig | None = None, out: str | Path | None = None, *,
     """Prune ``config.model`` while fine-tuning LoRA and write the smaller model to ``out``.
 
     ``export_format`` "transformers" writes a Hugging Face folder, "gguf" ``out/model.gguf`` for
-    llama.cpp (weights in ``gguf_type``: f32, f16 or q8_0), "nemotron-nas" a folder vLLM loads as
-    DeciLMForCausalLM (per-layer widths; pruned query heads are zero slots). ``export``,
-    ``export_format`` and ``gguf_type`` replace the config's when given; the run records them, so a
-    resumed run finishes as it was started.
+    llama.cpp (weights in ``gguf_type``: f32, f16, q8_0, q6_k, q5_k_m, q4_k_m or q4_0), "nemotron-nas" a
+    folder vLLM loads as DeciLMForCausalLM (per-layer widths; pruned query heads are zero slots).
+    ``export``, ``export_format`` and ``gguf_type`` replace the config's when given; the run records
+    them, so a resumed run finishes as it was started.
     """
     out_path = Path(out) if out is not None else None
     if config is not None:  # concrete before a resumed run's settings are compared with it
-        config = resolved_allocation(finished_as(config, export, export_format, gguf_type))
+        config = resolved_round_to(resolved_allocation(finished_as(config, export, export_format, gguf_type)))
     resume_arg = Path(resume) if isinstance(resume, (str, Path)) else resume
     if resume_arg is True and out_path is not None:
         resume_arg = out_path
@@ -240,7 +256,8 @@ def prune(config: PruneConfig | None = None, out: str | Path | None = None, *,
     checkpoint = None
     if resuming:
         checkpoint, config = _checked_resume(run_dir, config)
-    config = resolved_allocation(finished_as(config or PruneConfig(), export, export_format, gguf_type))
+    config = resolved_round_to(resolved_allocation(finished_as(config or PruneConfig(), export, export_format,
+                                                               gguf_type)))
     config.validate()
     export, export_format, gguf_type = config.export, config.export_format, config.gguf_type or DEFAULT_GGUF_TYPE
     check_base_precision(config)
@@ -346,7 +363,7 @@ def export_run(run: str | Path, out: str | Path, *, overwrite: bool = False, che
     except LoraPruneError as e:
         raise LoraPruneError(f"{e}; that base model path is the one recorded in the run's checkpoint "
                              f"({run_dir}/checkpoint/state.json): put the model back there") from None
-    _check_format_fits(model, tokenizer, config, export_format, gguf_type)
+    _check_format_fits(model, tokenizer, config, export_format, gguf_type, before_training=False)
     if checkpoint.state.model_fingerprint != model_fingerprint(model):
         raise LoraPruneError(f"the run in {run_dir} was made from another model than the one now at {config.model} "
                              "(the path its checkpoint records); put the original model back at that path")

@@ -36,6 +36,8 @@ CONFIG = {"hidden_size": 96, "num_hidden_layers": 4, "num_attention_heads": 6, "
           "rope_parameters": {"rope_theta": 100000.0, "rope_type": "default"}}
 # Per layer: kept query heads (two per KV group of three KV groups) and kept FFN channels of 96.
 PER_LAYER = [([0, 1, 2, 3, 4, 5], 96), ([0, 1, 4, 5], 40), ([2, 3], 70), ([0, 2, 4], 33)]
+# The same with widths Q8_0's 32-wide blocks hold (o_proj rows: heads x 16; down_proj rows: FFN channels).
+PER_LAYER_32 = [([0, 1, 2, 3, 4, 5], 96), ([0, 1, 4, 5], 64), ([2, 3], 32), ([0, 1, 2, 3], 64)]
 UNIFORM = [([0, 1, 4, 5], 64), ([2, 3, 4, 5], 64), ([0, 1, 2, 3], 64), ([0, 1, 4, 5], 64)]
 GREEDY_PROMPT, GREEDY_NEW = 12, 12
 
@@ -135,7 +137,8 @@ def test_untied_lora_model_in_f32_f16_and_q8_0_passes_its_check_and_shrinks_the_
         lora = LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, target_modules=[
             "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
         model = get_peft_model(tiny_llama(tie=False), lora).eval()  # merging changes the weights
-        out = export(model, smollm2_tokenizer, masks_keeping(PER_LAYER), tmp_path / gguf_type, gguf_type=gguf_type)
+        layers = PER_LAYER_32 if gguf_type == "q8_0" else PER_LAYER
+        out = export(model, smollm2_tokenizer, masks_keeping(layers), tmp_path / gguf_type, gguf_type=gguf_type)
         check = json.loads((out / "loraprune.json").read_text())["export"]["logit_check"]
         # Within 10x of what storing the weights in that type changes in PyTorch (a layout bug is ~1).
         assert check["passed"] and check["llamacpp"]["relative_difference"] < 0.1
@@ -147,9 +150,14 @@ def test_untied_lora_model_in_f32_f16_and_q8_0_passes_its_check_and_shrinks_the_
         sizes[gguf_type] = (out / GGUF_NAME).stat().st_size
     assert sizes["q8_0"] < sizes["f16"] < sizes["f32"] / 1.9
     tensors = {t.name: t.tensor_type.name for t in GGUFReader(out / GGUF_NAME).tensors}
-    # Rows of 40 / 70 / 33 FFN channels are no multiple of Q8_0's 32-wide blocks: those fall back to F16.
-    assert (tensors["output.weight"], tensors["blk.0.ffn_down.weight"], tensors["blk.1.ffn_down.weight"],
-            tensors["blk.0.attn_norm.weight"]) == ("Q8_0", "Q8_0", "F16", "F32")
+    assert {kind for name, kind in tensors.items() if "norm" not in name} == {"Q8_0"}  # no silent F16 fallback
+    assert tensors["blk.0.attn_norm.weight"] == "F32"
+
+
+def test_widths_q8_0_blocks_cannot_hold_are_refused_before_anything_is_written(smollm2_tokenizer, tmp_path):
+    with pytest.raises(LoraPruneError, match=r"layer 1's FFN width .* is 40, no multiple of 32.*--round-to 32"):
+        export(tiny_llama(), smollm2_tokenizer, masks_keeping(PER_LAYER), tmp_path / "pruned", gguf_type="q8_0")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_source_gguf_tokenizer_keys_are_copied(smollm2_tokenizer, tmp_path):
@@ -197,7 +205,7 @@ def test_layers_no_runtime_can_run_are_refused_before_anything_is_written(layers
 
 
 def test_unsupported_type_and_existing_output_are_refused(smollm2_tokenizer, tmp_path):
-    with pytest.raises(LoraPruneError, match="--gguf-type must be one of f32, f16, q8_0"):
+    with pytest.raises(LoraPruneError, match="--gguf-type must be one of f32, f16, q8_0, q6_k"):
         export(tiny_llama(), smollm2_tokenizer, masks_keeping(UNIFORM), tmp_path / "pruned", gguf_type="q4_k")
     out = tmp_path / "pruned"
     out.mkdir()
@@ -241,8 +249,8 @@ def test_prune_with_global_allocation_and_export_write_gguf_with_per_layer_width
     assert report["export"]["architecture"] == "deci" and report["export"]["logit_check"]["passed"]
     widths = [(layer["heads"], layer["kv_heads"], layer["ffn"]) for layer in report["export"]["layers"]]
     assert widths[0] == (6, 3, 96) and any(w != widths[0] for w in widths[1:])  # skipped layer whole, others not
-    export_run(out, tmp_path / "again", export_format="gguf", gguf_type="q8_0")
-    assert json.loads((tmp_path / "again" / "loraprune.json").read_text())["export"]["gguf_type"] == "q8_0"
+    export_run(out, tmp_path / "again", export_format="gguf", gguf_type="f16")
+    assert json.loads((tmp_path / "again" / "loraprune.json").read_text())["export"]["gguf_type"] == "f16"
     from loraprune.info import checkpoint_info, format_info
     from loraprune.models.loading import load_model
 

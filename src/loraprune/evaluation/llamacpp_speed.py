@@ -16,6 +16,7 @@ from gguf import GGUFReader, LlamaFileType
 
 from loraprune.errors import LoraPruneError
 from loraprune.evaluation.speed import _load_average, machine_info
+from loraprune.export.gguf_types import GGUF_TYPES
 from loraprune.export.llamacpp import LlamaCpp
 
 
@@ -110,7 +111,7 @@ def gguf_type_of(path: Path) -> str:
 
 
 def gguf_type_of_reader(reader: GGUFReader) -> str:
-    names = {LlamaFileType.ALL_F32: "f32", LlamaFileType.MOSTLY_F16: "f16", LlamaFileType.MOSTLY_Q8_0: "q8_0"}
+    names = {t.file_type: name for name, t in GGUF_TYPES.items()}
     field = reader.fields.get("general.file_type")
     file_type = LlamaFileType(int(field.contents())) if field is not None else None
     return names.get(file_type, str(file_type))

@@ -22,7 +22,8 @@ from loraprune.pruning.groups import LayerShape
 
 
 def benchmark_speed(dense_dir: Path, pruned_dirs: list[Path], prompt_tokens: int = 512,
-                    new_tokens: int = 128, repeats: int = 5, threads: int | None = None) -> dict:
+                    new_tokens: int = 128, repeats: int = 5, threads: int | None = None,
+                    dtype: torch.dtype = torch.float32) -> dict:
     """Time prefill and decode of the dense and every pruned model, alternating, median of repeats."""
     if repeats < 1 or prompt_tokens < 1 or new_tokens < 2:
         raise LoraPruneError("need --repeats >= 1, --prompt-tokens >= 1 and --new-tokens >= 2")
@@ -31,25 +32,25 @@ def benchmark_speed(dense_dir: Path, pruned_dirs: list[Path], prompt_tokens: int
         torch.set_num_threads(threads)
     try:
         return _benchmark(Path(dense_dir), [Path(p) for p in pruned_dirs], prompt_tokens,
-                          new_tokens, repeats)
+                          new_tokens, repeats, dtype)
     finally:
         torch.set_num_threads(previous_threads)
 
 
 def _benchmark(dense_dir: Path, pruned_dirs: list[Path], prompt_tokens: int, new_tokens: int,
-               repeats: int) -> dict:
+               repeats: int, dtype: torch.dtype = torch.float32) -> dict:
     """The measurement loop of `benchmark_speed`, at the current thread count."""
     load_before = _load_average()
     names = _unique_names([dense_dir] + pruned_dirs)
     for path in names.values():  # fail before spending time on loading
         _check_folder(path)
-    models = {name: _load(path) for name, path in names.items()}
+    models = {name: load_causal_lm(path, dtype) for name, path in names.items()}
     prompt = torch.randint(0, min(m.config.vocab_size for m in models.values()), (1, prompt_tokens),
                            generator=torch.Generator().manual_seed(0))
     for model in models.values():  # warm-up: allocator, kernels, thread pool
         time_prefill(model, prompt)
         time_decode(model, prompt[:, :16], new_tokens=4)
-    floor_model = _floor_model(next(iter(models.values())).config)
+    floor_model = _floor_model(next(iter(models.values())).config).to(dtype)
     floor_prompt = prompt % floor_model.config.vocab_size
     time_decode(floor_model, floor_prompt[:, :16], new_tokens=4)
     floor = [1000 / time_decode(floor_model, floor_prompt, new_tokens) for _ in range(repeats)]
@@ -90,7 +91,7 @@ def _benchmark(dense_dir: Path, pruned_dirs: list[Path], prompt_tokens: int, new
     return {
         "machine": machine,
         "settings": {"prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "repeats": repeats,
-                     "batch_size": 1, "dtype": "float32"},
+                     "batch_size": 1, "dtype": str(dtype).removeprefix("torch.")},
         "models": rows,
         "comparisons": [_compare(rows[0], row) for row in rows[1:]],
     }
@@ -262,11 +263,6 @@ def _check_folder(path: Path) -> None:
     if not (path / "config.json").is_file():
         raise LoraPruneError(f"{path} is not a Hugging Face model folder (no config.json); "
                              "pass folders written by `loraprune prune` or save_pretrained")
-
-
-def _load(path: Path) -> nn.Module:
-    """A checkpoint folder loaded in float32 for timing."""
-    return load_causal_lm(path, torch.float32)
 
 
 def _floor_model(config) -> nn.Module:

@@ -9,15 +9,24 @@ size and RoPE dimensions written explicitly, norms kept in float32.
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType, GGUFWriter, LlamaFileType, RopeScalingType, quants
+from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter, RopeScalingType, quants
 from torch import nn
 from transformers import PreTrainedModel
 
 from loraprune.errors import LoraPruneError
+from loraprune.export.gguf_types import (
+    GGUF_TYPES,
+    check_gguf_type,
+    check_projection_types,
+    check_widths_fit,
+    projection_types,
+    quantize_gguf,
+)
 from loraprune.export.gguf_vocab import add_vocab, check_vocab
 from loraprune.export.llamacpp import GreedyRun, LlamaCpp
 from loraprune.export.logit_check import LogitComparison, compare_logits, logits_of
@@ -28,12 +37,7 @@ from loraprune.models.loading import drop_quantizer
 from loraprune.pruning.groups import LayerShape
 
 GGUF_NAME = "model.gguf"
-# name -> (type of 2-D weights, file type recorded in general.file_type)
-GGUF_TYPES = {
-    "f32": (GGMLQuantizationType.F32, LlamaFileType.ALL_F32),
-    "f16": (GGMLQuantizationType.F16, LlamaFileType.MOSTLY_F16),
-    "q8_0": (GGMLQuantizationType.Q8_0, LlamaFileType.MOSTLY_Q8_0),
-}
+UNQUANTISED_NAME = "model-f16.gguf"  # what llama.cpp's quantizer reads, removed once it has written
 GREEDY_PROMPT_TOKENS = 16
 GREEDY_NEW_TOKENS = 16
 GREEDY_CANDIDATES = 5
@@ -47,38 +51,36 @@ class GgufWriter(ExportWriter):
     advice = "Try --gguf-type f32, or report this"
 
     def refuse(self, request: ExportRequest) -> None:
-        """A weight type, architecture or tokenizer llama.cpp would not run as trained."""
+        """A weight type, architecture, widths or tokenizer llama.cpp would not run as trained."""
         check_gguf_type(request.gguf_type)
         check_architecture(unwrap(request.model), request.spec)
+        widths = layer_widths(request.masks, request.shape)  # raises for widths no layer can hold
+        check_widths_fit(request.gguf_type, request.shape, widths)
         check_vocab(request.tokenizer, request.source_gguf)
-        layer_widths(request.masks, request.shape)  # raises for widths no layer can hold
         if request.masks.means is not None:  # the writer writes no bias tensors (yet)
             raise LoraPruneError("this run used --bias-compensation, whose biases are not written to GGUF files "
                                  "yet; export it with --format transformers or nemotron-nas")
 
     def write(self, merged: PreTrainedModel, request: ExportRequest, reference: TrainedLogits,
               folder: Path) -> WrittenModel:
-        """Slice per layer, write ``model.gguf``, run it in llama.cpp."""
+        """Slice per layer, write ``model.gguf`` (quantised by llama.cpp where the type asks), run it in llama.cpp."""
         widths = layer_widths(request.masks, request.shape)
+        dense_f16_bytes = 2 * merged.num_parameters()
         sliced = slice_model(merged, request.masks, request.spec, per_layer=True)
         drop_quantizer(sliced)
         architecture = "llama" if len(set(widths)) == 1 else "deci"
         path = folder / GGUF_NAME
-        vocab_source = write_gguf(path, sliced, request.spec, widths, architecture, request.gguf_type,
-                                  request.tokenizer, request.source_gguf)
-        type_floor = weight_rounding_floor(sliced, request.gguf_type, reference.probe, reference.merged)
-        llama_logits, comparisons = llamacpp_run(path, sliced, request.gguf_type, reference, request.threads)
+        vocab_source = write_quantised_gguf(path, sliced.config, widths, architecture, request.gguf_type,
+                                            request.tokenizer, request.source_gguf,
+                                            gguf_tensors(sliced, request.spec, widths), request.threads)
+        type_floor = weight_rounding_floor(sliced, request.spec, widths, path, reference.probe, reference.merged)
+        llama_logits, comparisons = llamacpp_run(path, sliced, reference, request.threads)
         summary = {"format": "gguf", "file": GGUF_NAME, "gguf_type": request.gguf_type,
                    "architecture": architecture, "tokenizer": vocab_source,
                    "parameters_after": sliced.num_parameters(), "file_bytes": path.stat().st_size,
+                   "dense_f16_bytes": dense_f16_bytes, "projection_types": _type_counts(projection_types(path)),
                    "layers": layers_report(request.masks, request.shape)}
         return WrittenModel(summary, llama_logits, floors={"weight_type": type_floor}, comparisons=comparisons)
-
-
-def check_gguf_type(gguf_type: str) -> None:
-    """Refuse a weight type this writer does not produce."""
-    if gguf_type not in GGUF_TYPES:
-        raise LoraPruneError(f"--gguf-type must be one of {', '.join(GGUF_TYPES)}, got {gguf_type!r}")
 
 
 def check_architecture(model: PreTrainedModel, spec: ArchSpec) -> None:
@@ -96,15 +98,33 @@ def check_architecture(model: PreTrainedModel, spec: ArchSpec) -> None:
                              "export --format transformers and convert with llama.cpp's convert_hf_to_gguf.py")
 
 
-def write_gguf(path: Path, model: PreTrainedModel, spec: ArchSpec, widths: list[LayerWidths], architecture: str,
-               gguf_type: str, tokenizer, source_gguf: Path | None) -> str:
-    """Write the sliced model's hyper-parameters, tokenizer and weights; returns the tokenizer's origin."""
-    config = model.config
+def write_quantised_gguf(path: Path, config, widths: list[LayerWidths], architecture: str, gguf_type: str,
+                         tokenizer, source_gguf: Path | None, tensors: Iterable[tuple[str, np.ndarray]],
+                         threads: int | None = None) -> str:
+    """Write ``gguf_type`` directly, or f16 that llama.cpp's quantizer then converts; returns the tokenizer's origin.
+
+    ``tensors``: (GGUF name, float32 array) in the order :func:`gguf_tensors` gives them.
+    """
+    if not GGUF_TYPES[gguf_type].by_llamacpp:
+        return write_gguf(path, config, widths, architecture, gguf_type, tokenizer, source_gguf, tensors)
+    unquantised = path.with_name(UNQUANTISED_NAME)
+    try:
+        vocab_source = write_gguf(unquantised, config, widths, architecture, "f16", tokenizer, source_gguf, tensors)
+        quantize_gguf(unquantised, path, gguf_type, threads)
+    finally:
+        unquantised.unlink(missing_ok=True)
+    check_projection_types(path, gguf_type)
+    return vocab_source
+
+
+def write_gguf(path: Path, config, widths: list[LayerWidths], architecture: str, gguf_type: str, tokenizer,
+               source_gguf: Path | None, tensors: Iterable[tuple[str, np.ndarray]]) -> str:
+    """Write a model config's hyper-parameters, the tokenizer and the weights; returns the tokenizer's origin."""
     head_dim = LayerShape.from_config(config).head_dim
-    writer = GGUFWriter(path, architecture)
+    writer = GGUFWriter(path, architecture, use_temp_file=True)  # weights go to disk as they come
     writer.add_type("model")
     writer.add_name(str(getattr(config, "_name_or_path", "") or "loraprune-pruned"))
-    writer.add_file_type(GGUF_TYPES[gguf_type][1])
+    writer.add_file_type(GGUF_TYPES[gguf_type].file_type)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(len(widths))
@@ -125,7 +145,7 @@ def write_gguf(path: Path, model: PreTrainedModel, spec: ArchSpec, widths: list[
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_vocab_size(config.vocab_size)
     vocab_source = add_vocab(writer, tokenizer, config.vocab_size, source_gguf)
-    for name, array in gguf_tensors(model, spec, widths):
+    for name, array in tensors:
         stored, raw_type = stored_tensor(array, gguf_type)
         writer.add_tensor(name, stored, raw_dtype=raw_type)
     writer.write_header_to_file()
@@ -135,27 +155,31 @@ def write_gguf(path: Path, model: PreTrainedModel, spec: ArchSpec, widths: list[
     return vocab_source
 
 
-def gguf_tensors(model: PreTrainedModel, spec: ArchSpec, widths: list[LayerWidths]):
-    """(GGUF name, float32 array) of every weight, Q and K permuted per layer for llama.cpp's RoPE."""
-    def array(tensor: torch.Tensor) -> np.ndarray:
-        return tensor.detach().to(torch.float32).cpu().numpy()
-
-    yield "token_embd.weight", array(model.get_input_embeddings().weight)
+def gguf_sources(model: PreTrainedModel, spec: ArchSpec, widths: list[LayerWidths]):
+    """(GGUF name, parameter, heads to RoPE-permute or None) of every weight the file holds."""
+    yield "token_embd.weight", model.get_input_embeddings().weight, None
     for index, (layer, width) in enumerate(zip(decoder_layers(model, spec), widths)):
         attention, mlp = getattr(layer, spec.attention), getattr(layer, spec.mlp)
         prefix = f"blk.{index}"
-        yield f"{prefix}.attn_norm.weight", array(layer.input_layernorm.weight)
-        yield f"{prefix}.attn_q.weight", rope_permuted(array(getattr(attention, spec.q_proj).weight), width.heads)
-        yield f"{prefix}.attn_k.weight", rope_permuted(array(getattr(attention, spec.k_proj).weight), width.kv_heads)
-        yield f"{prefix}.attn_v.weight", array(getattr(attention, spec.v_proj).weight)
-        yield f"{prefix}.attn_output.weight", array(getattr(attention, spec.o_proj).weight)
-        yield f"{prefix}.ffn_norm.weight", array(layer.post_attention_layernorm.weight)
-        yield f"{prefix}.ffn_gate.weight", array(getattr(mlp, spec.gate_proj).weight)
-        yield f"{prefix}.ffn_up.weight", array(getattr(mlp, spec.up_proj).weight)
-        yield f"{prefix}.ffn_down.weight", array(getattr(mlp, spec.down_proj).weight)
-    yield "output_norm.weight", array(model.model.norm.weight)
+        yield f"{prefix}.attn_norm.weight", layer.input_layernorm.weight, None
+        yield f"{prefix}.attn_q.weight", getattr(attention, spec.q_proj).weight, width.heads
+        yield f"{prefix}.attn_k.weight", getattr(attention, spec.k_proj).weight, width.kv_heads
+        yield f"{prefix}.attn_v.weight", getattr(attention, spec.v_proj).weight, None
+        yield f"{prefix}.attn_output.weight", getattr(attention, spec.o_proj).weight, None
+        yield f"{prefix}.ffn_norm.weight", layer.post_attention_layernorm.weight, None
+        yield f"{prefix}.ffn_gate.weight", getattr(mlp, spec.gate_proj).weight, None
+        yield f"{prefix}.ffn_up.weight", getattr(mlp, spec.up_proj).weight, None
+        yield f"{prefix}.ffn_down.weight", getattr(mlp, spec.down_proj).weight, None
+    yield "output_norm.weight", model.model.norm.weight, None
     if not model.config.tie_word_embeddings:  # llama.cpp reuses token_embd when output is absent
-        yield "output.weight", array(model.get_output_embeddings().weight)
+        yield "output.weight", model.get_output_embeddings().weight, None
+
+
+def gguf_tensors(model: PreTrainedModel, spec: ArchSpec, widths: list[LayerWidths]):
+    """(GGUF name, float32 array) of every weight, Q and K permuted per layer for llama.cpp's RoPE."""
+    for name, parameter, rope_heads in gguf_sources(model, spec, widths):
+        array = parameter.detach().to(torch.float32).cpu().numpy()
+        yield name, array if rope_heads is None else rope_permuted(array, rope_heads)
 
 
 def rope_permuted(weight: np.ndarray, heads: int) -> np.ndarray:
@@ -165,40 +189,50 @@ def rope_permuted(weight: np.ndarray, heads: int) -> np.ndarray:
             .swapaxes(1, 2).reshape(weight.shape))
 
 
+def rope_unpermuted(weight: np.ndarray, heads: int) -> np.ndarray:
+    """The inverse of :func:`rope_permuted`: llama.cpp's interleaved pairs back to HF's rotate-half rows."""
+    return (weight.reshape(heads, weight.shape[0] // heads // 2, 2, *weight.shape[1:])
+            .swapaxes(1, 2).reshape(weight.shape))
+
+
 def stored_tensor(array: np.ndarray, gguf_type: str) -> tuple[np.ndarray, GGMLQuantizationType]:
-    """The array as it is stored: norms in float32, weights in the chosen type (Q8_0 needs rows of 32)."""
-    weight_type = GGUF_TYPES[gguf_type][0]
-    if array.ndim == 1 or weight_type == GGMLQuantizationType.F32:
+    """The array as this writer stores it: norms in float32, weights in f32, f16 or Q8_0 (rows of 32)."""
+    if array.ndim == 1 or gguf_type == "f32":
         return array.astype(np.float32), GGMLQuantizationType.F32
-    if weight_type == GGMLQuantizationType.Q8_0 and array.shape[-1] % 32 == 0:
+    if gguf_type == "q8_0":
         return quants.quantize(array, GGMLQuantizationType.Q8_0), GGMLQuantizationType.Q8_0
-    # Q8_0 blocks are 32 wide; a pruned width that is no multiple of 32 falls back to F16, as in llama.cpp.
     return array.astype(np.float16), GGMLQuantizationType.F16
 
 
-def weight_rounding_floor(model: PreTrainedModel, gguf_type: str, probe: torch.Tensor,
-                          reference: torch.Tensor) -> LogitComparison:
-    """How far logits move when the weights are stored in ``gguf_type`` (not at all for float32)."""
-    if gguf_type == "f32":
+def stored_weights(path: Path) -> dict[str, np.ndarray]:
+    """Every 2-D weight of a GGUF file as the runtime computes with it: dequantised to float32."""
+    return {t.name: quants.dequantize(t.data, t.tensor_type).reshape(tuple(reversed(t.shape.tolist())))
+            for t in GGUFReader(path).tensors if len(t.shape) == 2}
+
+
+def weight_rounding_floor(model: PreTrainedModel, spec: ArchSpec, widths: list[LayerWidths], path: Path,
+                          probe: torch.Tensor, reference: torch.Tensor) -> LogitComparison:
+    """How far logits move when the model computes with the weights as the file stores them."""
+    if all(t.tensor_type == GGMLQuantizationType.F32 for t in GGUFReader(path).tensors):
         return LogitComparison(0.0, 0.0, 1.0)
+    stored = stored_weights(path)
     rounded = copy.deepcopy(model)
     with torch.no_grad():
-        for parameter in rounded.parameters():
-            if parameter.ndim == 2:
-                stored, raw_type = stored_tensor(parameter.detach().float().cpu().numpy(), gguf_type)
-                restored = quants.dequantize(stored, raw_type).reshape(parameter.shape)
-                parameter.copy_(torch.from_numpy(np.ascontiguousarray(restored)).to(parameter.dtype))
+        for name, parameter, rope_heads in gguf_sources(rounded, spec, widths):
+            if name in stored:
+                weight = stored[name] if rope_heads is None else rope_unpermuted(stored[name], rope_heads)
+                parameter.copy_(torch.from_numpy(np.ascontiguousarray(weight)).to(parameter.dtype))
     return compare_logits(logits_of(rounded, probe), reference)
 
 
-def llamacpp_run(path: Path, sliced: PreTrainedModel, gguf_type: str, reference: TrainedLogits,
+def llamacpp_run(path: Path, sliced: PreTrainedModel, reference: TrainedLogits,
                  threads: int | None) -> tuple[torch.Tensor, dict]:
     """Load the file in llama.cpp: its logits on the probe, and its comparisons with PyTorch (greedy too)."""
     ids = reference.probe[0].tolist()
     prompt = ids[:GREEDY_PROMPT_TOKENS]
     runtime = LlamaCpp(path, context=_context_for(len(ids) + GREEDY_NEW_TOKENS), threads=threads, embeddings=True)
     try:
-        llama_logits = logits_from_hidden(runtime.hidden_states(ids), sliced, gguf_type)
+        llama_logits = logits_from_hidden(runtime.hidden_states(ids), path)
         greedy = runtime.greedy(prompt, GREEDY_NEW_TOKENS, candidates=GREEDY_CANDIDATES)
     finally:
         runtime.close()
@@ -223,10 +257,10 @@ def greedy_comparison(model: nn.Module, prompt: list[int], greedy: GreedyRun) ->
             "max_logprob_difference": float(raw.max()), "max_relative_logprob_difference": relative}
 
 
-def logits_from_hidden(hidden: np.ndarray, model: PreTrainedModel, gguf_type: str) -> torch.Tensor:
-    """llama.cpp's final hidden states times the output matrix as stored in the file: (1, tokens, vocab)."""
-    stored, raw_type = stored_tensor(model.get_output_embeddings().weight.detach().float().cpu().numpy(), gguf_type)
-    matrix = quants.dequantize(stored, raw_type).reshape(-1, hidden.shape[1])
+def logits_from_hidden(hidden: np.ndarray, path: Path) -> torch.Tensor:
+    """llama.cpp's final hidden states times the output matrix as the file stores it: (1, tokens, vocab)."""
+    stored = stored_weights(path)
+    matrix = stored.get("output.weight", stored["token_embd.weight"])
     return torch.from_numpy(hidden.astype(np.float64) @ matrix.astype(np.float64).T)[None]
 
 
@@ -240,3 +274,11 @@ def _rope(config) -> tuple[float, str, float]:
     theta = parameters.get("rope_theta", getattr(config, "rope_theta", 10000.0))
     rope_type = parameters.get("rope_type", parameters.get("type", "default"))
     return float(theta), rope_type, float(parameters.get("factor", 1.0))
+
+
+def _type_counts(types: dict[str, str]) -> dict[str, int]:
+    """How many projections the file stores in each type."""
+    counts: dict[str, int] = {}
+    for kind in types.values():
+        counts[kind] = counts.get(kind, 0) + 1
+    return counts

@@ -200,7 +200,8 @@ def solve_model_target(model: nn.Module, config: PruneConfig) -> PruneTarget | G
     return solve_target(
         LayerShape.from_config(model.config), model.config.num_hidden_layers, count_parameters(model),
         config.sparsity, unit=config.attention_unit, attention_fraction=config.attention_fraction,
-        skip_first=config.skip_first_layers, skip_last=config.skip_last_layers, round_to=config.round_to,
+        skip_first=config.skip_first_layers, skip_last=config.skip_last_layers,
+        round_to=1 if config.round_to is None else config.round_to,
         attention_bias=attention_bias, mlp_bias=mlp_bias, allocation=config.allocation)
 
 
