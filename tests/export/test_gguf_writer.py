@@ -252,7 +252,7 @@ def test_prune_with_global_allocation_and_export_write_gguf_with_per_layer_width
     with pytest.raises(LoraPruneError, match="llama.cpp") as refused:  # transformers cannot read 'deci'
         load_model(str(out / GGUF_NAME))
     assert len(str(refused.value)) < 300 and "\n" not in str(refused.value)
-    export_run(out, tmp_path / "hf")  # per-layer widths in transformers: a DeciLM folder
+    export_run(out, tmp_path / "hf", export_format="transformers")  # per-layer widths: a DeciLM folder
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["architectures"] == ["DeciLMForCausalLM"]
 
 
