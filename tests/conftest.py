@@ -186,3 +186,27 @@ def tiny_prune_command(model_dir: Path, text: Path, out: Path, *extra: str) -> l
             "--out", str(out), "--sparsity", "0.3", "--steps", "12", "--prune-every", "2", "--seq-len", "32",
             "--eval-seq-len", "32", "--eval-tokens", "640", "--save-every", "1", "--lr", "1e-3",
             "--no-progress", *extra]
+
+
+@pytest.fixture(scope="module")
+def unexported_gguf_run(smollm2_tokenizer, tmp_path_factory) -> Path:
+    """A short run on a tiny model with SmolLM2's tokenizer, kept as a run folder (no export)."""
+    from loraprune.config import PruneConfig
+    from loraprune.job import prune
+
+    folder = tmp_path_factory.mktemp("run")
+    model_dir, text = save_gguf_tiny_run_inputs(folder, smollm2_tokenizer)
+    config = PruneConfig(model=str(model_dir), data=f"text:{text}", sparsity=0.02, steps=4, prune_every=2,
+                         seq_len=32, eval_seq_len=32, eval_tokens=256, lr=1e-3, allocation="uniform")
+    prune(config, folder / "out", export=False, progress=False)
+    return folder / "out.partial"
+
+
+@pytest.fixture(scope="module")
+def uniform_gguf_file(unexported_gguf_run, tmp_path_factory) -> Path:
+    """That run exported as a GGUF file of one width (architecture llama)."""
+    pytest.importorskip("xllamacpp")
+    from loraprune.job import export_run
+
+    out = tmp_path_factory.mktemp("gguf") / "out"
+    return export_run(unexported_gguf_run, out, export_format="gguf") / "model.gguf"

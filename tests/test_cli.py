@@ -134,3 +134,54 @@ def test_prune_flags_reach_the_config(monkeypatch, tmp_path):
     config = seen["config"]
     assert (config.criterion, config.distill, config.distill_temperature, config.distill_top_k,
             config.bias_compensation, config.lora_columns) == ("flap", 0.5, 2.0, 50, True, False)
+
+
+LOST_RANK_SCRIPT = """
+import argparse, os, sys
+import torch
+import torch.distributed as dist
+from loraprune import cli
+
+def all_reduce_after_rank_1_dies(args):
+    dist.init_process_group("gloo")
+    if dist.get_rank() == 1:
+        os._exit(9)  # as kill -9 would
+    dist.all_reduce(torch.ones(1))
+    dist.barrier()
+    return 0
+
+args = argparse.Namespace(handler=all_reduce_after_rank_1_dies, command="prune", resume=False, out=sys.argv[1])
+sys.exit(cli._run(args))
+"""
+
+
+def test_a_rank_lost_under_torch_distributed_is_one_line_naming_the_resume_command(tmp_path):
+    import socket
+
+    with socket.socket() as probe:  # a free port for the rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    script = tmp_path / "lose_a_rank.py"
+    script.write_text(LOST_RANK_SCRIPT)
+    processes = []
+    for rank in (0, 1):
+        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
+               "WORLD_SIZE": "2", "LOCAL_RANK": str(rank)}
+        processes.append(subprocess.Popen([sys.executable, str(script), str(tmp_path / "out")], env=env,
+                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    _, stderr = processes[0].communicate(timeout=300)
+    processes[1].communicate(timeout=60)
+    assert processes[0].returncode == cli.EXIT_PEER_LOST, stderr
+    assert "Traceback" not in stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("loraprune: error: another process of this 2-process job died")
+    assert lines[0].endswith(f"resume with: torchrun --nproc_per_node=2 -m loraprune prune --resume {tmp_path}/out.partial")
+
+
+def test_lost_peer_errors_are_told_from_other_runtime_errors():
+    from torch.distributed import DistBackendError
+
+    assert cli.lost_another_process(RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] "
+                                                 "Connection closed by peer [127.0.0.1]:29500"))
+    assert cli.lost_another_process(DistBackendError("NCCL error"))
+    assert not cli.lost_another_process(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))

@@ -164,6 +164,24 @@ def test_export_refuses_an_out_that_would_overwrite_its_own_run(tiny_run_inputs,
     assert sorted(p.relative_to(tmp_path) for p in (tmp_path / "out").rglob("*")) == before
 
 
+def test_per_layer_refusal_names_only_the_flags_that_asked_for_per_layer_widths(tmp_path):
+    from loraprune.config import PruneConfig
+    from loraprune.errors import LoraPruneError
+    from loraprune.job import prune
+    from tests.conftest import build_tiny_model, build_word_tokenizer
+
+    model_dir, text = tmp_path / "tiny-qwen2", tmp_path / "corpus.txt"  # biases: no DeciLM folder
+    build_tiny_model("qwen2").save_pretrained(model_dir)
+    build_word_tokenizer([f"w{i}" for i in range(100)]).save_pretrained(model_dir)
+    text.write_text(" ".join(f"w{i % 30}" for i in range(4000)))
+    config = PruneConfig(model=str(model_dir), data=f"text:{text}", sparsity=0.2, steps=12, skip_first_layers=1,
+                         allocation="uniform", seq_len=32)
+    with pytest.raises(LoraPruneError, match=r"from --skip-first 1\)") as refused:
+        prune(config, tmp_path / "out", progress=False)
+    assert "--allocation global" not in str(refused.value) and "use the transformers format" not in str(refused.value)
+    assert "; drop --skip-first 1 for a plain folder" in str(refused.value)
+
+
 def test_auto_allocation_is_global_for_every_export_format_and_uniform_without_export():
     from loraprune.config import PruneConfig
     from loraprune.job import resolved_allocation

@@ -33,3 +33,14 @@ def test_prune_and_export_print_no_warning_from_another_library(tmp_path):
                             check=False, capture_output=True, text=True, timeout=900)
     assert export.returncode == 0, export.stderr
     assert _foreign_lines(export.stderr) == []
+
+
+def test_eval_no_progress_on_a_gguf_shows_no_progress_bar(uniform_gguf_file, tmp_path):
+    text = tmp_path / "text.txt"
+    text.write_text("It is a truth universally acknowledged, that a single man must be in want of a wife.\n" * 40)
+    result = subprocess.run([sys.executable, "-m", "loraprune", "eval", "--model", str(uniform_gguf_file), "--data",
+                             f"text:{text}", "--seq-len", "64", "--max-tokens", "256", "--no-progress"],
+                            check=False, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr
+    assert "perplexity" in result.stdout
+    assert result.stderr == ""  # neither the GGUF conversion's nor the weight loading's bars

@@ -12,10 +12,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 from loraprune import __version__
-from loraprune.errors import LoraPruneError
+from loraprune.errors import LoraPruneError, first_line
 from loraprune.quiet import quiet_third_party
 
 EXIT_INTERRUPTED = 130
+EXIT_PEER_LOST = 1  # not the user's input: exit code 1, as a crash, but in one line
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -439,3 +440,40 @@ def _run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("loraprune: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except RuntimeError as e:  # torch.distributed's errors are RuntimeErrors
+        world_size = _distributed_world_size()
+        if world_size < 2 or not lost_another_process(e):
+            raise
+        print(f"loraprune: error: another process of this {world_size}-process job died ({first_line(e)})"
+              f"{_resume_hint(args, world_size)}", file=sys.stderr)
+        return EXIT_PEER_LOST
+
+
+# What gloo and NCCL say when a peer process is gone (killed, crashed or out of memory).
+LOST_PEER_SIGNS = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "NCCL communicator",
+                   "Socket Timeout", "recvBytes", "sendBytes")
+
+
+def lost_another_process(error: RuntimeError) -> bool:
+    """Whether ``error`` is torch.distributed reporting that another process of the job is gone."""
+    from torch.distributed import DistError
+
+    return isinstance(error, DistError) or any(sign in str(error) for sign in LOST_PEER_SIGNS)
+
+
+def _distributed_world_size() -> int:
+    distributed = sys.modules.get("torch.distributed")
+    if distributed is None or not distributed.is_available() or not distributed.is_initialized():
+        return 1
+    return distributed.get_world_size()
+
+
+def _resume_hint(args: argparse.Namespace, world_size: int) -> str:
+    """'; resume with: ...' for a prune whose run folder is known, else nothing."""
+    if args.command != "prune" or not (args.resume or args.out):
+        return ""
+    from loraprune.training.run_folder import PARTIAL_SUFFIX, partial_dir
+
+    run = Path(args.resume if isinstance(args.resume, str) else args.out)
+    run_dir = run if run.name.endswith(PARTIAL_SUFFIX) else partial_dir(run)
+    return f"; resume with: torchrun --nproc_per_node={world_size} -m loraprune prune --resume {run_dir}"

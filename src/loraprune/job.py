@@ -202,7 +202,9 @@ def _check_format_fits(model, tokenizer, config: PruneConfig, export_format: str
                        before_training: bool = True) -> None:
     """Refuse, before training, a model or tokenizer the chosen format cannot hold (after training, the
     GGUF writer checks the widths the run chose)."""
-    per_layer = config.skip_first_layers or config.skip_last_layers or config.allocation == "global"
+    skips = [f"--skip-{end} {n}" for end, n in (("first", config.skip_first_layers), ("last", config.skip_last_layers))
+             if n]
+    per_layer = skips + (["--allocation global"] if config.allocation == "global" else [])
     if config.bias_compensation and export_format == "gguf":
         # The GGUF writer writes no bias tensors yet (llama.cpp's deci graph would add bo / ffn_down_b).
         raise LoraPruneError("--bias-compensation is not written to GGUF files yet; export --format transformers "
@@ -213,9 +215,11 @@ def _check_format_fits(model, tokenizer, config: PruneConfig, export_format: str
         try:
             check_nemotron_nas(model.config)
         except LoraPruneError as e:
-            raise LoraPruneError(f"per-layer widths (--allocation global, --skip-first/--skip-last) are written "
-                                 f"as a DeciLM folder, which cannot hold this model ({e}); pass --allocation "
-                                 "uniform for a plain folder of one width") from e
+            fixes = (["pass --allocation uniform"] if config.allocation == "global" else []) + (
+                [f"drop {' and '.join(skips)}"] if skips else [])
+            raise LoraPruneError(f"per-layer widths (from {' and '.join(per_layer)}) are written as a DeciLM folder, "
+                                 f"which cannot hold this model ({str(e).split(';')[0]}); {' and '.join(fixes)} "
+                                 "for a plain folder of one width") from e
     if export_format == "gguf":
         check_gguf_type(gguf_type)
         if before_training:

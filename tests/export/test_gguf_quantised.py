@@ -122,7 +122,9 @@ def test_widths_the_type_cannot_hold_are_refused_before_anything_is_written(smol
 
 def test_round_to_defaults_to_what_the_gguf_type_needs():
     def round_to(export_format, gguf_type, config=None):
-        return resolved_round_to(config or PruneConfig(), export_format, gguf_type).round_to
+        settings = {"export": export_format is not None, "export_format": export_format or "transformers",
+                    "gguf_type": gguf_type if export_format == "gguf" else None}
+        return resolved_round_to((config or PruneConfig()).with_overrides(settings)).round_to
 
     assert [round_to("gguf", t) for t in ("f32", "f16", "q8_0", "q4_0", "q6_k", "q4_k_m")] == [1, 1, 32, 32, 256, 256]
     assert round_to("transformers", "q4_k_m") == round_to(None, "q4_k_m") == 1

@@ -14,33 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from loraprune.config import PruneConfig
 from loraprune.errors import LoraPruneError
-from loraprune.job import prune
-from tests.conftest import save_gguf_tiny_run_inputs
+from tests.conftest import gguf_tiny_prune_command, save_gguf_tiny_run_inputs
 
 pytest.importorskip("xllamacpp")
 
 SERVER_MARK = "from loraprune.export.llamacpp import serve"
-
-
-@pytest.fixture(scope="module")
-def unexported_run(smollm2_tokenizer, tmp_path_factory) -> Path:
-    """A short run on a tiny model with SmolLM2's tokenizer, kept as a run folder (no export)."""
-    folder = tmp_path_factory.mktemp("run")
-    model_dir, text = save_gguf_tiny_run_inputs(folder, smollm2_tokenizer)
-    config = PruneConfig(model=str(model_dir), data=f"text:{text}", sparsity=0.02, steps=4, prune_every=2,
-                         seq_len=32, eval_seq_len=32, eval_tokens=256, lr=1e-3, allocation="uniform")
-    prune(config, folder / "out", export=False, progress=False)
-    return folder / "out.partial"
-
-
-@pytest.fixture(scope="module")
-def gguf_file(unexported_run, tmp_path_factory) -> Path:
-    """The run exported as GGUF."""
-    from loraprune.job import export_run
-
-    return export_run(unexported_run, tmp_path_factory.mktemp("gguf") / "out", export_format="gguf") / "model.gguf"
 
 
 def _sigint_reaches_python() -> None:
@@ -79,7 +58,7 @@ def _interrupt_once_llamacpp_runs(command: list[str], settle: float, ready_line:
     sent = time.monotonic()
     process.send_signal(signal.SIGINT)
     try:
-        process.communicate(timeout=30)
+        process.stderr_text = process.communicate(timeout=30)[1]
     except subprocess.TimeoutExpired:
         process.kill()
         process.communicate()
@@ -94,12 +73,12 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def test_ctrl_c_during_a_completion_exits_at_once_and_kills_llamacpp(gguf_file, tmp_path):
+def test_ctrl_c_during_a_completion_exits_at_once_and_kills_llamacpp(uniform_gguf_file, tmp_path):
     script = tmp_path / "complete_forever.py"
     script.write_text(textwrap.dedent(f"""
         import sys
         from loraprune.export.llamacpp import LlamaCpp
-        runtime = LlamaCpp({str(gguf_file)!r})
+        runtime = LlamaCpp({str(uniform_gguf_file)!r})
         print("ready", flush=True)
         try:
             while True:
@@ -114,14 +93,25 @@ def test_ctrl_c_during_a_completion_exits_at_once_and_kills_llamacpp(gguf_file, 
     assert not any(_alive(pid) for pid in servers)
 
 
-def test_ctrl_c_during_the_llamacpp_check_of_export_exits_130_and_leaves_no_temporary_folder(unexported_run,
+def test_ctrl_c_during_the_llamacpp_check_of_export_exits_130_and_leaves_no_temporary_folder(unexported_gguf_run,
                                                                                             tmp_path):
     out = tmp_path / "e2"
-    command = [sys.executable, "-m", "loraprune", "export", str(unexported_run), "--out", str(out), "--format", "gguf"]
+    command = [sys.executable, "-m", "loraprune", "export", str(unexported_gguf_run), "--out", str(out), "--format", "gguf"]
     process, seconds, servers = _interrupt_once_llamacpp_runs(command, settle=0.5)
     assert process.returncode == 130 and seconds < 10
     assert list(tmp_path.iterdir()) == []  # neither e2 nor .e2.tmp-*
     assert not any(_alive(pid) for pid in servers)
+
+
+def test_ctrl_c_while_prune_checks_its_gguf_exits_130_with_the_command_that_finishes_the_run(smollm2_tokenizer,
+                                                                                            tmp_path):
+    model_dir, text = save_gguf_tiny_run_inputs(tmp_path, smollm2_tokenizer)
+    out = tmp_path / "out"
+    process, seconds, _ = _interrupt_once_llamacpp_runs(gguf_tiny_prune_command(model_dir, text, out), settle=0.5)
+    stderr = process.stderr_text
+    assert process.returncode == 130 and seconds < 10, stderr
+    assert stderr.strip().splitlines()[-1].endswith(f"Finish it with: loraprune prune --resume {out}.partial")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["english.txt", "out.partial", "tiny-smollm2"])
 
 
 def test_a_file_llamacpp_cannot_load_is_one_error(tmp_path):

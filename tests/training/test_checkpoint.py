@@ -106,6 +106,12 @@ def test_missing_checkpoint_is_an_error_naming_resume(tmp_path):
         load_checkpoint(tmp_path / "never-written")
 
 
+def test_missing_checkpoint_for_export_names_what_run_dir_must_be_not_resume(tmp_path):
+    with pytest.raises(LoraPruneError, match="RUN_DIR must be a finished --out folder") as refused:
+        load_trained_state(tmp_path / "model.gguf")
+    assert "--resume" not in str(refused.value)
+
+
 def test_truncated_safetensors_file_is_an_error_naming_the_fix(tmp_path):
     save_example(tmp_path)
     adapter = tmp_path / "checkpoint" / "adapter.safetensors"
