@@ -41,7 +41,7 @@ from loraprune.evaluation.samples import SAMPLE_PROMPTS, greedy_samples
 from loraprune.export import ExportRequest, export_model
 from loraprune.export.gguf_types import check_gguf_type, check_reachable_widths_fit, default_round_to
 from loraprune.export.gguf_vocab import check_vocab
-from loraprune.export.gguf_writer import check_architecture
+from loraprune.export.gguf_writer import check_architecture, check_no_bias_compensation
 from loraprune.export.logit_check import LogitCheckFailed
 from loraprune.export.nemotron_nas_folder import check_exportable as check_nemotron_nas
 from loraprune.models import spec_for
@@ -198,6 +198,12 @@ def resolved_round_to(config: PruneConfig) -> PruneConfig:
     return config.with_overrides({"round_to": default_round_to(config.gguf_type or DEFAULT_GGUF_TYPE) if gguf else 1})
 
 
+def _settled(config: PruneConfig, export: bool | None, export_format: str | None, gguf_type: str | None
+             ) -> PruneConfig:
+    """The config with how the run ends, its allocation and its --round-to made concrete."""
+    return resolved_round_to(resolved_allocation(finished_as(config, export, export_format, gguf_type)))
+
+
 def _check_format_fits(model, tokenizer, config: PruneConfig, export_format: str, gguf_type: str,
                        before_training: bool = True) -> None:
     """Refuse, before training, a model or tokenizer the chosen format cannot hold (after training, the
@@ -205,10 +211,6 @@ def _check_format_fits(model, tokenizer, config: PruneConfig, export_format: str
     skips = [f"--skip-{end} {n}" for end, n in (("first", config.skip_first_layers), ("last", config.skip_last_layers))
              if n]
     per_layer = skips + (["--allocation global"] if config.allocation == "global" else [])
-    if config.bias_compensation and export_format == "gguf":
-        # The GGUF writer writes no bias tensors yet (llama.cpp's deci graph would add bo / ffn_down_b).
-        raise LoraPruneError("--bias-compensation is not written to GGUF files yet; export --format transformers "
-                             "or nemotron-nas, or drop --bias-compensation")
     if export_format == "nemotron-nas":
         check_nemotron_nas(model.config)
     if export_format == "transformers" and per_layer:
@@ -222,6 +224,7 @@ def _check_format_fits(model, tokenizer, config: PruneConfig, export_format: str
                                  "for a plain folder of one width") from e
     if export_format == "gguf":
         check_gguf_type(gguf_type)
+        check_no_bias_compensation(config.bias_compensation)
         if before_training:
             check_reachable_widths_fit(gguf_type, LayerShape.from_config(model.config), config.round_to,
                                        config.attention_unit, config.attention_fraction)
@@ -251,7 +254,7 @@ def prune(config: PruneConfig | None = None, out: str | Path | None = None, *,
     """
     out_path = Path(out) if out is not None else None
     if config is not None:  # concrete before a resumed run's settings are compared with it
-        config = resolved_round_to(resolved_allocation(finished_as(config, export, export_format, gguf_type)))
+        config = _settled(config, export, export_format, gguf_type)
     resume_arg = Path(resume) if isinstance(resume, (str, Path)) else resume
     if resume_arg is True and out_path is not None:
         resume_arg = out_path
@@ -260,8 +263,7 @@ def prune(config: PruneConfig | None = None, out: str | Path | None = None, *,
     checkpoint = None
     if resuming:
         checkpoint, config = _checked_resume(run_dir, config)
-    config = resolved_round_to(resolved_allocation(finished_as(config or PruneConfig(), export, export_format,
-                                                               gguf_type)))
+    config = _settled(config or PruneConfig(), export, export_format, gguf_type)
     config.validate()
     export, export_format, gguf_type = config.export, config.export_format, config.gguf_type or DEFAULT_GGUF_TYPE
     check_base_precision(config)

@@ -9,6 +9,7 @@ size and RoPE dimensions written explicitly, norms kept in float32.
 from __future__ import annotations
 
 import copy
+from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -57,9 +58,7 @@ class GgufWriter(ExportWriter):
         widths = layer_widths(request.masks, request.shape)  # raises for widths no layer can hold
         check_widths_fit(request.gguf_type, request.shape, widths)
         check_vocab(request.tokenizer, request.source_gguf)
-        if request.masks.means is not None:  # the writer writes no bias tensors (yet)
-            raise LoraPruneError("this run used --bias-compensation, whose biases are not written to GGUF files "
-                                 "yet; export it with --format transformers or nemotron-nas")
+        check_no_bias_compensation(request.masks.means is not None)
 
     def write(self, merged: PreTrainedModel, request: ExportRequest, reference: TrainedLogits,
               folder: Path) -> WrittenModel:
@@ -78,9 +77,17 @@ class GgufWriter(ExportWriter):
         summary = {"format": "gguf", "file": GGUF_NAME, "gguf_type": request.gguf_type,
                    "architecture": architecture, "tokenizer": vocab_source,
                    "parameters_after": sliced.num_parameters(), "file_bytes": path.stat().st_size,
-                   "dense_f16_bytes": dense_f16_bytes, "projection_types": _type_counts(projection_types(path)),
+                   "dense_f16_bytes": dense_f16_bytes, "projection_types": dict(Counter(projection_types(path).values())),
                    "layers": layers_report(request.masks, request.shape)}
         return WrittenModel(summary, llama_logits, floors={"weight_type": type_floor}, comparisons=comparisons)
+
+
+def check_no_bias_compensation(compensated: bool) -> None:
+    """Refuse a run with --bias-compensation: this writer writes no bias tensors (yet; llama.cpp's graphs
+    would add attn_output.bias / ffn_down.bias)."""
+    if compensated:
+        raise LoraPruneError("--bias-compensation is not written to GGUF files yet; export --format transformers "
+                             "or nemotron-nas, or drop --bias-compensation")
 
 
 def check_architecture(model: PreTrainedModel, spec: ArchSpec) -> None:
@@ -275,10 +282,3 @@ def _rope(config) -> tuple[float, str, float]:
     rope_type = parameters.get("rope_type", parameters.get("type", "default"))
     return float(theta), rope_type, float(parameters.get("factor", 1.0))
 
-
-def _type_counts(types: dict[str, str]) -> dict[str, int]:
-    """How many projections the file stores in each type."""
-    counts: dict[str, int] = {}
-    for kind in types.values():
-        counts[kind] = counts.get(kind, 0) + 1
-    return counts
