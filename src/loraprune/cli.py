@@ -287,7 +287,10 @@ def gguf_summary(folder: Path) -> str:
     types = ", ".join(f"{count} {kind}" for kind, count in export["projection_types"].items())
     return (f"written as a GGUF file ({export['gguf_type']}, llama.cpp arch {export['architecture']}; projections: "
             f"{types}): {export['file_bytes'] / 2**20:.1f} MiB, {export['file_bytes'] / export['dense_f16_bytes']:.2f}x "
-            f"the dense model's weights in f16 ({export['dense_f16_bytes'] / 2**20:.1f} MiB)")
+            f"the dense model's weights in f16 ({export['dense_f16_bytes'] / 2**20:.1f} MiB)"
+            + (f"; {export['fallback_projections']} projections in llama.cpp's fallback type because "
+               f"{export['fallback_note'].split('and in this model ', 1)[1].split(':')[0]}"
+               if export.get("fallback_projections") else ""))
 
 
 def _print_out_of_domain(report: dict | None) -> None:

@@ -226,8 +226,10 @@ def _check_format_fits(model, tokenizer, config: PruneConfig, export_format: str
         check_gguf_type(gguf_type)
         check_no_bias_compensation(config.bias_compensation)
         if before_training:
-            check_reachable_widths_fit(gguf_type, LayerShape.from_config(model.config), config.round_to,
-                                       config.attention_unit, config.attention_fraction)
+            note = check_reachable_widths_fit(gguf_type, LayerShape.from_config(model.config), config.round_to,
+                                              config.attention_unit, config.attention_fraction)
+            if note:
+                print(f"loraprune: note: {note}", file=sys.stderr)
         check_architecture(model, spec_for(model.config))
         check_vocab(tokenizer, source_gguf_file(config.model))
 

@@ -13,10 +13,12 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 from loraprune.config import GGUF_TYPE_NAMES, PruneConfig
 from loraprune.errors import LoraPruneError
 from loraprune.export import ExportRequest, export_model
-from loraprune.export.gguf_types import GGUF_TYPES, projection_types
+from loraprune.export.gguf_types import GGUF_TYPES, check_reachable_widths_fit, check_widths_fit, projection_types
 from loraprune.export.gguf_writer import GGUF_NAME
 from loraprune.export.llamacpp import LlamaCpp
+from loraprune.export.slicing import LayerWidths
 from loraprune.job import prune, resolved_round_to
+from loraprune.pruning.groups import LayerShape
 from loraprune.pruning.masks import LayerMask, ModelMasks
 
 pytest.importorskip("xllamacpp")
@@ -132,7 +134,7 @@ def test_round_to_defaults_to_what_the_gguf_type_needs():
 
 
 @pytest.mark.parametrize("gguf_type, options, message", [
-    ("q4_k_m", {}, r"this model's hidden size .* is 96, no multiple of 256.*choose --gguf-type q4_0 or q8_0"),
+    ("q4_k_m", {"round_to": 32}, r"--round-to 32 .* no multiple of 256.*pass --round-to 256"),
     ("q8_0", {"round_to": 8}, r"--round-to 8 .* no multiple of 32.*pass --round-to 32"),
 ])
 def test_prune_refuses_a_type_the_widths_cannot_fit_before_training(gguf_type, options, message, smollm2_tokenizer,
@@ -149,3 +151,23 @@ def test_prune_refuses_a_type_the_widths_cannot_fit_before_training(gguf_type, o
         prune(PruneConfig(model=str(model_dir), data=f"text:{text}", sparsity=0.02, steps=6, **options), out,
               progress=False, export_format="gguf", gguf_type=gguf_type)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["austen.txt", "tiny-smollm2"]
+
+
+def test_only_rows_the_models_own_layout_fixes_may_fall_back_and_the_note_names_them():
+    smollm2 = LayerShape(576, 9, 3, 64, 1536)
+    note = check_reachable_widths_fit("q4_k_m", smollm2, 256, "kv_group", None)
+    assert "the hidden size (the rows of q/k/v/gate/up) is 576" in note and "q5_0/q5_1/q8_0" in note
+    assert "FFN" not in note  # 1536 = 6 x 256 holds K-quant blocks
+    assert check_reachable_widths_fit("q8_0", smollm2, 32, "kv_group", None) is None
+    check_widths_fit("q4_k_m", smollm2, [LayerWidths(6, 2, 768), LayerWidths(9, 3, 1536), LayerWidths(3, 1, 256)])
+    with pytest.raises(LoraPruneError, match=r"layer 1's FFN width .* is 1000, no multiple of 256"):
+        check_widths_fit("q4_k_m", smollm2, [LayerWidths(6, 2, 768), LayerWidths(9, 3, 1000)])
+    with pytest.raises(LoraPruneError, match=r"--round-to 32 .*pass --round-to 256"):
+        check_reachable_widths_fit("q4_k_m", smollm2, 32, "kv_group", None)
+    odd = LayerShape(100, 4, 2, 25, 512)  # rows of 100 hold no block of 32 either: nothing to fall back to
+    with pytest.raises(LoraPruneError, match=r"hidden size .* is 100, no multiple of 256"):
+        check_reachable_widths_fit("q4_k_m", odd, 256, "kv_group", None)
+    # A model whose own widths fit K-quants gets no fallback for widths pruning chose badly.
+    llama = LayerShape(2048, 32, 8, 64, 8192)
+    with pytest.raises(LoraPruneError, match=r"attention output \(2 heads x 64\) is 128"):
+        check_widths_fit("q4_k_m", llama, [LayerWidths(2, 1, 8192)])

@@ -4,7 +4,10 @@ f32, f16 and q8_0 are written directly (gguf-py); q4_0 and the K-quants are writ
 quantised by llama.cpp's own quantizer (llama-cpp-python's ``llama_model_quantize``), run in a child
 process: llama-cpp-python loads its libggml globally, which must not meet xllamacpp's in one process.
 A quantised row must be a whole number of blocks (K-quants: 256 weights, Q4_0/Q8_0: 32), and the
-row length of o_proj and down_proj is a pruned width, so widths a type cannot hold are refused.
+row length of o_proj and down_proj is a pruned width, so widths a type cannot hold are refused. Rows the
+model's own layout fixes (SmolLM2's hidden size 576) are another matter: llama.cpp stores those in its
+fallback type, as in every published K-quant file of such a model, and loraprune allows that for exactly
+those tensors and says so.
 """
 
 from __future__ import annotations
@@ -31,6 +34,16 @@ class GGUFType:
     block: int
     projection_types: frozenset[Q]
     by_llamacpp: bool  # quantised by llama.cpp's quantizer from an f16 file
+
+    @property
+    def fallback_types(self) -> frozenset[Q]:
+        """What llama.cpp stores a tensor as when its rows hold no whole block of the type it chose."""
+        return frozenset(FALLBACK[t] for t in self.projection_types if t in FALLBACK)
+
+
+# llama.cpp's quantizer (src/llama-quant.cpp) for rows that are no multiple of 256; blocks of 32 in turn.
+FALLBACK = {Q.Q4_K: Q.Q5_0, Q.Q5_K: Q.Q5_1, Q.Q6_K: Q.Q8_0}
+FALLBACK_BLOCK = 32
 
 
 GGUF_TYPES = {
@@ -67,35 +80,76 @@ def check_row_lengths(gguf_type: str, rows: dict[str, int], fix: str) -> None:
                                  f"{fix}")
 
 
+def model_row_lengths(shape: LayerShape) -> dict[str, int]:
+    """The row lengths the model's own layout fixes (what no pruning width chooses)."""
+    return {"the hidden size (the rows of q/k/v/gate/up)": shape.hidden_size,
+            "all heads' attention output (the rows of o_proj)": shape.num_heads * shape.head_dim,
+            "the FFN width (the rows of down_proj in layers kept whole)": shape.intermediate_size}
+
+
+def falls_back(gguf_type: str, length: int, model_length: int) -> bool:
+    """Whether llama.cpp may store rows of ``length`` in its fallback type: only where the model's own row
+    length (``model_length``, the dense width of the same rows) holds no whole block either."""
+    kind = check_gguf_type(gguf_type)
+    return (bool(kind.fallback_types) and model_length % kind.block != 0 and length % kind.block != 0
+            and length % FALLBACK_BLOCK == 0)
+
+
+def fallback_note(gguf_type: str, shape: LayerShape) -> str | None:
+    """One line naming the model's row lengths that llama.cpp will store in its fallback type, if any."""
+    kind = check_gguf_type(gguf_type)
+    forced = [f"{what} is {length}" for what, length in model_row_lengths(shape).items()
+              if falls_back(gguf_type, length, length)]
+    if not forced:
+        return None
+    fallbacks = "/".join(sorted(t.name.lower() for t in kind.fallback_types))
+    return (f"--gguf-type {gguf_type} stores rows in blocks of {kind.block}, and in this model {'; '.join(forced)}: "
+            f"llama.cpp stores those tensors as {fallbacks} (its own fallback, as in every published {gguf_type} "
+            "file of this model); the widths pruning chooses are rounded to fit")
+
+
 def check_widths_fit(gguf_type: str, shape: LayerShape, widths: list) -> None:
     """Refuse sliced widths (``LayerWidths`` per layer) whose quantised rows the type cannot hold."""
     block = check_gguf_type(gguf_type).block
-    rows = {"the hidden size (the rows of q/k/v/gate/up)": shape.hidden_size}
+    model_rows = list(model_row_lengths(shape).values())
+    rows = {}
+    if not falls_back(gguf_type, shape.hidden_size, model_rows[0]):
+        rows["the hidden size (the rows of q/k/v/gate/up)"] = shape.hidden_size
     for index, width in enumerate(widths):
-        rows[f"layer {index}'s attention output ({width.heads} heads x {shape.head_dim})"] = width.heads * shape.head_dim
-        rows[f"layer {index}'s FFN width (the rows of down_proj)"] = width.ffn
+        if not falls_back(gguf_type, width.heads * shape.head_dim, model_rows[1]):
+            rows[f"layer {index}'s attention output ({width.heads} heads x {shape.head_dim})"] = (
+                width.heads * shape.head_dim)
+        if not (width.ffn == shape.intermediate_size and falls_back(gguf_type, width.ffn, model_rows[2])):
+            rows[f"layer {index}'s FFN width (the rows of down_proj)"] = width.ffn
     check_row_lengths(gguf_type, rows, f"prune with --round-to {block} (the default for this type), "
                       "or choose --gguf-type f16")
 
 
 def check_reachable_widths_fit(gguf_type: str, shape: LayerShape, round_to: int, attention_unit: str,
-                               attention_fraction: float | None) -> None:
-    """Before training: refuse a model or settings that could end in widths the type cannot hold."""
+                               attention_fraction: float | None) -> str | None:
+    """Before training: refuse a model or settings that could end in widths the type cannot hold; the
+    note on rows the model's own layout sends to llama.cpp's fallback type, if any."""
     block = check_gguf_type(gguf_type).block
     if block == 1:
-        return
+        return None
     coarser = "q4_0 or q8_0 (blocks of 32), or f16" if block > 32 else "f16"
-    check_row_lengths(gguf_type, {"this model's hidden size (the rows of q/k/v/gate/up)": shape.hidden_size},
-                      f"choose --gguf-type {coarser}")
-    check_row_lengths(gguf_type, {"this model's FFN width (kept whole in skipped layers)": shape.intermediate_size},
-                      f"choose --gguf-type {coarser}")
+    hidden, attention, ffn = model_row_lengths(shape).values()
+    if not falls_back(gguf_type, hidden, hidden):
+        check_row_lengths(gguf_type, {"this model's hidden size (the rows of q/k/v/gate/up)": hidden},
+                          f"choose --gguf-type {coarser}")
+    if not falls_back(gguf_type, ffn, ffn):
+        check_row_lengths(gguf_type, {"this model's FFN width (kept whole in skipped layers)": ffn},
+                          f"choose --gguf-type {coarser}")
     check_row_lengths(gguf_type, {f"--round-to {round_to} (kept FFN widths are the rows of down_proj)": round_to},
                       f"pass --round-to {block} (the default for this type), or leave --round-to out")
     if attention_fraction != 0:
         heads_per_unit = shape.queries_per_kv if attention_unit == "kv_group" else shape.num_kv_heads
-        check_row_lengths(gguf_type, {f"one attention unit's share of o_proj's rows ({heads_per_unit} heads x "
-                                      f"{shape.head_dim}), by which kept widths step": heads_per_unit * shape.head_dim},
-                          f"pass --attention-fraction 0 (prune FFN channels only), or choose --gguf-type {coarser}")
+        step = heads_per_unit * shape.head_dim
+        if not falls_back(gguf_type, step, attention):
+            check_row_lengths(gguf_type, {f"one attention unit's share of o_proj's rows ({heads_per_unit} heads x "
+                                          f"{shape.head_dim}), by which kept widths step": step},
+                              f"pass --attention-fraction 0 (prune FFN channels only), or choose --gguf-type {coarser}")
+    return fallback_note(gguf_type, shape)
 
 
 def quantize_gguf(source: Path, out: Path, gguf_type: str, threads: int | None = None) -> None:
@@ -123,11 +177,21 @@ def projection_types(path: Path) -> dict[str, str]:
             if t.name.split(".")[-2] in PROJECTIONS}
 
 
-def check_projection_types(path: Path, gguf_type: str) -> None:
-    """Refuse a file in which llama.cpp stored some projection in a type the requested one does not allow."""
-    allowed = {t.name for t in check_gguf_type(gguf_type).projection_types}
-    wrong = {name: kind for name, kind in projection_types(path).items() if kind not in allowed}
+def check_projection_types(path: Path, gguf_type: str) -> int:
+    """Refuse a file in which llama.cpp stored some projection in a type the requested one does not allow;
+    the number of projections in its fallback type (rows that hold no whole block, which the writer allowed)."""
+    kind = check_gguf_type(gguf_type)
+    fallbacks, wrong = 0, {}
+    for tensor in GGUFReader(path).tensors:
+        if tensor.name.split(".")[-2] not in PROJECTIONS:
+            continue
+        fits = int(tensor.shape[0]) % kind.block == 0  # GGUF's first dimension: the row length
+        allowed = kind.projection_types if fits else kind.fallback_types
+        if tensor.tensor_type not in allowed:
+            wrong[tensor.name] = tensor.tensor_type.name
+        fallbacks += not fits
     if wrong:
-        name, kind = next(iter(wrong.items()))
+        name, stored = next(iter(wrong.items()))
         raise LoraPruneError(f"llama.cpp stored {len(wrong)} projections in another type than {gguf_type} "
-                             f"({name}: {kind}); report this, or choose --gguf-type f16")
+                             f"({name}: {stored}); report this, or choose --gguf-type f16")
+    return fallbacks

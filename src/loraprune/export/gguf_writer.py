@@ -25,6 +25,7 @@ from loraprune.export.gguf_types import (
     check_gguf_type,
     check_projection_types,
     check_widths_fit,
+    fallback_note,
     projection_types,
     quantize_gguf,
 )
@@ -69,15 +70,16 @@ class GgufWriter(ExportWriter):
         drop_quantizer(sliced)
         architecture = "llama" if len(set(widths)) == 1 else "deci"
         path = folder / GGUF_NAME
-        vocab_source = write_quantised_gguf(path, sliced.config, widths, architecture, request.gguf_type,
-                                            request.tokenizer, request.source_gguf,
-                                            gguf_tensors(sliced, request.spec, widths), request.threads)
+        vocab_source, fallbacks = write_quantised_gguf(path, sliced.config, widths, architecture, request.gguf_type,
+                                                       request.tokenizer, request.source_gguf,
+                                                       gguf_tensors(sliced, request.spec, widths), request.threads)
         type_floor = weight_rounding_floor(sliced, request.spec, widths, path, reference.probe, reference.merged)
         llama_logits, comparisons = llamacpp_run(path, sliced, reference, request.threads)
         summary = {"format": "gguf", "file": GGUF_NAME, "gguf_type": request.gguf_type,
                    "architecture": architecture, "tokenizer": vocab_source,
                    "parameters_after": sliced.num_parameters(), "file_bytes": path.stat().st_size,
                    "dense_f16_bytes": dense_f16_bytes, "projection_types": dict(Counter(projection_types(path).values())),
+                   "fallback_projections": fallbacks, "fallback_note": fallback_note(request.gguf_type, request.shape),
                    "layers": layers_report(request.masks, request.shape)}
         return WrittenModel(summary, llama_logits, floors={"weight_type": type_floor}, comparisons=comparisons)
 
@@ -107,21 +109,21 @@ def check_architecture(model: PreTrainedModel, spec: ArchSpec) -> None:
 
 def write_quantised_gguf(path: Path, config, widths: list[LayerWidths], architecture: str, gguf_type: str,
                          tokenizer, source_gguf: Path | None, tensors: Iterable[tuple[str, np.ndarray]],
-                         threads: int | None = None) -> str:
-    """Write ``gguf_type`` directly, or f16 that llama.cpp's quantizer then converts; returns the tokenizer's origin.
+                         threads: int | None = None) -> tuple[str, int]:
+    """Write ``gguf_type`` directly, or f16 that llama.cpp's quantizer then converts; returns the tokenizer's origin
+    and how many projections llama.cpp stored in its fallback type (rows the model's layout fixes).
 
     ``tensors``: (GGUF name, float32 array) in the order :func:`gguf_tensors` gives them.
     """
     if not GGUF_TYPES[gguf_type].by_llamacpp:
-        return write_gguf(path, config, widths, architecture, gguf_type, tokenizer, source_gguf, tensors)
+        return write_gguf(path, config, widths, architecture, gguf_type, tokenizer, source_gguf, tensors), 0
     unquantised = path.with_name(UNQUANTISED_NAME)
     try:
         vocab_source = write_gguf(unquantised, config, widths, architecture, "f16", tokenizer, source_gguf, tensors)
         quantize_gguf(unquantised, path, gguf_type, threads)
     finally:
         unquantised.unlink(missing_ok=True)
-    check_projection_types(path, gguf_type)
-    return vocab_source
+    return vocab_source, check_projection_types(path, gguf_type)
 
 
 def write_gguf(path: Path, config, widths: list[LayerWidths], architecture: str, gguf_type: str, tokenizer,
