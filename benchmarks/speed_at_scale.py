@@ -22,7 +22,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from docs_sections import RESULTS, save_results, write_section
 
-from loraprune.evaluation.llamacpp_speed import _benchmark
+from loraprune.evaluation.llamacpp_speed import _benchmark, _compare
 from loraprune.export.gguf_types import quantize_gguf
 from loraprune.export.gguf_writer import write_gguf
 from loraprune.export.slicing import LayerWidths
@@ -128,7 +128,8 @@ def random_tensors(config, widths: list[LayerWidths], seed: int = 0):
         yield "output.weight", weight(config.vocab_size, hidden)
 
 
-def model_widths(shape: str, sparsities: tuple[float, ...] = SPARSITIES) -> dict[str, list[LayerWidths]]:
+def model_widths(shape: str, sparsities: tuple[float, ...] = SPARSITIES,
+                 as_deci: bool = True) -> dict[str, list[LayerWidths]]:
     """name -> per-layer widths: dense, then uniform and global at each sparsity."""
     config = llama_config(shape)
     dense = LayerShape.from_config(config)
@@ -138,24 +139,25 @@ def model_widths(shape: str, sparsities: tuple[float, ...] = SPARSITIES) -> dict
         uniform = uniform_widths(config, sparsity)
         models[f"uniform-{sparsity}"] = uniform
         models[f"global-{sparsity}"] = global_widths(config, sparsity, parameter_count(config, uniform))
-    # The uniform widths written as a `deci` file: what llama.cpp's per-layer graph costs by itself.
-    models[f"uniform-{sparsities[-1]}{AS_DECI}"] = models[f"uniform-{sparsities[-1]}"]
+    if as_deci:  # the uniform widths written as a `deci` file: what llama.cpp's per-layer graph costs by itself
+        models[f"uniform-{sparsities[-1]}{AS_DECI}"] = models[f"uniform-{sparsities[-1]}"]
     return models
 
 
-def build_files(shape: str, gguf_types: list[str], tokenizer, quantised: set[str] | None = None,
-                sparsities: tuple[float, ...] = SPARSITIES) -> dict[str, dict[str, Path]]:
-    """Write (or reuse) every model of the shape in f16, then quantise ``quantised`` (default: all) to the
-    other types: {type: {name: path}}."""
+def build_files(shape: str, names: list[str], widths: dict[str, list[LayerWidths]], gguf_types: list[str],
+                tokenizer, quantised: set[str] | None = None) -> dict[str, dict[str, Path]]:
+    """Write (or reuse) the named models of the shape in f16, then quantise those in ``quantised`` (default:
+    all) to the other types: {type: {name: path}}."""
     config = llama_config(shape)
     f16 = {}
-    for name, widths in model_widths(shape, sparsities).items():
+    for name in names:
         f16[name] = FILES / shape / f"{name}-f16.gguf"
         if not f16[name].exists():
             f16[name].parent.mkdir(parents=True, exist_ok=True)
             partial = f16[name].with_suffix(".partial")
-            architecture = "llama" if len(set(widths)) == 1 and not name.endswith(AS_DECI) else "deci"
-            write_gguf(partial, config, widths, architecture, "f16", tokenizer, None, random_tensors(config, widths))
+            architecture = "llama" if len(set(widths[name])) == 1 and not name.endswith(AS_DECI) else "deci"
+            write_gguf(partial, config, widths[name], architecture, "f16", tokenizer, None,
+                       random_tensors(config, widths[name]))
             partial.rename(f16[name])
     files: dict[str, dict[str, Path]] = {"f16": f16}
     for gguf_type in (t for t in gguf_types if t != "f16"):
@@ -169,11 +171,21 @@ def build_files(shape: str, gguf_types: list[str], tokenizer, quantised: set[str
     return files
 
 
-def measure(files: dict[str, Path], groups: list[list[str]], prompt_tokens: int, new_tokens: int,
-            repeats: int, threads: int) -> list[dict]:
-    """Time each group of models (dense first) alternately in llama.cpp; one result per group."""
-    return [_benchmark({name: files[name] for name in group}, prompt_tokens, new_tokens, repeats, threads)
-            for group in groups]
+def time_group(files: dict[str, Path], alone: bool, timed: dict[str, dict], prompt_tokens: int, new_tokens: int,
+               repeats: int, threads: int) -> dict:
+    """Time the models (dense first) in llama.cpp: alternately in one session, or ``alone``, one model loaded
+    at a time (for files that do not fit in memory together; ``timed`` keeps rows already measured)."""
+    if not alone:
+        return _benchmark(files, prompt_tokens, new_tokens, repeats, threads)
+    runs = {}
+    for name, path in files.items():
+        if name not in timed:
+            timed[name] = _benchmark({name: path}, prompt_tokens, new_tokens, repeats, threads)
+        runs[name] = timed[name]
+    rows = [run["models"][0] for run in runs.values()]
+    first = next(iter(runs.values()))
+    return {**first, "alone": True, "models": rows, "comparisons": [_compare(rows[0], row) for row in rows[1:]],
+            "load_average_after": list(runs.values())[-1]["load_average_after"]}
 
 
 def fixed_cost_fit(rows: list[dict]) -> dict:
@@ -184,40 +196,40 @@ def fixed_cost_fit(rows: list[dict]) -> dict:
     return {"fixed_ms_per_token": float(fixed), "bandwidth_gb_per_s": float(1e-6 / slope) if slope > 0 else None}
 
 
-def run(shapes: list[str], gguf_types: list[str], prompt_tokens: int, new_tokens: int, repeats: int,
-        threads: int, grouped: bool, quantised: set[str] | None = None,
-        sparsities: tuple[float, ...] = SPARSITIES) -> dict:
-    """Build and time every shape and type; the whole result."""
-    from transformers import AutoTokenizer
-
-    from loraprune.models.loading import builtin_gguf_path
-
-    gguf = builtin_gguf_path()
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)  # padded to 128,256 ids
-    results = {"uptime_before": _uptime(), "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-               "settings": {"prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "repeats": repeats,
-                            "threads": threads, "round_to": ROUND_TO, "sparsities": list(sparsities),
-                            "smollm2_runs": {s: SMOLLM2_RUNS[s] for s in sparsities}},
-               "shapes": {}}
-    for shape in shapes:
-        config = llama_config(shape)
-        widths = model_widths(shape, sparsities)
-        files = build_files(shape, gguf_types, tokenizer, quantised, sparsities)
-        names = list(widths)
-        # Six f16 files of a 1B shape map ~10 GB; in two groups one run stays under ~7 GB.
-        groups = ([["dense", f"uniform-{s}", f"global-{s}"] for s in sparsities] if grouped else [names])
-        groups[-1] += [name for name in names if name.endswith(AS_DECI)]
-        shape_result = {"config": SHAPES[shape], "widths": {n: [w._asdict() for w in ws] for n, ws in widths.items()},
-                        "parameters": {n: parameter_count(config, ws) for n, ws in widths.items()}, "types": {}}
+def run_shape(shape: str, gguf_types: list[str], tokenizer, timing: dict, grouped: bool = True,
+              alone: bool = False, drop_pruned_f16: bool = False, quantised: set[str] | None = None,
+              sparsities: tuple[float, ...] = SPARSITIES, as_deci: bool = True) -> dict:
+    """Build and time one shape in every type, one sparsity at a time; its whole result."""
+    config = llama_config(shape)
+    widths = model_widths(shape, sparsities, as_deci)
+    names = list(widths)
+    groups = ([["dense", f"uniform-{s}", f"global-{s}"] for s in sparsities] if grouped
+              else [[name for name in names if not name.endswith(AS_DECI)]])
+    groups[-1] += [name for name in names if name.endswith(AS_DECI)]
+    result = {"started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "uptime_before": _uptime(),
+              "settings": {**timing, "round_to": ROUND_TO, "sparsities": list(sparsities), "alone": alone,
+                           "drop_pruned_f16": drop_pruned_f16, "as_deci": as_deci,
+                           "smollm2_runs": {s: SMOLLM2_RUNS[s] for s in sparsities}},
+              "config": SHAPES[shape], "widths": {n: [w._asdict() for w in ws] for n, ws in widths.items()},
+              "parameters": {n: parameter_count(config, ws) for n, ws in widths.items()},
+              "types": {t: {"groups": []} for t in gguf_types}}
+    timed: dict[str, dict[str, dict]] = {t: {} for t in gguf_types}
+    for group in groups:
+        files = build_files(shape, group, widths, gguf_types, tokenizer, quantised)
         for gguf_type in gguf_types:
-            present = [[name for name in group if name in files[gguf_type]] for group in groups]
-            timed = measure(files[gguf_type], [g for g in present if len(g) > 1], prompt_tokens, new_tokens,
-                            repeats, threads)
-            rows = {row["name"]: row for group in timed for row in group["models"]}
-            shape_result["types"][gguf_type] = {"groups": timed, "fit": fixed_cost_fit(list(rows.values()))}
-        results["shapes"][shape] = shape_result
-    results["uptime_after"] = _uptime()
-    return results
+            present = {name: files[gguf_type][name] for name in group if name in files[gguf_type]}
+            if len(present) > 1:
+                result["types"][gguf_type]["groups"].append(
+                    time_group(present, alone, timed[gguf_type], **timing))
+        if drop_pruned_f16:  # an 8B shape's f16 files do not all fit on this machine's disk
+            for name in group[1:]:
+                files["f16"][name].unlink()
+        print(f"{shape}: timed {', '.join(group)}", flush=True)
+    for typed in result["types"].values():
+        rows = {row["name"]: row for group in typed["groups"] for row in group["models"]}
+        typed["fit"] = fixed_cost_fit(list(rows.values()))
+    result["uptime_after"] = _uptime()
+    return result
 
 
 def _uptime() -> str:
@@ -226,26 +238,36 @@ def _uptime() -> str:
 
 def section(results: dict) -> str:
     """Markdown: per shape and type, speed-ups against dense and their ideals."""
-    s = results["settings"]
-    machine = next(iter(next(iter(results["shapes"].values()))["types"].values()))["groups"][0]["machine"]
+    some_shape = next(iter(results["shapes"].values()))
+    machine = next(iter(some_shape["types"].values()))["groups"][0]["machine"]
     lines = [
         f"## Speed at real Llama shapes in llama.cpp ({', '.join(results['shapes'])})",
         "",
-        (f"Command: `python benchmarks/speed_at_scale.py` ({results['started']}). Random weights (speed depends "
-         "on shapes, not values) in the shapes of the published configs; each model written as GGUF by "
-         "loraprune's writer (f16, `deci` architecture for per-layer widths) and quantised by llama.cpp's own "
-         "quantizer. Uniform: loraprune's target solver (KV groups, FFN rounded to 256). Global: the per-layer "
-         f"widths of the SmolLM2 runs {', '.join(s['smollm2_runs'].values())} (docs/results/quality.json), "
-         "mapped onto the layers proportionally, FFN widths scaled (multiples of 256) to the uniform model's "
-         "parameter count: the two differ only in how widths are spread over layers."),
+        ("Command: `python benchmarks/speed_at_scale.py --shapes SHAPE` (options per shape below). Random weights "
+         "(speed depends on shapes, not values) in the shapes of the published configs; each model written as "
+         "GGUF by loraprune's writer (f16, `deci` architecture for per-layer widths) and quantised by llama.cpp's "
+         "own quantizer. Uniform: loraprune's target solver (KV groups, FFN rounded to 256). Global: the "
+         f"per-layer widths of the SmolLM2 runs {', '.join(some_shape['settings']['smollm2_runs'].values())} "
+         "(docs/results/quality.json), mapped onto the layers proportionally, FFN widths scaled (multiples of 256) "
+         "to the uniform model's parameter count: the two differ only in how widths are spread over layers."),
         "",
-        (f"Machine: {machine['cpu']}, {machine['logical_cores']} logical cores, shared with four other jobs: "
-         f"`uptime` before: {results['uptime_before']}; after: {results['uptime_after']}. llama.cpp through "
-         f"xllamacpp, {s['threads']} threads, f32 KV cache. Prefill {s['prompt_tokens']} tokens, decode "
-         f"{s['new_tokens']} tokens; dense and the two models of one sparsity alternate inside each of "
-         f"{s['repeats']} repeats, medians. Ideals are counted from the files: linear FLOPs per token "
-         "(prefill) and weight bytes a decode step reads (decode)."),
+        (f"Machine: {machine['cpu']}, {machine['logical_cores']} logical cores, llama.cpp through xllamacpp, f32 "
+         "KV cache. Ideals are counted from the files: linear FLOPs per token (prefill) and weight bytes a decode "
+         "step reads (decode)."),
     ]
+    for shape, shape_result in results["shapes"].items():
+        s = shape_result["settings"]
+        how = ("each model loaded alone (the files do not fit in memory together), warm-up then "
+               if s["alone"] else "dense and the models of one sparsity alternate inside each of ")
+        lines += ["", (f"**{shape}** ({shape_result['started']}, `--sparsities "
+                       f"{','.join(map(str, s['sparsities']))} --prompt-tokens {s['prompt_tokens']} --new-tokens "
+                       f"{s['new_tokens']} --repeats {s['repeats']}"
+                       + (" --alone" if s["alone"] else "")
+                       + (" --drop-pruned-f16" if s.get("drop_pruned_f16") else "")
+                       + ("" if s.get("as_deci", True) else " --no-as-deci") + "`): "
+                       f"{s['threads']} threads, prefill {s['prompt_tokens']} tokens, decode {s['new_tokens']} "
+                       f"tokens; {how}{s['repeats']} repeats, medians. `uptime` before: "
+                       f"{shape_result['uptime_before']}; after: {shape_result['uptime_after']}.")]
     for shape, shape_result in results["shapes"].items():
         for gguf_type, typed in shape_result["types"].items():
             lines += ["", f"### {shape}, {gguf_type}", "",
@@ -272,47 +294,83 @@ def section(results: dict) -> str:
             if fit["bandwidth_gb_per_s"]:
                 lines += ["", (f"Decode time per token against weight bytes, least squares over these files: "
                                f"{fit['fixed_ms_per_token']:.1f} ms fixed + bytes / {fit['bandwidth_gb_per_s']:.1f} GB/s.")]
-    timed = ", ".join(f"{x:.0%}" for x in s.get("sparsities", SPARSITIES))
-    lines += ["", targets(results), "", where_time_goes(results), "",
-              (f"Timed in this run: {', '.join(results['shapes'])} at {timed}. Not timed: the other sparsities and "
-               "shapes the script knows (`--sparsities 0.2,0.5 --shapes llama-3.2-1b,llama-3.1-8b`): on this shared "
-               "machine writing and quantising one 1B-shape file took 3–8 minutes.")]
+    lines += ["", targets(results), "", where_time_goes(results)]
     return "\n".join(lines)
+
+
+NODES_CODE = ("import sys, llama_cpp\n"
+              "llama_cpp.Llama(model_path=sys.argv[1], n_ctx=256, n_threads=1, verbose=True)\n")
+
+
+def graph_nodes(path: Path) -> int:
+    """The node count of the decode graph llama.cpp reserves for a file (from its own log, in a child process:
+    llama-cpp-python's libggml must not meet xllamacpp's in one process)."""
+    import subprocess
+
+    done = subprocess.run([sys.executable, "-c", NODES_CODE, str(path)], capture_output=True, text=True, check=True)
+    return int(done.stderr.split("graph: nodes = ", 1)[1].split(",", 1)[0])
+
+
+def count_nodes(shape_result: dict, shape: str) -> None:
+    """Record llama.cpp's graph size for the last sparsity's uniform, as-deci and global files that exist."""
+    last = shape_result["settings"]["sparsities"][-1]
+    nodes = {}
+    for gguf_type in shape_result["types"]:
+        for name in (f"uniform-{last}", f"uniform-{last}{AS_DECI}", f"global-{last}"):
+            path = FILES / shape / f"{name}-{gguf_type}.gguf"
+            if path.exists():
+                nodes[f"{name}-{gguf_type}"] = graph_nodes(path)
+    shape_result["graph_nodes"] = nodes
+
+
+SAME_GRAPH = (
+    "llama.cpp builds the same operations for both architectures (read in src/models/deci.cpp and "
+    "src/models/llama.cpp of the llama.cpp that xllamacpp ships: the same inputs, QKV, RoPE and attention calls, "
+    "and the last layer's unused rows skipped in both; deci's own branches fire only for a layer with no heads or "
+    "no FFN, and llama-context/graph/kv-cache have no deci-specific path), so the differences between these two "
+    "rows are run-to-run spread, not a cost of the per-layer graph.")
 
 
 def where_time_goes(results: dict) -> str:
     """The deci graph against the llama graph on the same tensors, and the fixed cost per decoded token."""
-    sentences = []
-    last = results["settings"].get("sparsities", SPARSITIES)[-1]
+    sentences, same_tensors = [], False
     for shape, shape_result in results["shapes"].items():
+        last = shape_result["settings"]["sparsities"][-1]
         for gguf_type, typed in shape_result["types"].items():
             rows = {row["name"]: row for group in typed["groups"] for row in group["models"]}
             decode = {name: row["decode_tokens_per_second_median"] for name, row in rows.items()}
             prefill = {name: row["prefill_tokens_per_second_median"] for name, row in rows.items()}
             uniform, as_deci, per_layer = f"uniform-{last}", f"uniform-{last}{AS_DECI}", f"global-{last}"
             if uniform in rows and as_deci in rows:
+                same_tensors = True
                 sentences.append(
                     f"{shape}, {gguf_type}: the uniform {last:.0%} tensors written as a `deci` file decode at "
                     f"{decode[as_deci] / decode[uniform]:.2f}× and prefill at {prefill[as_deci] / prefill[uniform]:.2f}× "
-                    "the same tensors as `llama` (the per-layer graph's own cost, one run of alternated repeats).")
+                    "the same tensors as `llama`.")
             if uniform in rows and per_layer in rows:
                 fit = typed["fit"]
+                fixed = fit["fixed_ms_per_token"]
+                why = (f"the fitted fixed cost ({fixed:.1f} ms a token, which does not shrink with the widths) is "
+                       f"{fixed / (1000 / decode[per_layer]):.0%} of its decode step" if fixed > 0 else
+                       "decode time grows faster than the bytes read (the line through these files has a negative "
+                       "intercept), so smaller files reach the byte ideal or beat it")
                 sentences.append(
                     f"{shape}, {gguf_type}: global {last:.0%} (same parameter count, other widths per layer) decodes "
                     f"at {decode[per_layer] / decode[uniform]:.2f}× and prefills at "
-                    f"{prefill[per_layer] / prefill[uniform]:.2f}× uniform {last:.0%}; the fitted fixed cost "
-                    f"({fit['fixed_ms_per_token']:.1f} ms a token, which does not shrink with the widths) is "
-                    f"{fit['fixed_ms_per_token'] / (1000 / decode[per_layer]):.0%} of its decode step, which is what "
-                    "keeps decode below the byte ideal.")
+                    f"{prefill[per_layer] / prefill[uniform]:.2f}× uniform {last:.0%}; {why}.")
+    if same_tensors:
+        sentences.append(SAME_GRAPH)
+    for shape, shape_result in results["shapes"].items():
+        if shape_result.get("graph_nodes"):
+            sentences.append(f"llama.cpp's own count of the decode graph's nodes ({shape}): " + ", ".join(
+                f"{name} {count}" for name, count in shape_result["graph_nodes"].items()) + ".")
     above = [f"{shape} {t}" for shape, r in results["shapes"].items() for t, typed in r["types"].items()
              for g in typed["groups"] for c in g["comparisons"] if c["prefill_speedup"] > 1.1 * c["prefill_ideal_flops"]]
     if above:
         sentences.append(
             f"Prefill speed-ups above the FLOP ideal ({', '.join(sorted(set(above)))}) mean that prefill of this "
-            f"short prompt is not FLOP-bound on this machine: with "
-            f"{results['settings']['prompt_tokens']} tokens each weight is read once per prompt, and memory "
-            "bandwidth and caches are shared with four other jobs, so smaller files gain more than their FLOPs. "
-            "The prefill target is met, but these ratios do not show prefill scaling with FLOPs.")
+            "short prompt is not FLOP-bound on this machine: each weight is read once per prompt, so smaller files "
+            "also gain from reading fewer bytes; these ratios do not show prefill scaling with FLOPs alone.")
     return " ".join(sentences)
 
 
@@ -347,25 +405,47 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quantise", default=None,
                         help="comma-separated model names to quantise (default: all; f16 files are always written)")
     parser.add_argument("--all-at-once", action="store_true", help="time all five models in one group")
+    parser.add_argument("--alone", action="store_true",
+                        help="load one model at a time (files that do not fit in memory together)")
+    parser.add_argument("--drop-pruned-f16", action="store_true",
+                        help="delete each sparsity's pruned f16 files once timed and quantised (disk space)")
+    parser.add_argument("--no-as-deci", action="store_true",
+                        help="skip the uniform model written as a deci file (the per-layer graph's own cost)")
+    parser.add_argument("--count-nodes", action="store_true",
+                        help="record llama.cpp's graph size of the saved shapes' files (no timing)")
     parser.add_argument("--from-json", action="store_true", help="rewrite the docs from saved results, no runs")
     parser.add_argument("--widths", action="store_true", help="print the widths of every model and exit")
     args = parser.parse_args(argv)
+    shapes, sparsities = args.shapes.split(","), tuple(float(s) for s in args.sparsities.split(","))
     if args.widths:
-        for shape in args.shapes.split(","):
+        for shape in shapes:
             config = llama_config(shape)
-            for name, widths in model_widths(shape).items():
+            for name, widths in model_widths(shape, sparsities).items():
                 print(shape, name, f"{parameter_count(config, widths):,}",
                       [(w.heads, w.kv_heads, w.ffn) for w in widths])
         return 0
     path = RESULTS / "speed_at_scale.json"
-    if args.from_json:
-        results = json.loads(path.read_text())
-    else:
-        results = run(args.shapes.split(","), args.types.split(","), args.prompt_tokens, args.new_tokens,
-                      args.repeats, args.threads, grouped=not args.all_at_once,
-                      quantised=set(args.quantise.split(",")) if args.quantise else None,
-                      sparsities=tuple(float(s) for s in args.sparsities.split(",")))
+    results = json.loads(path.read_text()) if path.exists() else {"shapes": {}}
+    if args.count_nodes:
+        for shape in shapes:
+            count_nodes(results["shapes"][shape], shape)
         save_results("speed_at_scale", results)
+    elif not args.from_json:
+        from transformers import AutoTokenizer
+
+        from loraprune.models.loading import builtin_gguf_path
+
+        gguf = builtin_gguf_path()
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)  # padded to 128,256 ids
+        timing = {"prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "repeats": args.repeats,
+                  "threads": args.threads}
+        for shape in shapes:  # each shape's result is saved as soon as it is measured
+            results["shapes"][shape] = run_shape(
+                shape, args.types.split(","), tokenizer, timing, grouped=not args.all_at_once, alone=args.alone,
+                drop_pruned_f16=args.drop_pruned_f16,
+                quantised=set(args.quantise.split(",")) if args.quantise else None, sparsities=sparsities,
+                as_deci=not args.no_as_deci)
+            save_results("speed_at_scale", results)
     write_section("speed_at_scale", section(results))
     return 0
 
