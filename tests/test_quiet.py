@@ -44,3 +44,20 @@ def test_eval_no_progress_on_a_gguf_shows_no_progress_bar(uniform_gguf_file, tmp
     assert result.returncode == 0, result.stderr
     assert "perplexity" in result.stdout
     assert result.stderr == ""  # neither the GGUF conversion's nor the weight loading's bars
+
+
+def test_the_decode_profile_of_bench_speed_hides_torchs_profiler_lines_and_keeps_others(capfd):
+    import os
+
+    import torch
+
+    from loraprune.evaluation.speed import decode_profile
+    from loraprune.quiet import filtered_stderr
+    from tests.conftest import build_tiny_model
+
+    shares = decode_profile(build_tiny_model("llama").eval(), torch.arange(8)[None], steps=2)
+    assert shares["matmul"] > 0
+    with filtered_stderr():
+        os.write(2, b"USDT:2026 SyncActivityProfilerHandler.cpp:52] profiler_start\nan error the user must see\n")
+    err = capfd.readouterr().err
+    assert "USDT" not in err and "an error the user must see" in err

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
+import tempfile
 import warnings
+from collections.abc import Iterator
 
 # bitsandbytes' optional CPU kernel package: its absence changes neither results nor anything the user can act on.
 IRRELEVANT_LOG_MESSAGES = ("Failed to load CPU gemm_4bit_forward",)
@@ -47,3 +50,26 @@ def quiet_third_party(needs_bitsandbytes: bool, progress_bars: bool = True) -> N
         bnb_logger.propagate = False
     # PEFT reads the deprecated property; nothing the user does can change it.
     warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*", category=FutureWarning)
+
+
+# torch 2.13's profiler (Kineto) writes "USDT:... profiler_start/stop" to the terminal on every use.
+IRRELEVANT_STDERR_PREFIXES = ("USDT:",)
+
+
+@contextlib.contextmanager
+def filtered_stderr(prefixes: tuple[str, ...] = IRRELEVANT_STDERR_PREFIXES) -> Iterator[None]:
+    """Hold what C++ code writes to file descriptor 2 and pass on every line but those with ``prefixes``."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            held.seek(0)
+            kept = [line for line in held.read().decode(errors="replace").splitlines(keepends=True)
+                    if not line.startswith(prefixes)]
+            sys.stderr.write("".join(kept))

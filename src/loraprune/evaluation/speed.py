@@ -19,6 +19,7 @@ from transformers import AutoModelForCausalLM, LogitsProcessor, LogitsProcessorL
 from loraprune.errors import LoraPruneError
 from loraprune.models.loading import load_causal_lm
 from loraprune.pruning.groups import LayerShape
+from loraprune.quiet import filtered_stderr
 
 
 def benchmark_speed(dense_dir: Path, pruned_dirs: list[Path], prompt_tokens: int = 512,
@@ -134,7 +135,7 @@ def decode_profile(model: nn.Module, prompt: torch.Tensor, steps: int = 8) -> di
 
     out = model(input_ids=prompt, use_cache=True, logits_to_keep=1)
     cache, token = out.cache, out.logits[:, -1:].argmax(-1)
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    with filtered_stderr(), profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(steps):
             out = model(input_ids=token, cache=cache, use_cache=True)
             token = out.logits[:, -1:].argmax(-1)
