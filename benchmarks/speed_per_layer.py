@@ -110,13 +110,11 @@ def llama_1b_result(repeats: int, prompt_tokens: int, new_tokens: int, threads: 
     from loraprune.models.loading import load_model
 
     _, tokenizer = load_model("smollm2-135m")  # ids < 49,152; the 128,256-row embedding is what is timed
-    config = llama_config("llama-3.2-1b")
-
-    def build_model():
+    def build_model():  # a fresh config each time: exporting slices the model, and its config, in place
         torch.manual_seed(0)
-        return AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
+        return AutoModelForCausalLM.from_config(llama_config("llama-3.2-1b"), dtype=torch.bfloat16).eval()
 
-    widths = model_widths("llama-3.2-1b")
+    widths = model_widths("llama-3.2-1b", as_deci=False)
     dense = FOLDERS / "llama-3.2-1b" / "dense"
     if not (dense / "config.json").exists():
         build_model().save_pretrained(dense)
@@ -171,8 +169,7 @@ def per_layer_cost(result: dict, kept_parameters: dict[str, int]) -> str:
             "the widest layer stores zero query slots (and zero KV heads where the group size must divide the "
             "head count); q/k/v/o run at the widest layer's size and the zero slots cost bytes and FLOPs like "
             "real weights. Global allocation also keeps more attention (which also scales with the context) "
-            "where uniform keeps more FFN. The machine ran at a load of ~16 on 2 cores (other jobs), so single "
-            "timings vary widely; the ratios are medians of alternated repeats.")
+            "where uniform keeps more FFN. The ratios are medians of alternated repeats.")
 
 
 def section(results: dict) -> str:
@@ -180,7 +177,7 @@ def section(results: dict) -> str:
     m, s = smol["machine"], smol["settings"]
     lines = ["## Speed of per-layer (DeciLM) models in transformers", "",
              (f"Command: `python benchmarks/speed_per_layer.py`. {m['cpu']}, {m['logical_cores']} logical cores "
-              f"shared with four other jobs (load average {m['load_average_before']} before, "
+              f"(load average {m['load_average_before']} before, "
               f"{m['load_average_after']} after), torch {m['torch']} ({m['torch_threads']} threads), "
               f"transformers {m['transformers']}, sdpa attention, KV cache, batch 1. Prefill "
               f"{s['prompt_tokens']} tokens, decode {s['new_tokens']} tokens, models alternated inside each of "
@@ -188,10 +185,19 @@ def section(results: dict) -> str:
               "folders with loraprune's shipped modeling code, both written by loraprune's exporters from masks "
               "of the stated widths (speed does not depend on which units are kept)."),
              "", "### SmolLM2-135M (real weights, float32)", "", *table([smol])]
-    if "llama-3.2-1b" in results:
-        lines += ["", "### Llama-3.2-1B shape (random weights, bfloat16; dense and one sparsity per run)", "",
-                  *table(results["llama-3.2-1b"])]
     lines += ["", per_layer_cost(smol, results.get("smollm2_kept_parameters") or smollm2_kept_parameters())]
+    if "llama-3.2-1b" in results:
+        kept = {name: parameter_count(llama_config("llama-3.2-1b"), widths)
+                for name, widths in model_widths("llama-3.2-1b").items()}
+        first, last = results["llama-3.2-1b"][0], results["llama-3.2-1b"][-1]
+        lines += ["", "### Llama-3.2-1B shape (random weights, bfloat16; dense and one sparsity per run)", "",
+                  (f"Its runs: torch {first['machine']['torch_threads']} threads, load average "
+                   f"{first['machine']['load_average_before']} before, {last['machine']['load_average_after']} after; "
+                   f"prefill {first['settings']['prompt_tokens']} tokens, decode {first['settings']['new_tokens']} "
+                   f"tokens, {first['settings']['repeats']} alternated repeats."), "",
+                  *table(results["llama-3.2-1b"]), "",
+                  per_layer_cost({key: [item for result in results["llama-3.2-1b"] for item in result[key]]
+                                  for key in ("models", "comparisons")}, kept)]
     return "\n".join(lines)
 
 
@@ -202,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--skip-1b", action="store_true", help="SmolLM2 only")
+    parser.add_argument("--skip-smollm2", action="store_true", help="the 1B shape only (SmolLM2's saved results stay)")
     parser.add_argument("--from-json", action="store_true", help="rewrite the docs from saved results, no runs")
     args = parser.parse_args(argv)
     path = RESULTS / "speed_per_layer.json"
@@ -209,7 +216,8 @@ def main(argv: list[str] | None = None) -> int:
         results = json.loads(path.read_text())
     else:
         timing = (args.repeats, args.prompt_tokens, args.new_tokens, args.threads)
-        results = {"smollm2": smollm2_result(*timing), "smollm2_kept_parameters": smollm2_kept_parameters()}
+        results = json.loads(path.read_text()) if args.skip_smollm2 else {
+            "smollm2": smollm2_result(*timing), "smollm2_kept_parameters": smollm2_kept_parameters()}
         save_results("speed_per_layer", results)
         if not args.skip_1b:
             results["llama-3.2-1b"] = llama_1b_result(*timing)
