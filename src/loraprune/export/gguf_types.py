@@ -105,7 +105,7 @@ def fallback_note(gguf_type: str, shape: LayerShape) -> str | None:
     fallbacks = "/".join(sorted(t.name.lower() for t in kind.fallback_types))
     return (f"--gguf-type {gguf_type} stores rows in blocks of {kind.block}, and in this model {'; '.join(forced)}: "
             f"llama.cpp stores those tensors as {fallbacks} (its own fallback, as in every published {gguf_type} "
-            "file of this model); the widths pruning chooses are rounded to fit")
+            "file of this model); the FFN widths pruning chooses are rounded to fit")
 
 
 def check_widths_fit(gguf_type: str, shape: LayerShape, widths: list) -> None:
