@@ -157,7 +157,7 @@ def test_only_rows_the_models_own_layout_fixes_may_fall_back_and_the_note_names_
     smollm2 = LayerShape(576, 9, 3, 64, 1536)
     note = check_reachable_widths_fit("q4_k_m", smollm2, 256, "kv_group", None)
     assert "the hidden size (the rows of q/k/v/gate/up) is 576" in note and "q5_0/q5_1/q8_0" in note
-    assert "FFN" not in note  # 1536 = 6 x 256 holds K-quant blocks
+    assert "the FFN width (the rows of down_proj" not in note  # 1536 = 6 x 256 holds K-quant blocks
     assert check_reachable_widths_fit("q8_0", smollm2, 32, "kv_group", None) is None
     check_widths_fit("q4_k_m", smollm2, [LayerWidths(6, 2, 768), LayerWidths(9, 3, 1536), LayerWidths(3, 1, 256)])
     with pytest.raises(LoraPruneError, match=r"layer 1's FFN width .* is 1000, no multiple of 256"):
