@@ -289,7 +289,7 @@ def gguf_summary(folder: Path) -> str:
             f"{types}): {export['file_bytes'] / 2**20:.1f} MiB, {export['file_bytes'] / export['dense_f16_bytes']:.2f}x "
             f"the dense model's weights in f16 ({export['dense_f16_bytes'] / 2**20:.1f} MiB)"
             + (f"; {export['fallback_projections']} projections in llama.cpp's fallback type because "
-               f"{export['fallback_note'].split('and in this model ', 1)[1].split(':')[0]}"
+               f"{'; '.join(export['fallback_rows'])}"
                if export.get("fallback_projections") else ""))
 
 

@@ -95,11 +95,16 @@ def falls_back(gguf_type: str, length: int, model_length: int) -> bool:
             and length % FALLBACK_BLOCK == 0)
 
 
+def fallback_rows(gguf_type: str, shape: LayerShape) -> list[str]:
+    """The model's own row lengths that llama.cpp will store in its fallback type, each as "what is N"."""
+    return [f"{what} is {length}" for what, length in model_row_lengths(shape).items()
+            if falls_back(gguf_type, length, length)]
+
+
 def fallback_note(gguf_type: str, shape: LayerShape) -> str | None:
     """One line naming the model's row lengths that llama.cpp will store in its fallback type, if any."""
     kind = check_gguf_type(gguf_type)
-    forced = [f"{what} is {length}" for what, length in model_row_lengths(shape).items()
-              if falls_back(gguf_type, length, length)]
+    forced = fallback_rows(gguf_type, shape)
     if not forced:
         return None
     fallbacks = "/".join(sorted(t.name.lower() for t in kind.fallback_types))
@@ -111,15 +116,15 @@ def fallback_note(gguf_type: str, shape: LayerShape) -> str | None:
 def check_widths_fit(gguf_type: str, shape: LayerShape, widths: list) -> None:
     """Refuse sliced widths (``LayerWidths`` per layer) whose quantised rows the type cannot hold."""
     block = check_gguf_type(gguf_type).block
-    model_rows = list(model_row_lengths(shape).values())
+    hidden, attention, ffn = model_row_lengths(shape).values()
     rows = {}
-    if not falls_back(gguf_type, shape.hidden_size, model_rows[0]):
-        rows["the hidden size (the rows of q/k/v/gate/up)"] = shape.hidden_size
+    if not falls_back(gguf_type, hidden, hidden):
+        rows["the hidden size (the rows of q/k/v/gate/up)"] = hidden
     for index, width in enumerate(widths):
-        if not falls_back(gguf_type, width.heads * shape.head_dim, model_rows[1]):
+        if not falls_back(gguf_type, width.heads * shape.head_dim, attention):
             rows[f"layer {index}'s attention output ({width.heads} heads x {shape.head_dim})"] = (
                 width.heads * shape.head_dim)
-        if not (width.ffn == shape.intermediate_size and falls_back(gguf_type, width.ffn, model_rows[2])):
+        if not (width.ffn == ffn and falls_back(gguf_type, width.ffn, ffn)):
             rows[f"layer {index}'s FFN width (the rows of down_proj)"] = width.ffn
     check_row_lengths(gguf_type, rows, f"prune with --round-to {block} (the default for this type), "
                       "or choose --gguf-type f16")

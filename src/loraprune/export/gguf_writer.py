@@ -25,7 +25,7 @@ from loraprune.export.gguf_types import (
     check_gguf_type,
     check_projection_types,
     check_widths_fit,
-    fallback_note,
+    fallback_rows,
     projection_types,
     quantize_gguf,
 )
@@ -79,7 +79,7 @@ class GgufWriter(ExportWriter):
                    "architecture": architecture, "tokenizer": vocab_source,
                    "parameters_after": sliced.num_parameters(), "file_bytes": path.stat().st_size,
                    "dense_f16_bytes": dense_f16_bytes, "projection_types": dict(Counter(projection_types(path).values())),
-                   "fallback_projections": fallbacks, "fallback_note": fallback_note(request.gguf_type, request.shape),
+                   "fallback_projections": fallbacks, "fallback_rows": fallback_rows(request.gguf_type, request.shape),
                    "layers": layers_report(request.masks, request.shape)}
         return WrittenModel(summary, llama_logits, floors={"weight_type": type_floor}, comparisons=comparisons)
 
