@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from loraprune.config import PruneConfig
+from loraprune.config import PruneConfig, calibration_corpora
 from loraprune.data import load_text, token_blocks
 from loraprune.data.blocks import corpus_ids
 from loraprune.data.corpora import load_corpus
@@ -94,6 +94,11 @@ METHODS: dict[str, Method] = {
     "fisher+global+distill@austen+self": Method({"criterion": "fisher", "allocation": "global", **DISTILL},
                                                 data="austen+self"),
     "fisher+global+distill@self": Method({"criterion": "fisher", "allocation": "global", **DISTILL}, data="self"),
+    # Scored on another text than the recovery text (--calibration); "pydoc" puts the out-of-domain
+    # text's training split in the scoring text, so those rows are no longer judged on unseen text.
+    "fisher+global/cal:austen+pydoc": Method({"criterion": "fisher", "allocation": "global",
+                                              "calibration": "austen+pydoc"}),
+    "fisher+global/cal:pydoc": Method({"criterion": "fisher", "allocation": "global", "calibration": "pydoc"}),
     "llm-pruner": Method(LLM_PRUNER, one_shot=True),
     "llm-pruner+distill": Method({**LLM_PRUNER, **DISTILL}, one_shot=True),
     "llm-pruner+global": Method({**LLM_PRUNER, "allocation": "global"}, one_shot=True),
@@ -128,7 +133,8 @@ class Settings:
         ("fisher+global+distill@self", 0.2, 0), ("fisher+global@austen+self", 0.5, 0), ("fisher+global+distill", 0.5, 0),
         ("llm-pruner+global", 0.2, 0), ("fisher+global+kl", 0.5, 0), ("llm-pruner+global", 0.5, 0),
         ("flap", None, 0), ("fisher+global+bias", 0.2, 0), ("fisher+global+kl+bias", 0.2, 0), ("flap+lora", 0.2, 0),
-        ("fisher+global+bias", 0.5, 0),
+        ("fisher+global+bias", 0.5, 0), ("fisher+global/cal:austen+pydoc", 0.2, 0),
+        ("fisher+global/cal:austen+pydoc", 0.5, 0), ("fisher+global/cal:pydoc", 0.2, 0),
     )
 
 
@@ -191,6 +197,14 @@ def recovery_blocks(base, tokenizer, settings: Settings, method: Method, seed: i
     return sources
 
 
+def calibration_blocks(config: PruneConfig, tokenizer) -> list[torch.Tensor] | None:
+    """The --calibration text's training blocks, as ``prune`` makes them; None scores on the recovery text."""
+    if config.calibration is None:
+        return None
+    return [token_blocks(tokenizer, load_text(name, "train"), config.seq_len)
+            for name in calibration_corpora(config.calibration)]
+
+
 def run_one(base, name: str, sparsity: float, seed: int, settings: Settings, train_blocks: torch.Tensor,
             eval_sets: dict[str, torch.Tensor], export_to: Path | None = None, tokenizer=None) -> dict:
     """Prune (or fine-tune) a copy of ``base`` with one method, measure it, optionally export it."""
@@ -211,7 +225,7 @@ def run_one(base, name: str, sparsity: float, seed: int, settings: Settings, tra
         if method.recovered:
             with tempfile.TemporaryDirectory() as run_dir:
                 outcome = train_while_pruning(model, sources, config, Path(run_dir), progress=True,
-                                              fixed_masks=fixed)
+                                              fixed_masks=fixed, calibration_blocks=calibration_blocks(config, tokenizer))
                 log = [json.loads(line) for line in (Path(run_dir) / "log.jsonl").read_text().splitlines()]
             model, achieved, steps = outcome.model, outcome.achieved_sparsity, outcome.steps
         else:

@@ -123,7 +123,7 @@ PRUNE_SETTINGS = (
     "warmup_fraction", "cooldown_fraction", "prune_every", "lr", "lr_schedule", "batch_size",
     "grad_accumulation", "seq_len", "seed", "lora_rank", "lora_alpha", "lora_dropout", "eval_tokens",
     "eval_seq_len", "save_every", "lora_columns", "distill", "distill_temperature", "distill_top_k", "allocation",
-    "parallel", "bias_compensation",
+    "parallel", "bias_compensation", "calibration",
 )
 
 
@@ -145,6 +145,11 @@ def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--self-tokens", type=int, default=None,
                         help="tokens the model samples for --data self / NAME+self (default: one block per "
                         "sample trained on: steps x batch x grad-accumulation x processes, half when mixed)")
+    parser.add_argument("--calibration", default=None,
+                        help="text the units are scored on, if not --data: corpora joined by '+' (e.g. "
+                        "austen+pydoc). The units that survive are the ones this text needs, so give it "
+                        "everything the pruned model must keep doing; LoRA still trains on --data only "
+                        "(criterion fisher; default: --data)")
     parser.add_argument("--austen-dir", default=None, help="folder with the Austen novels")
     parser.add_argument("--out", default=None, help="folder the pruned checkpoint is written to")
     parser.add_argument("--sparsity", type=float, default=None,
@@ -302,7 +307,9 @@ def _print_out_of_domain(report: dict | None) -> None:
         dense_ppl, pruned_ppl, fid = before["perplexity"], after["perplexity"], after["fidelity"]
         print(f"out-of-domain perplexity on {pruned_ppl['data']} (validation), {pruned_ppl['n_windows']} windows of "
               f"{pruned_ppl['seq_len']} tokens, {pruned_ppl['n_tokens']} tokens: dense {dense_ppl['ppl']:.3f} -> "
-              f"pruned {pruned_ppl['ppl']:.3f} ({pruned_ppl['ppl'] / dense_ppl['ppl']:.2f}x)")
+              f"pruned {pruned_ppl['ppl']:.3f} ({pruned_ppl['ppl'] / dense_ppl['ppl']:.2f}x)"
+              + (" — not unseen: the run trained or scored on its training split" if report.get("seen_while_pruning")
+                 else ""))
         print(f"fidelity to dense on {fid['n_tokens']} of those tokens: KL {fid['kl']:.4f} nats/token, "
               f"top-1 agreement {fid['top1_agreement']:.3f}")
     gen_before, gen_after = before["generation"], after["generation"]

@@ -41,6 +41,10 @@ class PruneConfig:
     # Tokens the dense model samples for --data self / NAME+self; None: one block per training sample
     # drawn from it (steps × batch × grad-accumulation × processes, half of them when mixed).
     self_tokens: int | None = None
+    # Text the units are scored on, when it should differ from the recovery text: corpora joined by
+    # "+" (e.g. "austen+pydoc", alternating block by block). Which units survive follows the scoring
+    # text, so it should cover everything the pruned model must keep doing; None scores on --data.
+    calibration: str | None = None
     dtype: str = "float32"
     base_bits: int | None = None  # 8 or 4: the frozen projections quantised (bitsandbytes); None: dtype
 
@@ -138,6 +142,8 @@ class PruneConfig:
             raise LoraPruneError(f"--distill-top-k must be at least 2 tokens, got {self.distill_top_k}")
         if self.parallel not in ("replicate", "fsdp"):
             raise LoraPruneError(f"--parallel must be replicate or fsdp, got '{self.parallel}'")
+        if self.calibration is not None:
+            self._validate_calibration()
         if self.base_bits not in (None, 8, 4):
             raise LoraPruneError(f"--base-bits must be 8 or 4, got {self.base_bits}")
         if self.lr <= 0:
@@ -180,9 +186,25 @@ class PruneConfig:
                 d[key] = value
         return PruneConfig.from_dict(d)
 
+    def _validate_calibration(self) -> None:
+        from loraprune.pruning.scorers import scorer_class  # the scorers import this module
+
+        if not all(calibration_corpora(self.calibration)) or "self" in calibration_corpora(self.calibration):
+            raise LoraPruneError(f"--calibration {self.calibration!r}: name corpora joined by '+', e.g. austen+pydoc "
+                                 "(text the model generates is not one)")
+        if not scorer_class(self.criterion).takes_scoring_loss:
+            raise LoraPruneError(f"--calibration needs a criterion that scores a separate pass (fisher); "
+                                 f"--criterion {self.criterion} reads the training step's own gradients")
+
     def result_changing_differences(self, other: PruneConfig) -> list[str]:
         """Names of settings that differ and would change the pruned model."""
         harmless = {"eval_tokens", "eval_seq_len", "save_every", "austen_dir", "parallel",
                     "export", "export_format", "gguf_type"}  # the masks and adapter do not depend on them
         mine, theirs = self.to_dict(), other.to_dict()
         return sorted(k for k in mine if k not in harmless and mine[k] != theirs[k])
+
+
+def calibration_corpora(calibration: str) -> list[str]:
+    """The corpus names of a --calibration value, in the order their blocks alternate."""
+    return calibration.split("+")
+

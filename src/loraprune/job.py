@@ -21,7 +21,7 @@ from accelerate import PartialState
 from accelerate.utils import broadcast_object_list
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
-from loraprune.config import EXPORT_FORMATS, PruneConfig
+from loraprune.config import EXPORT_FORMATS, PruneConfig, calibration_corpora
 from loraprune.data.blocks import corpus_blocks, corpus_ids
 from loraprune.data.corpora import load_corpus
 from loraprune.data.generated import (
@@ -278,6 +278,8 @@ def prune(config: PruneConfig | None = None, out: str | Path | None = None, *,
     if spec.corpus is not None:
         train_corpus = load_corpus(spec.corpus, "train", config.austen_dir)
         load_corpus(spec.corpus, "validation", config.austen_dir)
+    calibration_texts = [load_corpus(name, "train", config.austen_dir)
+                         for name in (calibration_corpora(config.calibration) if config.calibration else [])]
     model, tokenizer = load_model(config.model, config.dtype, config.base_bits)
     spec_for(model.config)
     if export:
@@ -296,7 +298,8 @@ def prune(config: PruneConfig | None = None, out: str | Path | None = None, *,
     main_progress = progress and processes.is_main_process
     generated = _generated_text(model, tokenizer, config, spec, run_dir, resuming, processes, main_progress)
     dense = _evaluate(model, tokenizer, config, main_progress, generated)
-    ood = out_of_domain_blocks(tokenizer, config.data, config.eval_seq_len, config.eval_tokens, config.austen_dir)
+    seen_text = config.data + (f"+{config.calibration}" if config.calibration else "")
+    ood = out_of_domain_blocks(tokenizer, seen_text, config.eval_seq_len, config.eval_tokens, config.austen_dir)
     ood_before = out_of_domain_report(model, tokenizer, ood)
     samples_before = greedy_samples(model, tokenizer)
     if processes.is_main_process:
@@ -307,7 +310,8 @@ def prune(config: PruneConfig | None = None, out: str | Path | None = None, *,
             generated.save(run_dir)
     processes.wait_for_everyone()
     sources = [blocks for blocks in (train_blocks, generated.train if generated else None) if blocks is not None]
-    outcome = train_while_pruning(model, sources, config, run_dir, checkpoint, progress)
+    calibration = [corpus_blocks(tokenizer, text, config.seq_len) for text in calibration_texts]
+    outcome = train_while_pruning(model, sources, config, run_dir, checkpoint, progress, calibration_blocks=calibration)
     outcome.model.eval()
     pruned = _evaluate(outcome.model, tokenizer, config, main_progress, generated)
     ood_after = out_of_domain_report(outcome.model, tokenizer, ood, dense_view(outcome.model, outcome.masks),
@@ -320,7 +324,8 @@ def prune(config: PruneConfig | None = None, out: str | Path | None = None, *,
               "perplexity_before": dense.to_dict(),
               "perplexity_after": pruned.to_dict(),
               "greedy_samples": samples,
-              "out_of_domain": {"before": ood_before, "after": ood_after},
+              "out_of_domain": {"before": ood_before, "after": ood_after,
+                                "seen_while_pruning": ood is not None and ood[0] in seen_text.split("+")},
               "processes": _processes_report(config, processes.num_processes, outcome)}
     # Sharded, the main process rebuilds the whole model: the frozen base from disk, the adapter gathered.
     adapter = full_state(get_peft_model_state_dict(outcome.model)) if export and outcome.sharded else None

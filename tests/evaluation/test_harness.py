@@ -52,3 +52,18 @@ def test_left_padded_batch_generates_what_each_prompt_generates_alone(tiny_llama
 def test_health_prompts_cover_prose_code_facts_and_chat_with_at_least_20(number_tokenizer):
     kinds = [kind for kind, _ in health_prompts(number_tokenizer)]
     assert len(kinds) >= 20 and set(kinds) == {"prose", "code", "facts", "chat"}
+
+
+def test_out_of_domain_text_avoids_the_calibration_text_and_says_when_none_is_left(capsys):
+    from loraprune.cli import _print_out_of_domain
+
+    assert out_of_domain_data("austen+pydoc") == "austen"  # both seen: the summary must say so
+    perplexity = {"data": "austen", "n_windows": 2, "seq_len": 512, "n_tokens": 1022, "ppl": 40.0}
+    health = {"repetition": 0.1, "new_tokens": 64, "n_prompts": 21}
+    before = {"perplexity": {**perplexity, "ppl": 33.0}, "generation": health}
+    after = {"perplexity": perplexity, "fidelity": {"n_tokens": 1022, "kl": 0.5, "top1_agreement": 0.6},
+             "generation": health}
+    _print_out_of_domain({"before": before, "after": after, "seen_while_pruning": True})
+    assert "(1.21x) — not unseen: the run trained or scored on its training split" in capsys.readouterr().out
+    _print_out_of_domain({"before": before, "after": after, "seen_while_pruning": False})
+    assert "not unseen" not in capsys.readouterr().out

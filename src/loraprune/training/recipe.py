@@ -89,13 +89,16 @@ class StepStart:
 
 def train_while_pruning(model: PreTrainedModel, train_blocks: torch.Tensor | list[torch.Tensor],
                         config: PruneConfig, run_dir: Path, checkpoint: LoadedCheckpoint | None = None,
-                        progress: bool = True, fixed_masks: ModelMasks | None = None) -> TrainingOutcome:
+                        progress: bool = True, fixed_masks: ModelMasks | None = None,
+                        calibration_blocks: list[torch.Tensor] | None = None) -> TrainingOutcome:
     """Fine-tune LoRA on ``train_blocks`` (several sources alternate) while masks shrink to the target; checkpoint as we go.
 
     With ``fixed_masks`` nothing is scored or pruned: LoRA only recovers the model under those
-    masks (one-shot pruning followed by recovery, or plain fine-tuning with full masks).
+    masks (one-shot pruning followed by recovery, or plain fine-tuning with full masks). With
+    ``calibration_blocks`` the units are scored on those (sources alternate) instead of the training text.
     """
-    return PruningRecipe(model, train_blocks, config, run_dir, checkpoint, progress, fixed_masks).run()
+    return PruningRecipe(model, train_blocks, config, run_dir, checkpoint, progress, fixed_masks,
+                         calibration_blocks).run()
 
 
 class PruningRecipe:
@@ -103,7 +106,7 @@ class PruningRecipe:
 
     def __init__(self, model: PreTrainedModel, train_blocks: torch.Tensor | list[torch.Tensor],
                  config: PruneConfig, run_dir: Path, checkpoint: LoadedCheckpoint | None = None, progress: bool = True,
-                 fixed_masks: ModelMasks | None = None):
+                 fixed_masks: ModelMasks | None = None, calibration_blocks: list[torch.Tensor] | None = None):
         self.config, self.run_dir, self.progress = config, run_dir, progress
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
         # An accelerate config with distributed_type FSDP asks for sharding too; loraprune does it itself.
@@ -152,6 +155,11 @@ class PruningRecipe:
         self.scorer = self._attached_scorer()
         self.stream = BlockStream(train_blocks, config.seed, config.batch_size, self.accelerator.process_index,
                                   self.accelerator.num_processes, samples_seen)
+        # Calibration batches are drawn one per micro-batch of every step, so the step fixes where a resumed run is.
+        per_step = config.batch_size * config.grad_accumulation * self.accelerator.num_processes
+        self.calibration = None if not calibration_blocks or not self.pruning else BlockStream(
+            calibration_blocks, config.seed, config.batch_size, self.accelerator.process_index,
+            self.accelerator.num_processes, self.step * per_step)
 
     def _frozen_bytes(self, model: torch.nn.Module) -> tuple[int, int]:
         """(most frozen-weight bytes any process holds, bytes of all frozen weights)."""
@@ -223,7 +231,10 @@ class PruningRecipe:
     def forward_backward(self, start: StepStart) -> float:
         """Accumulate gradients over the step's micro-batches; returns the step's loss."""
         accumulation, step_loss = self.config.grad_accumulation, 0.0
-        separate_scoring = self._scoring_this_step() and self.scorer.takes_scoring_loss
+        scoring_calibration = self.calibration is not None
+        if scoring_calibration:
+            self._score_calibration(accumulation)
+        separate_scoring = self._scoring_this_step() and self.scorer.takes_scoring_loss and not scoring_calibration
         for micro in range(accumulation):
             batch, labels = split_labels(self.stream.next_batch().to(self.accelerator.device))
             syncing = micro == accumulation - 1
@@ -240,10 +251,24 @@ class PruningRecipe:
                     # The scorer's hooks read this pass; the adapters' gradients come from the loss below.
                     torch.autograd.grad(scoring_loss / accumulation, self.trainable, retain_graph=True,
                                         allow_unused=True)
-                with self.scorer.ignoring_backward() if scoring_loss is not None else nullcontext():
+                scored_elsewhere = scoring_loss is not None or (scoring_calibration and self.scorer is not None)
+                with self.scorer.ignoring_backward() if scored_elsewhere else nullcontext():
                     self.accelerator.backward(loss)
             step_loss += loss.item()
         return step_loss
+
+    def _score_calibration(self, accumulation: int) -> None:
+        """The scorer's hooks read cross-entropy on calibration batches; the adapters learn nothing from them.
+
+        Every step draws its batches, scoring or not, so a resumed run reads the same ones.
+        """
+        for _ in range(accumulation):
+            batch, labels = split_labels(self.calibration.next_batch().to(self.accelerator.device))
+            if not self._scoring_this_step():
+                continue
+            with self._autocast():
+                loss = self.model(input_ids=batch, labels=batch if labels is None else labels, use_cache=False).loss
+            torch.autograd.grad(loss / accumulation, self.trainable, allow_unused=True)
 
     def _scoring_this_step(self) -> bool:
         return self.pruning and self.step < self.schedule.end_step

@@ -1,0 +1,94 @@
+"""--calibration: units are scored on one text while LoRA learns from another, and a resumed run reads the same text."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+
+import pytest
+import torch
+
+from loraprune.config import LoraSettings, PruneConfig
+from loraprune.errors import LoraPruneError
+from loraprune.training.checkpoint import capture_rng, load_checkpoint
+from loraprune.training.recipe import PruningRecipe, RunInterrupted, StepStart
+from tests.conftest import tiny_prune_command
+
+
+def _blocks(seed: int, count: int = 4) -> torch.Tensor:
+    return torch.randint(0, 256, (count, 16), generator=torch.Generator().manual_seed(seed))
+
+
+def _config(**overrides) -> PruneConfig:
+    return PruneConfig(criterion="fisher", steps=10, sparsity=0.3, warmup_fraction=0.0, prune_every=2,
+                       lora=LoraSettings(dropout=0.0), save_every=1, **overrides)
+
+
+def _first_step(model, training: torch.Tensor, folder, calibration: torch.Tensor | None = None):
+    """(the step's fisher scores, the adapters' gradients) of a run's first forward/backward."""
+    recipe = PruningRecipe(copy.deepcopy(model), training, _config(), folder, progress=False,
+                           calibration_blocks=None if calibration is None else [calibration])
+    recipe.forward_backward(StepStart(0, capture_rng()))
+    gradients = {name: p.grad.clone() for name, p in recipe.inner.named_parameters() if p.grad is not None}
+    return recipe.score(), gradients
+
+
+def test_units_are_scored_on_the_calibration_text_and_adapters_learn_from_the_training_text(tiny_llama, tmp_path):
+    training, calibration = _blocks(1), _blocks(2)
+    scores, gradients = _first_step(tiny_llama, training, tmp_path / "both", calibration)
+    scores_on_calibration, _ = _first_step(tiny_llama, calibration, tmp_path / "calibration")
+    scores_on_training, gradients_on_training = _first_step(tiny_llama, training, tmp_path / "training")
+
+    assert gradients.keys() == gradients_on_training.keys() and gradients
+    for name, gradient in gradients.items():
+        torch.testing.assert_close(gradient, gradients_on_training[name], msg=name)
+    for index, layer in scores.items():
+        torch.testing.assert_close(layer.ffn, scores_on_calibration[index].ffn, rtol=1e-4, atol=1e-12)
+        torch.testing.assert_close(layer.attention, scores_on_calibration[index].attention, rtol=1e-4, atol=1e-12)
+    assert not torch.allclose(scores[0].ffn, scores_on_training[0].ffn)
+
+
+def test_a_run_interrupted_and_resumed_reads_the_same_calibration_blocks(tiny_llama, tmp_path, monkeypatch):
+    training, calibration = _blocks(1, 16), _blocks(2, 16)
+    for folder in ("reference", "interrupted"):
+        (tmp_path / folder).mkdir()
+    reference = PruningRecipe(copy.deepcopy(tiny_llama), training, _config(), tmp_path / "reference",
+                              progress=False, calibration_blocks=[calibration]).run()
+
+    original = PruningRecipe.forward_backward
+
+    def stop_at_step_five(self, start):
+        if self.step == 5:
+            raise KeyboardInterrupt
+        return original(self, start)
+
+    run_dir = tmp_path / "interrupted"
+    monkeypatch.setattr(PruningRecipe, "forward_backward", stop_at_step_five)
+    with pytest.raises(RunInterrupted):
+        PruningRecipe(copy.deepcopy(tiny_llama), training, _config(), run_dir, progress=False,
+                      calibration_blocks=[calibration]).run()
+    monkeypatch.setattr(PruningRecipe, "forward_backward", original)
+    resumed = PruningRecipe(copy.deepcopy(tiny_llama), training, _config(), run_dir, load_checkpoint(run_dir),
+                            progress=False, calibration_blocks=[calibration]).run()
+
+    assert resumed.steps == reference.steps == 10
+    for name, kept in reference.masks.state_dict().items():
+        torch.testing.assert_close(resumed.masks.state_dict()[name], kept, msg=name)
+
+
+def test_calibration_needs_a_criterion_that_scores_a_separate_pass():
+    with pytest.raises(LoraPruneError, match="--calibration needs a criterion"):
+        PruneConfig(criterion="lora", calibration="pydoc").validate()
+    with pytest.raises(LoraPruneError, match="name corpora joined by"):
+        PruneConfig(calibration="austen+").validate()
+    with pytest.raises(LoraPruneError, match="name corpora joined by"):
+        PruneConfig(calibration="austen+self").validate()
+
+
+def test_cli_refuses_an_unknown_calibration_corpus_before_writing_anything(tiny_run_inputs, tmp_path):
+    out = tmp_path / "out"
+    result = subprocess.run(tiny_prune_command(*tiny_run_inputs, out, "--calibration", "no-such-text"),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr
+    assert "unknown data 'no-such-text'" in result.stderr
+    assert not out.exists() and not out.with_name("out.partial").exists()
