@@ -58,6 +58,11 @@ class Method:
     recovered: bool = True  # False (one-shot): evaluate the pruned model as it is, no LoRA training
     data: str = "austen"  # --data: Austen alone, Austen alternating with the dense model's samples, or samples only
 
+    @property
+    def scored_on_pydoc(self) -> bool:
+        """Its units were scored on pydoc's training split, so pydoc is no longer unseen text for it."""
+        return "pydoc" in calibration_corpora(self.settings.get("calibration") or "")
+
 
 # LLM-Pruner's element-wise first-order criterion as published: |∇W ⊙ W| summed over each group,
 # no per-matrix normalisation (its "param_first" Taylor importance with sum reduction).
@@ -139,7 +144,9 @@ class Settings:
 
 
 BUDGET_STEPS = (128, 512, 2048)  # the budget curve: the default method after each many steps
-BUDGET_PLAN = (("dense", 0.0, 0), ("fisher+global", 0.2, 0), ("fisher+global", 0.5, 0))
+BUDGET_PLAN = (("dense", 0.0, 0), ("fisher+global", 0.2, 0), ("fisher+global", 0.5, 0),
+               ("fisher+global/cal:austen+pydoc", 0.2, 0), ("fisher+global/cal:austen+pydoc", 0.5, 0))
+BUDGET_METHODS = ("fisher+global", "fisher+global/cal:austen+pydoc")  # the budget table's rows, per steps
 # The smoke run takes each path through run_one once (not every row: CI's budget): the dense model as it is,
 # unpruned training with distillation, the default, global allocation with distillation, a one-shot baseline
 # and the paper's criterion. Every method's settings are checked as a PruneConfig by a fast test.
@@ -361,7 +368,8 @@ def summary_lines(results: dict) -> list[str]:
     lines = [(f"- Dense: Northanger Abbey {dense['ppl_austen']:.2f}, pydoc {dense['ppl_pydoc']:.2f}, "
              f"repetition {dense['generation']['repetition']:.3f}.")]
     for sparsity in results["settings"]["sparsities"]:
-        pruned = [r for r in rows if r["target_sparsity"] == sparsity and METHODS[r["method"]].pruned]
+        every_pruned = [r for r in rows if r["target_sparsity"] == sparsity and METHODS[r["method"]].pruned]
+        pruned = [r for r in every_pruned if not METHODS[r["method"]].scored_on_pydoc]
         if not pruned:
             continue
         best = min(pruned, key=lambda r: selection_key(r, dense))
@@ -377,6 +385,29 @@ def summary_lines(results: dict) -> list[str]:
         if sparsity in TARGETS:
             lines.append("  " + _target_verdict(inside, outside, TARGETS[sparsity]))
         lines += _recovery_text_lines(pruned, dense)
+        lines += _calibration_lines(every_pruned, dense, TARGETS.get(sparsity))
+    return lines
+
+
+def _calibration_lines(pruned: list[dict], dense: dict, target: tuple[float, float] | None) -> list[str]:
+    """Each run scored on a --calibration text beside the same method scored on its recovery text."""
+    scored_on_data = {r["method"]: r for r in pruned if "calibration" not in r["settings"]}
+    lines = []
+    for row in pruned:
+        method, _, calibration = row["method"].partition("/cal:")
+        twin = scored_on_data.get(method)
+        if not calibration or twin is None:
+            continue
+        (inside, outside, geo), (twin_in, twin_out, twin_geo) = ratios_to_dense(row, dense), ratios_to_dense(twin, dense)
+        line = (f"  - Scored on `{calibration}` (`--calibration`), recovered on Austen, against `{method}`: Northanger "
+                f"Abbey {inside:.2f}× against {twin_in:.2f}×, pydoc {outside:.2f}× against {twin_out:.2f}× (geometric "
+                f"mean {geo:.2f} against {twin_geo:.2f}), repetition {row['generation']['repetition']:.3f} against "
+                f"{twin['generation']['repetition']:.3f}.")
+        if METHODS[row["method"]].scored_on_pydoc:
+            line += " Not a candidate for the default: its units were scored on pydoc's training split."
+            if target is not None:
+                line += " " + _target_verdict(inside, outside, target).replace("Targets", "Against the targets")
+        lines.append(line)
     return lines
 
 
@@ -441,7 +472,10 @@ def quality_section(results: dict, command: str) -> str:
          "recovers with LoRA for the same steps. `flap` is FLAP one-shot on the same calibration blocks "
          "(fluctuation × squared column norm, standardised across layers, global allocation, bias "
          "compensation from the calibration means) with no training at all; `flap+lora` recovers after it "
-         "like `llm-pruner`. In domain: perplexity on Northanger Abbey "
+         "like `llm-pruner`. `/cal:TEXT` scores the units on TEXT's training split (`--calibration TEXT`; "
+         "corpora joined by `+` alternate block by block, one scoring pass per step of the ramp) while LoRA "
+         "still trains on Austen alone; with pydoc in TEXT, pydoc is text the run scored on, so those rows "
+         "are not judged out of domain and cannot be picked. In domain: perplexity on Northanger Abbey "
          f"({ev['austen']['tokens']} tokens in {ev['austen']['windows']} windows of {ev['austen']['seq_len']}); "
          f"out of domain: CPython's pydoc topics, validation part ({ev['pydoc']['tokens']} tokens in "
          f"{ev['pydoc']['windows']} windows of {ev['pydoc']['seq_len']}). `in`/`out` are those perplexities "
@@ -542,24 +576,28 @@ def budget_section(folder: Path) -> str:
     """The default method in and out of domain after each budget of BUDGET_STEPS, from their results files."""
     lines = ["## Quality: the training budget", "",
              ("`fisher` with global allocation, cross-entropy on Austen, at each budget (`python benchmarks/quality.py "
-             "--steps N`; 128 is the main suite's run); otherwise the protocol of the section above."), "",
-             "| steps | target | ppl Northanger | ppl pydoc | in | out | geo | repetition |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "--steps N`; 128 is the main suite's run); otherwise the protocol of the section above. "
+             "`/cal:austen+pydoc` scores the units on Austen and pydoc's training split alternately "
+             "(`--calibration austen+pydoc`), so its pydoc column is text the run scored on, not unseen text."), "",
+             "| method | steps | target | ppl Northanger | ppl pydoc | in | out | geo | repetition |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     missing, base_seconds = [], {}
     for steps in BUDGET_STEPS:
         path = folder / results_name(False, steps)
         runs = json.loads(path.read_text())["runs"] if path.exists() else {}
         dense = runs.get(run_key("dense", 0.0, 0))
-        for sparsity in (0.2, 0.5):
-            row = runs.get(run_key("fisher+global", sparsity, 0))
-            if row is not None:  # the pace of the longest budget run so far
-                base_seconds[sparsity] = row["wall_seconds"] / steps
-            if row is None or dense is None:
-                missing.append((steps, sparsity))
-                continue
-            inside, outside, geo = ratios_to_dense(row, dense)
-            lines.append(f"| {steps} | {sparsity} | {row['ppl_austen']:.2f} | {row['ppl_pydoc']:.2f} | {inside:.2f} | "
-                         f"{outside:.2f} | {geo:.2f} | {row['generation']['repetition']:.3f} |")
+        for method in BUDGET_METHODS:
+            for sparsity in (0.2, 0.5):
+                row = runs.get(run_key(method, sparsity, 0))
+                if method == "fisher+global" and row is not None:  # the pace of the longest budget run so far
+                    base_seconds[sparsity] = row["wall_seconds"] / steps
+                if method == "fisher+global" and (row is None or dense is None):
+                    missing.append((steps, sparsity))
+                if row is None or dense is None:
+                    continue
+                inside, outside, geo = ratios_to_dense(row, dense)
+                lines.append(f"| {method} | {steps} | {sparsity} | {row['ppl_austen']:.2f} | {row['ppl_pydoc']:.2f} | "
+                             f"{inside:.2f} | {outside:.2f} | {geo:.2f} | {row['generation']['repetition']:.3f} |")
     lines += ["", *budget_trend(folder)]
     if missing:
         lines += ["", "Not run yet (the machine's time ran out; each resumes with its command): " + "; ".join(

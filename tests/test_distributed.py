@@ -14,7 +14,8 @@ from transformers import AutoModelForCausalLM
 
 @pytest.mark.skipif(shutil.which("torchrun", path=str(Path(sys.executable).parent)) is None,
                     reason="torchrun not installed beside this Python")
-def test_two_process_run_shares_batches_and_exports_once(tiny_run_inputs, tmp_path):
+@pytest.mark.parametrize("calibrated", [False, True], ids=["scored-on-data", "scored-on-calibration"])
+def test_two_process_run_shares_batches_and_exports_once(tiny_run_inputs, tmp_path, calibrated):
     model_dir, text = tiny_run_inputs
     out = tmp_path / "out"
     torchrun = str(Path(sys.executable).parent / "torchrun")
@@ -22,6 +23,8 @@ def test_two_process_run_shares_batches_and_exports_once(tiny_run_inputs, tmp_pa
                "--model", str(model_dir), "--data", f"text:{text}", "--out", str(out), "--sparsity", "0.3",
                "--steps", "8", "--prune-every", "2", "--seq-len", "32", "--eval-seq-len", "32",
                "--eval-tokens", "640", "--lr", "1e-3", "--no-progress"]
+    if calibrated:  # a separate scoring pass per step must not upset the data-parallel gradient sync
+        command += ["--calibration", f"text:{text}+text:{text}"]
     done = subprocess.run(command, check=False, capture_output=True, text=True, timeout=600,
                           env={"PATH": str(Path(sys.executable).parent), "OMP_NUM_THREADS": "1",
                                "HOME": str(tmp_path)})

@@ -139,3 +139,18 @@ def test_a_killed_fsdp_run_resumes_to_the_uninterrupted_result(inputs, sharded, 
     assert _largest_relative_difference(_tensors(sharded, "model.safetensors"),
                                         _tensors(out, "model.safetensors")) < WEIGHT_TOLERANCE
     shutil.rmtree(out)
+
+
+
+def test_fsdp_processes_scoring_a_calibration_text_give_the_single_process_masks(inputs, tmp_path):
+    model_dir, text = inputs
+    calibration = tmp_path / "calibration.txt"
+    calibration.write_text(" ".join(reversed(text.read_text().split())))  # same words, another order
+    extra = ("--criterion", "fisher", "--calibration", f"text:{calibration}")  # the last --criterion counts
+    single, sharded = tmp_path / "single" / "out", tmp_path / "sharded" / "out"
+    _run([sys.executable, *_prune_arguments(model_dir, text, single, *extra), "--batch-size", "2"], tmp_path)
+    _run(_sharded_command(29655, *_prune_arguments(model_dir, text, sharded, *extra)), tmp_path)
+    masks, single_masks = _tensors(sharded, "masks.safetensors"), _tensors(single, "masks.safetensors")
+    assert masks.keys() == single_masks.keys()
+    assert all(torch.equal(masks[k], single_masks[k]) for k in masks)
+    assert any(not masks[k].bool().all() for k in masks)

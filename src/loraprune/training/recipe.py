@@ -260,7 +260,9 @@ class PruningRecipe:
     def _score_calibration(self, accumulation: int) -> None:
         """The scorer's hooks read cross-entropy on calibration batches; the adapters learn nothing from them.
 
-        Every step draws its batches, scoring or not, so a resumed run reads the same ones.
+        A plain backward (FSDP2 keeps the sharded adapters out of the graph, so ``autograd.grad`` on
+        them would reach no hook), whose adapter gradients are then dropped. Every step draws its
+        batches, scoring or not, so a resumed run reads the same ones.
         """
         for _ in range(accumulation):
             batch, labels = split_labels(self.calibration.next_batch().to(self.accelerator.device))
@@ -268,7 +270,9 @@ class PruningRecipe:
                 continue
             with self._autocast():
                 loss = self.model(input_ids=batch, labels=batch if labels is None else labels, use_cache=False).loss
-            torch.autograd.grad(loss / accumulation, self.trainable, allow_unused=True)
+            self.accelerator.backward(loss / accumulation)
+        self.optimizer.zero_grad(set_to_none=True)
+        clear_weight_gradients(self.inner)
 
     def _scoring_this_step(self) -> bool:
         return self.pruning and self.step < self.schedule.end_step
