@@ -391,13 +391,9 @@ def summary_lines(results: dict) -> list[str]:
 
 def _calibration_lines(pruned: list[dict], dense: dict, target: tuple[float, float] | None) -> list[str]:
     """Each run scored on a --calibration text beside the same method scored on its recovery text."""
-    scored_on_data = {r["method"]: r for r in pruned if "calibration" not in r["settings"]}
     lines = []
-    for row in pruned:
-        method, _, calibration = row["method"].partition("/cal:")
-        twin = scored_on_data.get(method)
-        if not calibration or twin is None:
-            continue
+    scored_on_data = lambda r: "calibration" not in METHODS[r["method"]].settings
+    for row, twin, calibration, method in _beside_twins(pruned, "/cal:", scored_on_data):
         (inside, outside, geo), (twin_in, twin_out, twin_geo) = ratios_to_dense(row, dense), ratios_to_dense(twin, dense)
         line = (f"  - Scored on `{calibration}` (`--calibration`), recovered on Austen, against `{method}`: Northanger "
                 f"Abbey {inside:.2f}× against {twin_in:.2f}×, pydoc {outside:.2f}× against {twin_out:.2f}× (geometric "
@@ -413,19 +409,25 @@ def _calibration_lines(pruned: list[dict], dense: dict, target: tuple[float, flo
 
 def _recovery_text_lines(pruned: list[dict], dense: dict) -> list[str]:
     """Each run on other recovery text beside the same method on Austen alone (the name before "@")."""
-    on_austen = {r["method"]: r for r in pruned if METHODS[r["method"]].data == "austen"}
     lines = []
-    for row in pruned:
-        method, _, data = row["method"].partition("@")
-        twin = on_austen.get(method)
-        if not data or twin is None:
-            continue
+    for row, twin, data, method in _beside_twins(pruned, "@", lambda r: METHODS[r["method"]].data == "austen"):
         (inside, outside, geo), (twin_in, twin_out, twin_geo) = ratios_to_dense(row, dense), ratios_to_dense(twin, dense)
         lines.append(f"  - Recovery text `{data}` against Austen alone for `{method}`: geometric mean {geo:.2f} "
                      f"against {twin_geo:.2f} ({geo / twin_geo - 1:+.0%}); Northanger Abbey {inside:.2f}× against "
                      f"{twin_in:.2f}×, pydoc {outside:.2f}× against {twin_out:.2f}×, repetition "
                      f"{row['generation']['repetition']:.3f} against {twin['generation']['repetition']:.3f}.")
     return lines
+
+
+def _beside_twins(pruned: list[dict], separator: str, is_twin) -> list[tuple[dict, dict, str, str]]:
+    """(row, its twin, the variant, the method) for each row named METHOD + separator + VARIANT whose twin ran."""
+    twins = {r["method"]: r for r in pruned if is_twin(r)}
+    pairs = []
+    for row in pruned:
+        method, _, variant = row["method"].partition(separator)
+        if variant and method in twins:
+            pairs.append((row, twins[method], variant, method))
+    return pairs
 
 
 def _target_verdict(inside: float, outside: float, target: tuple[float, float]) -> str:

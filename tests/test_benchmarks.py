@@ -55,6 +55,21 @@ def test_selection_measure_is_the_geometric_mean_of_both_ratios_and_repetition_b
     assert "Northanger Abbey ≤ 1.25×: 1.20×, met" in lines[2]
 
 
+def test_a_run_scored_on_pydoc_is_reported_beside_its_twin_but_never_picked():
+    dense = _row("dense", 0.0, 30.0, 10.0, 0.05)
+    scored_on_data = {**_row("fisher+global", 0.2, 36.0, 24.0, 0.6), "settings": {"criterion": "fisher"}}
+    calibrated = {**_row("fisher+global/cal:austen+pydoc", 0.2, 39.0, 14.0, 0.5),
+                  "settings": {"criterion": "fisher", "calibration": "austen+pydoc"}}
+    assert METHODS[calibrated["method"]].scored_on_pydoc and not METHODS["fisher+global"].scored_on_pydoc
+    results = {"settings": {"seed": 0, "sparsities": [0.2]},
+               "runs": {r["method"]: r for r in (dense, scored_on_data, calibrated)}}
+    lines = summary_lines(results)
+    assert "picks `fisher+global`:" in lines[1]
+    assert lines[-1].startswith("  - Scored on `austen+pydoc` (`--calibration`), recovered on Austen, against "
+                                "`fisher+global`: Northanger Abbey 1.30× against 1.20×, pydoc 1.40× against 2.40×")
+    assert "Not a candidate for the default" in lines[-1] and "pydoc ≤ 1.6×: 1.40×, met" in lines[-1]
+
+
 def test_every_method_of_the_suite_is_a_valid_run():
     """The quick run takes a few methods; every other row must at least be a configuration prune accepts."""
     for method in METHODS.values():

@@ -88,7 +88,7 @@ def test_calibration_needs_a_criterion_that_scores_a_separate_pass():
 def test_cli_refuses_an_unknown_calibration_corpus_before_writing_anything(tiny_run_inputs, tmp_path):
     out = tmp_path / "out"
     result = subprocess.run(tiny_prune_command(*tiny_run_inputs, out, "--calibration", "no-such-text"),
-                            capture_output=True, text=True, timeout=300)
+                            check=False, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2, result.stderr
     assert "unknown data 'no-such-text'" in result.stderr
     assert not out.exists() and not out.with_name("out.partial").exists()
