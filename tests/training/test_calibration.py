@@ -48,6 +48,25 @@ def test_units_are_scored_on_the_calibration_text_and_adapters_learn_from_the_tr
     assert not torch.allclose(scores[0].ffn, scores_on_training[0].ffn)
 
 
+@pytest.mark.slow
+def test_smollm2_scores_pydoc_while_learning_austen(smollm2, austen_dir, tmp_path):
+    """On the real model: the first step's scores are pydoc's, the adapters' gradients Austen's."""
+    from loraprune.data import load_text, token_blocks
+
+    model, tokenizer = smollm2
+    austen = token_blocks(tokenizer, load_text("austen", "train", austen_dir), 64, 256)
+    pydoc = token_blocks(tokenizer, load_text("pydoc", "train"), 64, 256)
+    scores, gradients = _first_step(model, austen, tmp_path / "both", pydoc)
+    scores_on_pydoc, _ = _first_step(model, pydoc, tmp_path / "pydoc")
+    scores_on_austen, gradients_on_austen = _first_step(model, austen, tmp_path / "austen")
+    for name, gradient in gradients.items():
+        torch.testing.assert_close(gradient, gradients_on_austen[name], msg=name)
+    for index, layer in scores.items():
+        torch.testing.assert_close(layer.ffn, scores_on_pydoc[index].ffn, rtol=1e-3, atol=1e-12)
+    ranks = [torch.argsort(s[0].ffn) for s in (scores, scores_on_austen)]
+    assert not torch.equal(*ranks)  # the two texts would cut different channels
+
+
 def test_a_run_interrupted_and_resumed_reads_the_same_calibration_blocks(tiny_llama, tmp_path, monkeypatch):
     training, calibration = _blocks(1, 16), _blocks(2, 16)
     for folder in ("reference", "interrupted"):
