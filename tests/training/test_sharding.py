@@ -142,6 +142,8 @@ def test_a_killed_fsdp_run_resumes_to_the_uninterrupted_result(inputs, sharded, 
 
 
 
+
+
 def test_fsdp_processes_scoring_a_calibration_text_give_the_single_process_masks(inputs, tmp_path):
     model_dir, text = inputs
     calibration = tmp_path / "calibration.txt"
@@ -154,3 +156,14 @@ def test_fsdp_processes_scoring_a_calibration_text_give_the_single_process_masks
     assert masks.keys() == single_masks.keys()
     assert all(torch.equal(masks[k], single_masks[k]) for k in masks)
     assert any(not masks[k].bool().all() for k in masks)
+
+
+def test_fsdp_kl_only_run_scores_its_teacher_sampled_loss(inputs, tmp_path):
+    """--distill 1 scores a separate loss; FSDP2 keeps the sharded adapters out of its graph, so it must
+    be differentiated by the hooked activations (each process samples its own teacher tokens: the masks
+    are not the single process's)."""
+    out = tmp_path / "out"
+    stdout = _run(_sharded_command(29657, *_prune_arguments(*inputs, out, "--criterion", "fisher", "--distill", "1")),
+                  tmp_path)
+    assert "pruned model written to" in stdout
+    assert any(not mask.bool().all() for mask in _tensors(out, "masks.safetensors").values())

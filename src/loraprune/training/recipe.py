@@ -241,7 +241,9 @@ class PruningRecipe:
             teacher_logits = self._teacher_logits(batch) if self.loss.needs_teacher else None
             with nullcontext() if syncing or self.sharded else self.accelerator.no_sync(self.model), self._autocast():
                 if separate_scoring:
-                    loss, scoring_loss = self.loss.with_scoring_loss(self.model, batch, teacher_logits, labels=labels)
+                    with self.scorer.recording_inputs() as watched:
+                        loss, scoring_loss = self.loss.with_scoring_loss(self.model, batch, teacher_logits,
+                                                                         labels=labels)
                 else:
                     loss, scoring_loss = self.loss(self.model, batch, teacher_logits, labels=labels), None
                 loss = loss / accumulation
@@ -249,8 +251,7 @@ class PruningRecipe:
                     self._stop_on_bad_loss(loss, start)
                 if scoring_loss is not None:
                     # The scorer's hooks read this pass; the adapters' gradients come from the loss below.
-                    torch.autograd.grad(scoring_loss / accumulation, self.trainable, retain_graph=True,
-                                        allow_unused=True)
+                    torch.autograd.grad(scoring_loss / accumulation, watched, retain_graph=True)
                 scored_elsewhere = scoring_loss is not None or (scoring_calibration and self.scorer is not None)
                 with self.scorer.ignoring_backward() if scored_elsewhere else nullcontext():
                     self.accelerator.backward(loss)
@@ -260,19 +261,16 @@ class PruningRecipe:
     def _score_calibration(self, accumulation: int) -> None:
         """The scorer's hooks read cross-entropy on calibration batches; the adapters learn nothing from them.
 
-        A plain backward (FSDP2 keeps the sharded adapters out of the graph, so ``autograd.grad`` on
-        them would reach no hook), whose adapter gradients are then dropped. Every step draws its
-        batches, scoring or not, so a resumed run reads the same ones.
+        Every step draws its batches, scoring or not, so a resumed run reads the same ones.
         """
         for _ in range(accumulation):
             batch, labels = split_labels(self.calibration.next_batch().to(self.accelerator.device))
             if not self._scoring_this_step():
                 continue
-            with self._autocast():
-                loss = self.model(input_ids=batch, labels=batch if labels is None else labels, use_cache=False).loss
-            self.accelerator.backward(loss / accumulation)
-        self.optimizer.zero_grad(set_to_none=True)
-        clear_weight_gradients(self.inner)
+            # The unwrapped model: a pass no optimizer step follows needs no gradient synchronisation.
+            with self.scorer.recording_inputs() as watched, self._autocast():
+                loss = self.inner(input_ids=batch, labels=batch if labels is None else labels, use_cache=False).loss
+            torch.autograd.grad(loss / accumulation, watched)
 
     def _scoring_this_step(self) -> bool:
         return self.pruning and self.step < self.schedule.end_step

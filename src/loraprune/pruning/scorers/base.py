@@ -13,6 +13,7 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import ClassVar, TypeVar
 
+import torch
 from torch import nn
 
 from loraprune.config import PruneConfig
@@ -40,7 +41,8 @@ class Scorer:
     needs_backward: ClassVar[bool] = True  # False: no gradients needed
     needs_forward: ClassVar[bool] = False  # True (without a backward): scores come from activations
     # True: the scorer reads activation gradients only, so a separate scoring loss can be
-    # backpropagated (torch.autograd.grad) while another trains; see ``ignoring_backward``.
+    # differentiated with respect to them (``recording_inputs``) while another loss trains; see
+    # ``ignoring_backward``.
     takes_scoring_loss: ClassVar[bool] = False
 
     def __init__(self, config: PruneConfig, plan: ScoringPlan):
@@ -67,6 +69,10 @@ class Scorer:
     def ignoring_backward(self) -> AbstractContextManager[None]:
         """A block whose backward passes this scorer does not read (the training loss, when it scores another)."""
         return nullcontext()
+
+    def recording_inputs(self) -> AbstractContextManager[list[torch.Tensor]]:
+        """A block that collects the activations the scorer reads in its forward passes (``takes_scoring_loss``)."""
+        raise NotImplementedError(f"the {self.name} criterion scores the training step's own gradients")
 
     def _attached_layers(self) -> nn.ModuleList:
         if self.layers is None:

@@ -48,6 +48,7 @@ class FisherScorer(Scorer):
         self._ffn: dict[int, torch.Tensor] = {}
         self._reading = True  # False while a backward pass that is not to be scored runs
         self._means: list | None = None  # per layer LayerMeans, with bias compensation
+        self._recorded: list[torch.Tensor] | None = None  # hooked activations, inside ``recording_inputs``
 
     def compensate_with(self, means: list | None) -> None:
         """Score removal as replacement by these running means (``ModelMasks.means``) instead of by zero."""
@@ -81,6 +82,20 @@ class FisherScorer(Scorer):
             yield
         finally:
             self._reading = True
+
+    @contextmanager
+    def recording_inputs(self) -> Iterator[list[torch.Tensor]]:
+        """The hooked activations of the forward passes inside the block.
+
+        A scoring loss differentiated with respect to them (``torch.autograd.grad``) reaches every
+        hook and nothing else: no adapter gradient, and no sharded parameter, which FSDP2 keeps out
+        of the graph.
+        """
+        self._recorded = []
+        try:
+            yield self._recorded
+        finally:
+            self._recorded = None
 
     def step_scores(self) -> dict[int, LayerScores]:
         """This step's sums of squared per-sequence mask gradients; the sums start again from zero."""
@@ -125,5 +140,7 @@ class FisherScorer(Scorer):
             if activation.requires_grad:  # not under no_grad (evaluation, a distillation teacher)
                 values = activation.detach()  # the hook must not hold the tensor it is registered on
                 activation.register_hook(lambda gradient: read_gradient(gradient, values))
+                if self._recorded is not None:
+                    self._recorded.append(activation)
 
         return hook
