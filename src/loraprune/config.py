@@ -189,7 +189,8 @@ class PruneConfig:
     def _validate_calibration(self) -> None:
         from loraprune.pruning.scorers import scorer_class  # the scorers import this module
 
-        if not all(calibration_corpora(self.calibration)) or "self" in calibration_corpora(self.calibration):
+        corpora = calibration_corpora(self.calibration)
+        if not all(corpora) or "self" in corpora:
             raise LoraPruneError(f"--calibration {self.calibration!r}: name corpora joined by '+', e.g. austen+pydoc "
                                  "(text the model generates is not one)")
         if not scorer_class(self.criterion).takes_scoring_loss:

@@ -89,11 +89,15 @@ def _largest_relative_difference(a: dict[str, torch.Tensor], b: dict[str, torch.
                for k in a)
 
 
-def test_two_fsdp_processes_give_the_single_process_masks_scores_and_weights(single, sharded):
+def _assert_same_pruned_masks(single: Path, sharded: Path) -> None:
     masks, single_masks = _tensors(sharded, "masks.safetensors"), _tensors(single, "masks.safetensors")
     assert masks.keys() == single_masks.keys()
     assert all(torch.equal(masks[k], single_masks[k]) for k in masks)
     assert any(not masks[k].bool().all() for k in masks)  # something was pruned
+
+
+def test_two_fsdp_processes_give_the_single_process_masks_scores_and_weights(single, sharded):
+    _assert_same_pruned_masks(single, sharded)
     assert _largest_relative_difference(_tensors(single, "scores.safetensors"),
                                         _tensors(sharded, "scores.safetensors")) < SCORE_TOLERANCE
     assert _largest_relative_difference(_tensors(single, "model.safetensors"),
@@ -141,9 +145,6 @@ def test_a_killed_fsdp_run_resumes_to_the_uninterrupted_result(inputs, sharded, 
     shutil.rmtree(out)
 
 
-
-
-
 def test_fsdp_processes_scoring_a_calibration_text_give_the_single_process_masks(inputs, tmp_path):
     model_dir, text = inputs
     calibration = tmp_path / "calibration.txt"
@@ -152,10 +153,7 @@ def test_fsdp_processes_scoring_a_calibration_text_give_the_single_process_masks
     single, sharded = tmp_path / "single" / "out", tmp_path / "sharded" / "out"
     _run([sys.executable, *_prune_arguments(model_dir, text, single, *extra), "--batch-size", "2"], tmp_path)
     _run(_sharded_command(29655, *_prune_arguments(model_dir, text, sharded, *extra)), tmp_path)
-    masks, single_masks = _tensors(sharded, "masks.safetensors"), _tensors(single, "masks.safetensors")
-    assert masks.keys() == single_masks.keys()
-    assert all(torch.equal(masks[k], single_masks[k]) for k in masks)
-    assert any(not masks[k].bool().all() for k in masks)
+    _assert_same_pruned_masks(single, sharded)
 
 
 def test_fsdp_kl_only_run_scores_its_teacher_sampled_loss(inputs, tmp_path):

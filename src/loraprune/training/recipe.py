@@ -155,7 +155,7 @@ class PruningRecipe:
         self.scorer = self._attached_scorer()
         self.stream = BlockStream(train_blocks, config.seed, config.batch_size, self.accelerator.process_index,
                                   self.accelerator.num_processes, samples_seen)
-        # Calibration batches are drawn one per micro-batch of every step, so the step fixes where a resumed run is.
+        # Every step of the ramp draws one calibration batch per micro-batch, so the step fixes where a resumed run is.
         per_step = config.batch_size * config.grad_accumulation * self.accelerator.num_processes
         self.calibration = None if not calibration_blocks or not self.pruning else BlockStream(
             calibration_blocks, config.seed, config.batch_size, self.accelerator.process_index,
@@ -252,21 +252,18 @@ class PruningRecipe:
                 if scoring_loss is not None:
                     # The scorer's hooks read this pass; the adapters' gradients come from the loss below.
                     torch.autograd.grad(scoring_loss / accumulation, watched, retain_graph=True)
-                scored_elsewhere = scoring_loss is not None or (scoring_calibration and self.scorer is not None)
+                scored_elsewhere = scoring_loss is not None or scoring_calibration
                 with self.scorer.ignoring_backward() if scored_elsewhere else nullcontext():
                     self.accelerator.backward(loss)
             step_loss += loss.item()
         return step_loss
 
     def _score_calibration(self, accumulation: int) -> None:
-        """The scorer's hooks read cross-entropy on calibration batches; the adapters learn nothing from them.
-
-        Every step draws its batches, scoring or not, so a resumed run reads the same ones.
-        """
+        """The scorer's hooks read cross-entropy on calibration batches; the adapters learn nothing from them."""
+        if not self._scoring_this_step():
+            return
         for _ in range(accumulation):
             batch, labels = split_labels(self.calibration.next_batch().to(self.accelerator.device))
-            if not self._scoring_this_step():
-                continue
             # The unwrapped model: a pass no optimizer step follows needs no gradient synchronisation.
             with self.scorer.recording_inputs() as watched, self._autocast():
                 loss = self.inner(input_ids=batch, labels=batch if labels is None else labels, use_cache=False).loss
