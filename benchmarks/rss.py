@@ -34,7 +34,8 @@ class TrainingMeasurement:
                 "step_seconds_median": statistics.median(self.step_seconds)}
 
 
-def measured_training(model, blocks, config, fixed_masks=None, interval: float = 0.02) -> TrainingMeasurement:
+def measured_training(model, blocks, config, fixed_masks=None, interval: float = 0.02,
+                      calibration_blocks=None) -> TrainingMeasurement:
     """Run ``train_while_pruning`` here while sampling this process's RSS every ``interval`` seconds."""
     import psutil
 
@@ -53,7 +54,8 @@ def measured_training(model, blocks, config, fixed_masks=None, interval: float =
     sampler.start()
     try:
         with tempfile.TemporaryDirectory() as run_dir:
-            outcome = train_while_pruning(model, blocks, config, Path(run_dir), progress=False, fixed_masks=fixed_masks)
+            outcome = train_while_pruning(model, blocks, config, Path(run_dir), progress=False, fixed_masks=fixed_masks,
+                                          calibration_blocks=calibration_blocks)
             log = [json.loads(line) for line in (Path(run_dir) / "log.jsonl").read_text().splitlines()]
     finally:
         done.set()
