@@ -104,6 +104,9 @@ METHODS: dict[str, Method] = {
     "fisher+global/cal:austen+pydoc": Method({"criterion": "fisher", "allocation": "global",
                                               "calibration": "austen+pydoc"}),
     "fisher+global/cal:pydoc": Method({"criterion": "fisher", "allocation": "global", "calibration": "pydoc"}),
+    # The same run at another learning rate than the suite's (Settings.lr): what chose prune's --lr default.
+    **{f"fisher+global/lr:{lr}": Method({"criterion": "fisher", "allocation": "global", "lr": float(lr)})
+       for lr in ("1e-4", "4e-4", "8e-4", "1.6e-3", "3.2e-3")},
     "llm-pruner": Method(LLM_PRUNER, one_shot=True),
     "llm-pruner+distill": Method({**LLM_PRUNER, **DISTILL}, one_shot=True),
     "llm-pruner+global": Method({**LLM_PRUNER, "allocation": "global"}, one_shot=True),
@@ -140,6 +143,8 @@ class Settings:
         ("flap", None, 0), ("fisher+global+bias", 0.2, 0), ("fisher+global+kl+bias", 0.2, 0), ("flap+lora", 0.2, 0),
         ("fisher+global+bias", 0.5, 0), ("fisher+global/cal:austen+pydoc", 0.2, 0),
         ("fisher+global/cal:austen+pydoc", 0.5, 0), ("fisher+global/cal:pydoc", 0.2, 0),
+        ("fisher+global/lr:4e-4", None, 0), ("fisher+global/lr:1e-4", None, 0), ("fisher+global/lr:8e-4", None, 0),
+        ("fisher+global/lr:1.6e-3", None, 0), ("fisher+global/lr:3.2e-3", None, 0),
     )
 
 
@@ -162,9 +167,9 @@ def run_key(method: str, sparsity: float, seed: int) -> str:
 
 
 def _config(settings: Settings, method: Method, sparsity: float, seed: int) -> PruneConfig:
-    return PruneConfig(data=method.data, sparsity=sparsity or 0.5, steps=settings.steps, seq_len=settings.seq_len,
-                       lr=settings.lr, prune_every=settings.prune_every, seed=seed, save_every=10 ** 9,
-                       **method.settings)
+    suite = {"data": method.data, "sparsity": sparsity or 0.5, "steps": settings.steps, "seq_len": settings.seq_len,
+             "lr": settings.lr, "prune_every": settings.prune_every, "seed": seed, "save_every": 10 ** 9}
+    return PruneConfig(**{**suite, **method.settings})  # a method may set its own learning rate
 
 
 def _calibration(train_blocks: torch.Tensor, settings: Settings, seed: int) -> torch.Tensor:
@@ -386,6 +391,19 @@ def summary_lines(results: dict) -> list[str]:
             lines.append("  " + _target_verdict(inside, outside, TARGETS[sparsity]))
         lines += _recovery_text_lines(pruned, dense)
         lines += _calibration_lines(every_pruned, dense, TARGETS.get(sparsity))
+        lines += _learning_rate_lines(pruned, dense, results["settings"].get("lr", Settings().lr))
+    return lines
+
+
+def _learning_rate_lines(pruned: list[dict], dense: dict, suite_lr: float) -> list[str]:
+    """Each run at its own learning rate beside the same method at the suite's."""
+    lines, suite = [], f"{suite_lr:.0e}".replace("e-0", "e-")  # 2e-4, as the rows' names spell rates
+    for row, twin, lr, method in _beside_twins(pruned, "/lr:", lambda r: "lr" not in METHODS[r["method"]].settings):
+        (inside, outside, geo), (twin_in, twin_out, twin_geo) = ratios_to_dense(row, dense), ratios_to_dense(twin, dense)
+        lines.append(f"  - lr {lr} against {suite} for `{method}`: geometric mean {geo:.2f} against {twin_geo:.2f} "
+                     f"({geo / twin_geo - 1:+.1%}); Northanger Abbey {inside:.2f}× against {twin_in:.2f}×, pydoc "
+                     f"{outside:.2f}× against {twin_out:.2f}×, repetition {row['generation']['repetition']:.3f} "
+                     f"against {twin['generation']['repetition']:.3f}.")
     return lines
 
 
@@ -457,8 +475,8 @@ def quality_section(results: dict, command: str) -> str:
         "",
         (f"Every method: Austen training split (Emma, Mansfield Park, Pride and Prejudice, Sense and "
          f"Sensibility), {s['steps']} optimizer steps of 1×{s['seq_len']} tokens, LoRA rank 8 on all "
-         f"projections, lr {s['lr']}, cubic schedule (masks every {s['prune_every']} steps), global allocation "
-         "(one whole-model budget spent on the units with the least score per parameter in any layer). "
+         f"projections, lr {s['lr']} (rows named `/lr:X`: X), cubic schedule (masks every {s['prune_every']} "
+         "steps), global allocation (one whole-model budget spent on the units with the least score per parameter in any layer). "
          "Recovery text: Austen, except where the method's name says `@austen+self` (training samples alternate "
          "between Austen blocks and blocks the dense model sampled, as `prune --data austen+self` does: "
          "temperature 1, each from SmolLM2's chat-turn opening plus 8 Austen tokens; "

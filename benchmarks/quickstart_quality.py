@@ -48,7 +48,8 @@ def measure(name: str) -> dict:
     seconds = time.perf_counter() - started
     report = json.loads((OUT / name / "loraprune.json").read_text())
     before, after = report["out_of_domain"]["before"], report["out_of_domain"]["after"]
-    return {"command": shown(name), "data": report["data"], "achieved_sparsity": report["achieved_sparsity"],
+    return {"command": shown(name), "data": report["data"], "lr": report["config"]["lr"],
+            "achieved_sparsity": report["achieved_sparsity"],
             "in_domain": {"before": report["perplexity_before"], "after": report["perplexity_after"]},
             "out_of_domain": {"before": before["perplexity"], "after": after["perplexity"]},
             "fidelity": after.get("fidelity"),
@@ -80,8 +81,8 @@ def section(results: dict) -> str:
     first = next(iter(rows.values()), None)
     lines = ["## Quality: the README quickstart's model", "",
              (f"Command: `python benchmarks/quickstart_quality.py`, which runs each command below (`loraprune "
-              f"prune`, SmolLM2-135M, defaults otherwise: global allocation, `fisher`, lr 1e-4, LoRA rank 8) and "
-              f"reads its loraprune.json. Machine: {results['machine']}.")]
+              f"prune`, SmolLM2-135M, defaults otherwise: global allocation, `fisher`, lr {lrs(rows)}, LoRA rank 8) "
+              f"and reads its loraprune.json. Machine: {results['machine']}.")]
     if first is not None:
         ind, ood = first["in_domain"]["before"], first["out_of_domain"]["before"]
         lines.append("")
@@ -108,6 +109,11 @@ def section(results: dict) -> str:
     if missing:
         lines += ["", f"Not run (the machine's time ran out; the script resumes with them): {', '.join(missing)}."]
     return "\n".join(lines) + "\n"
+
+
+def lrs(rows: dict) -> str:
+    """The learning rates the rows ran at (prune's default when each ran)."""
+    return " / ".join(sorted({f"{row['lr']:g}" for row in rows.values()})) or "the default"
 
 
 def saved(path: Path) -> dict:

@@ -70,6 +70,20 @@ def test_a_run_scored_on_pydoc_is_reported_beside_its_twin_but_never_picked():
     assert "Not a candidate for the default" in lines[-1] and "pydoc ≤ 1.6×: 1.40×, met" in lines[-1]
 
 
+def test_a_run_at_its_own_learning_rate_trains_at_it_is_reported_beside_its_twin_and_can_be_picked():
+    method = METHODS["fisher+global/lr:4e-4"]
+    assert _config(Settings(), method, 0.2, seed=0).lr == 4e-4 != Settings().lr
+    assert _config(Settings(), METHODS["fisher+global"], 0.2, seed=0).lr == Settings().lr
+    dense = _row("dense", 0.0, 30.0, 10.0, 0.05)
+    suite_lr = _row("fisher+global", 0.2, 36.0, 24.0, 0.6)
+    faster = _row("fisher+global/lr:4e-4", 0.2, 33.0, 24.0, 0.5)
+    results = {"settings": {"seed": 0, "sparsities": [0.2], "lr": 2e-4},
+               "runs": {r["method"]: r for r in (dense, suite_lr, faster)}}
+    lines = summary_lines(results)
+    assert "picks `fisher+global/lr:4e-4`:" in lines[1]
+    assert lines[-1].startswith("  - lr 4e-4 against 2e-4 for `fisher+global`: geometric mean 1.62 against 1.70 (-4.3%)")
+
+
 def test_every_method_of_the_suite_is_a_valid_run():
     """The quick run takes a few methods; every other row must at least be a configuration prune accepts."""
     for method in METHODS.values():
