@@ -41,7 +41,7 @@ def _worker(mode: str, steps: int, seq_len: int) -> dict:
                          warmup_fraction=0.0, cooldown_fraction=0.0, **MODES[mode])
     fixed = ModelMasks.for_model(model) if mode == "finetune" else None
     calibration = [token_blocks(tokenizer, load_text(name, "train"), seq_len)[:64]
-                   for name in calibration_corpora(config.calibration or "") if config.calibration]
+                   for name in (calibration_corpora(config.calibration) if config.calibration else [])]
     measured = measured_training(model, blocks, config, fixed, interval=0.02, calibration_blocks=calibration)
     return {"mode": mode, **measured.row(), "steps": steps, "seq_len": seq_len, "threads": torch.get_num_threads()}
 

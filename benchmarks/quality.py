@@ -639,14 +639,15 @@ def budget_trend(folder: Path) -> list[str]:
                 row = runs[run_key("fisher+global", sparsity, 0)]
                 rows.setdefault(sparsity, []).append((steps, *ratios_to_dense(row, runs[run_key("dense", 0.0, 0)]),
                                                       row["generation"]["repetition"]))
+    # (sparsity, shortest budget's figures, longest budget's figures): each (steps, in, out, geo, repetition)
+    spans = [(sparsity, budgets[0], budgets[-1]) for sparsity, budgets in rows.items() if len(budgets) > 1]
+    if not spans:
+        return []
     changes = [f"at {sparsity:.0%} from {first[0]} to {last[0]} steps, in domain {first[1]:.2f}× → {last[1]:.2f}×, "
                f"out of domain {first[2]:.2f}× → {last[2]:.2f}×, repetition {first[4]:.3f} → {last[4]:.3f}"
-               for sparsity, budgets in rows.items() if len(budgets) > 1 for first, last in [(budgets[0], budgets[-1])]]
-    if not changes:
-        return []
+               for sparsity, first, last in spans]
     outside = [f"at {sparsity:.0%} {_direction(first[2], last[2])} ({last[2]:.1f}× after {last[0]} steps, target "
-               f"≤ {TARGETS[sparsity][1]:g}×)" for sparsity, budgets in rows.items() if len(budgets) > 1
-               for first, last in [(budgets[0], budgets[-1])]]
+               f"≤ {TARGETS[sparsity][1]:g}×)" for sparsity, first, last in spans]
     return ["Longer recovery on Austen: " + "; ".join(changes) + ". More training on one book closes the in-domain "
             "gap; the out-of-domain ratio (pydoc) " + "; ".join(outside) + ": what pruning cut on Austen's scores "
             "comes back slowly or not at all from Austen."]
