@@ -95,6 +95,8 @@ BAD_NEW_RUNS = {
     "distill_temperature_zero": ({"--distill": "0.5", "--distill-temperature": "0"},
                                  ["--distill-temperature must be positive"]),
     "distill_top_k_one": ({"--distill": "1", "--distill-top-k": "1"}, ["--distill-top-k must be at least 2"]),
+    "repetition_penalty_above_two": ({"--repetition-penalty": "3"},
+                                     ["--repetition-penalty must be auto, off or a number from 1 to 2"]),
     "unknown_data_name": ({"--data": "shakespeare"}, ["unknown data 'shakespeare'", "use one of"]),
     "text_empty": ({"--data": "text:{empty}"}, ["is empty"]),
     "text_binary": ({"--data": "text:{binary}"}, ["binary file", "UTF-8"]),

@@ -134,6 +134,9 @@ def test_prune_flags_reach_the_config(monkeypatch, tmp_path):
     config = seen["config"]
     assert (config.criterion, config.distill, config.distill_temperature, config.distill_top_k,
             config.bias_compensation, config.lora_columns) == ("flap", 0.5, 2.0, 50, True, False)
+    for flag, penalty in (("auto", None), ("off", 1.0), ("1.15", 1.15)):
+        assert cli.main(["prune", "--out", str(tmp_path / "o"), "--repetition-penalty", flag]) == 130
+        assert seen["config"].repetition_penalty == penalty
 
 
 LOST_RANK_SCRIPT = """

@@ -12,6 +12,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from gguf import GGUFReader
 from safetensors.torch import load_file
 
 from loraprune.data import load_text
@@ -93,3 +94,14 @@ def test_smollm2_global_run_exports_a_deci_lm_folder_with_the_runs_perplexity_an
     dense_health, pruned_health = report["out_of_domain"]["before"]["generation"], ood["generation"]
     assert len(pruned_health["samples"]) == len(dense_health["samples"]) >= 20
     assert 0 <= dense_health["repetition"] < 0.3  # the dense model does not loop on its own prompts
+
+    decoding, penalty = report["decoding"], report["decoding"]["repetition_penalty"]
+    tried = [(float(p), repetition) for p, repetition in decoding["tried"].items()]
+    assert decoding["how"] == "measured" and decoding["n_prompts"] == 12 and tried[-1][0] == penalty
+    assert all(repetition > decoding["dense_repetition"] + 0.05 for _, repetition in tried[:-1])  # mildest first
+    assert json.loads((out / "generation_config.json").read_text()).get("repetition_penalty", 1.0) == penalty
+    written = GGUFReader(gguf / "model.gguf").fields.get("general.sampling.penalty_repeat")
+    assert (written.contents() if written else 1.0) == pytest.approx(penalty)
+    assert "decoding default:" in done.stdout
+    if penalty != 1.0:  # judged on the health prompts, which it was not chosen on
+        assert decoding["generation"]["repetition"] < pruned_health["repetition"]

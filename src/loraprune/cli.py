@@ -123,8 +123,18 @@ PRUNE_SETTINGS = (
     "warmup_fraction", "cooldown_fraction", "prune_every", "lr", "lr_schedule", "batch_size",
     "grad_accumulation", "seq_len", "seed", "lora_rank", "lora_alpha", "lora_dropout", "eval_tokens",
     "eval_seq_len", "save_every", "lora_columns", "distill", "distill_temperature", "distill_top_k", "allocation",
-    "parallel", "bias_compensation", "calibration",
+    "parallel", "bias_compensation", "calibration", "repetition_penalty",
 )
+
+
+def _repetition_penalty(value: str) -> float | None:
+    """--repetition-penalty: auto (None: measured), off (1.0) or a number."""
+    if value in ("auto", "off"):
+        return None if value == "auto" else 1.0
+    try:
+        return float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected auto, off or a number, got {value!r}") from None
 
 
 def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
@@ -150,6 +160,11 @@ def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
                         "austen+pydoc). The units that survive are the ones this text needs, so give it "
                         "everything the pruned model must keep doing; LoRA still trains on --data only "
                         "(criterion fisher; default: --data)")
+    parser.add_argument("--repetition-penalty", type=_repetition_penalty, default=None, metavar="auto|off|X",
+                        help="decoding default written with the model (generation_config.json; GGUF: "
+                        "general.sampling.penalty_repeat): auto tries 1.05, 1.1, ... and keeps the mildest under "
+                        "which the pruned model repeats itself at most 0.05 more than the dense one (greedy, on "
+                        "prompts from the validation text); off writes none (default: auto)")
     parser.add_argument("--austen-dir", default=None, help="folder with the Austen novels")
     parser.add_argument("--out", default=None, help="folder the pruned checkpoint is written to")
     parser.add_argument("--sparsity", type=float, default=None,
@@ -259,8 +274,11 @@ def prune_command(args: argparse.Namespace) -> int:
     print(f"perplexity on {before.data} ({before.split}), {before.n_windows} windows of {before.seq_len} tokens, "
           f"{before.n_tokens} tokens: dense {before.ppl:.3f} -> pruned {after.ppl:.3f}")
     _print_out_of_domain(result.out_of_domain)
+    _print_decoding(result.report["decoding"])
     for sample in result.report["greedy_samples"]:
-        print(f"{sample['prompt']!r}\n  dense:  {sample['before']!r}\n  pruned: {sample['after']!r}")
+        print(f"{sample['prompt']!r}\n  dense:  {sample['before']!r}\n  pruned: {sample['after']!r}"
+              + (f"\n  pruned, repetition penalty {result.report['decoding']['repetition_penalty']:g}: "
+                 f"{sample['after_with_penalty']!r}" if "after_with_penalty" in sample else ""))
     if result.report["config"]["export"]:
         print(f"pruned model written to {result.output_dir}")
         print(written_kind(result.output_dir))
@@ -315,6 +333,24 @@ def _print_out_of_domain(report: dict | None) -> None:
     gen_before, gen_after = before["generation"], after["generation"]
     print(f"repeated 4-grams in greedy {gen_after['new_tokens']}-token continuations of {gen_after['n_prompts']} "
           f"prompts: dense {gen_before['repetition']:.3f} -> pruned {gen_after['repetition']:.3f}")
+
+
+def _print_decoding(decoding: dict) -> None:
+    """The summary line of the repetition penalty the model ships with."""
+    penalty = decoding["repetition_penalty"]
+    if decoding["how"] == "measured":
+        tried = ", ".join(f"{p} {r:.3f}" for p, r in decoding["tried"].items())
+        chosen = (f"chosen on {decoding['n_prompts']} prompts from the validation text (dense, no penalty: "
+                  f"{decoding['dense_repetition']:.3f}; tried {tried})")
+    else:
+        chosen = "given by --repetition-penalty"
+    if penalty == 1.0:
+        print(f"decoding default: no repetition penalty, {chosen}")
+        return
+    health = decoding["generation"]
+    print(f"decoding default: repetition penalty {penalty:g}, {chosen}; written with the model "
+          f"(generation_config.json / GGUF general.sampling.penalty_repeat); under it the {health['n_prompts']} "
+          f"prompts' repeated 4-grams: {health['repetition']:.3f}")
 
 
 def add_export_arguments(parser: argparse.ArgumentParser) -> None:

@@ -104,6 +104,9 @@ class PruneConfig:
     gguf_type: str | None = None  # one of GGUF_TYPE_NAMES
 
     # Bookkeeping (does not change the result).
+    # Decoding default written with the model (generation_config.json, GGUF general.sampling.penalty_repeat):
+    # None measures the mildest repetition penalty that keeps it from looping; 1.0 writes none.
+    repetition_penalty: float | None = None
     eval_tokens: int = 16384
     eval_seq_len: int = 512
     save_every: int = 50
@@ -129,6 +132,9 @@ class PruneConfig:
                 raise LoraPruneError(f"--{flag} must be a positive integer, got {value}")
         if self.skip_first_layers < 0 or self.skip_last_layers < 0:
             raise LoraPruneError("--skip-first and --skip-last must be ≥ 0")
+        if self.repetition_penalty is not None and not 1.0 <= self.repetition_penalty <= 2.0:
+            raise LoraPruneError(f"--repetition-penalty must be auto, off or a number from 1 to 2, "
+                                 f"got {self.repetition_penalty}")
         if not 0.0 <= self.ema < 1.0:
             raise LoraPruneError(f"--ema must be in [0, 1), got {self.ema}")
         if not (0.0 <= self.warmup_fraction < 1.0 and 0.0 <= self.cooldown_fraction < 1.0
@@ -200,7 +206,7 @@ class PruneConfig:
     def result_changing_differences(self, other: PruneConfig) -> list[str]:
         """Names of settings that differ and would change the pruned model."""
         harmless = {"eval_tokens", "eval_seq_len", "save_every", "austen_dir", "parallel",
-                    "export", "export_format", "gguf_type"}  # the masks and adapter do not depend on them
+                    "export", "export_format", "gguf_type", "repetition_penalty"}  # the masks and adapter do not depend on them
         mine, theirs = self.to_dict(), other.to_dict()
         return sorted(k for k in mine if k not in harmless and mine[k] != theirs[k])
 

@@ -34,7 +34,9 @@ from loraprune.data.generated import (
 )
 from loraprune.destination import check_creatable
 from loraprune.errors import LoraPruneError
+from loraprune.evaluation.decoding import choose_repetition_penalty, given_repetition_penalty, tuning_prompts
 from loraprune.evaluation.fidelity import dense_view
+from loraprune.evaluation.generation import generation_health
 from loraprune.evaluation.harness import out_of_domain_blocks, out_of_domain_report
 from loraprune.evaluation.perplexity import PerplexityResult, evaluate_perplexity, perplexity
 from loraprune.evaluation.samples import SAMPLE_PROMPTS, greedy_samples
@@ -316,14 +318,20 @@ def prune(config: PruneConfig | None = None, out: str | Path | None = None, *,
     pruned = _evaluate(outcome.model, tokenizer, config, main_progress, generated)
     ood_after = out_of_domain_report(outcome.model, tokenizer, ood, dense_view(outcome.model, outcome.masks),
                                      FIDELITY_TOKENS // config.eval_seq_len)
+    decoding = _decoding_default(outcome, tokenizer, config, generated)
+    penalty = decoding["repetition_penalty"]
     samples = [{"prompt": prompt, "before": before, "after": after} for prompt, before, after
                in zip(SAMPLE_PROMPTS, samples_before, greedy_samples(outcome.model, tokenizer))]
+    if penalty != 1.0:
+        for sample, shipped in zip(samples, greedy_samples(outcome.model, tokenizer, repetition_penalty=penalty)):
+            sample["after_with_penalty"] = shipped
     report = {**run_report(config, outcome.steps),
               "achieved_sparsity": outcome.achieved_sparsity,
               "kept_per_layer": outcome.masks.kept_counts(),
               "perplexity_before": dense.to_dict(),
               "perplexity_after": pruned.to_dict(),
               "greedy_samples": samples,
+              "decoding": decoding,
               "out_of_domain": {"before": ood_before, "after": ood_after,
                                 "seen_while_pruning": ood is not None and ood[0] in seen_text.split("+")},
               "processes": _processes_report(config, processes.num_processes, outcome)}
@@ -340,6 +348,20 @@ def prune(config: PruneConfig | None = None, out: str | Path | None = None, *,
     processes.wait_for_everyone()
     return PruneResult(out_path, outcome.target, outcome.achieved_sparsity, dense, pruned, report,
                        processes.is_main_process, report["out_of_domain"])
+
+
+def _decoding_default(outcome: TrainingOutcome, tokenizer, config: PruneConfig,
+                      generated: GeneratedText | None) -> dict:
+    """The repetition penalty the model ships with (measured unless --repetition-penalty gives it), and
+    the health prompts' repetition under it: text it was not chosen on."""
+    if config.repetition_penalty is not None:
+        choice = given_repetition_penalty(config.repetition_penalty)
+    else:
+        prompts = tuning_prompts(tokenizer, validation_ids(tokenizer, config, generated))
+        choice = choose_repetition_penalty(outcome.model, tokenizer, prompts, dense_view(outcome.model, outcome.masks))
+    penalty = choice.repetition_penalty
+    health = generation_health(outcome.model, tokenizer, repetition_penalty=penalty) if penalty != 1.0 else None
+    return {**choice.to_dict(), "generation": health.to_dict() if health is not None else None}
 
 
 def _processes_report(config: PruneConfig, count: int, outcome: TrainingOutcome) -> dict:
@@ -387,6 +409,8 @@ def export_run(run: str | Path, out: str | Path, *, overwrite: bool = False, che
     masks.load_state_dict(checkpoint.masks)
     report = {**_saved_run_report(run_dir), **run_report(config, checkpoint.state.step),
               "finished": checkpoint.state.step >= config.steps}
+    if "decoding" not in report and config.repetition_penalty is not None:  # a run that stopped before choosing
+        report["decoding"] = given_repetition_penalty(config.repetition_penalty).to_dict()
     with _run_kept_on_failed_check(run_dir, Path(out)):
         return _export(peft_model, tokenizer, masks, report, Path(out), config, export_format=export_format,
                        gguf_type=gguf_type, overwrite=overwrite, check_logits=check_logits, run_dir=run_dir)
@@ -409,14 +433,20 @@ def _refuse_writing_over_the_run(run: Path, run_dir: Path, out: Path) -> None:
 
 def export_probe(tokenizer, config: PruneConfig, run_dir: Path | None = None) -> torch.Tensor:
     """The first EXPORT_PROBE_TOKENS tokens of the run's validation text, shape (1, tokens)."""
+    saved = GeneratedText.load(run_dir) if run_dir is not None and parse_data(config.data).corpus is None else None
+    return validation_ids(tokenizer, config, saved, run_dir)[:EXPORT_PROBE_TOKENS][None]
+
+
+def validation_ids(tokenizer, config: PruneConfig, generated: GeneratedText | None,
+                   run_dir: Path | None = None) -> torch.Tensor:
+    """The run's validation text as one 1-D tensor of token ids; for --data self alone, the held-out samples."""
     spec = parse_data(config.data)
-    if spec.corpus is None:  # --data self alone: the held-out samples saved in the run folder
-        saved = GeneratedText.load(run_dir) if run_dir is not None else None
-        if saved is None:
+    if spec.corpus is None:
+        if generated is None:
             raise LoraPruneError(f"the run in {run_dir} has no self-generated text ({config.data}) to check the export on")
-        return saved.validation.reshape(-1)[:EXPORT_PROBE_TOKENS][None]
+        return generated.validation.reshape(-1)
     ids = corpus_ids(tokenizer, load_corpus(spec.corpus, "validation", config.austen_dir))
-    return torch.from_numpy(ids[:EXPORT_PROBE_TOKENS].astype(np.int64))[None]
+    return torch.from_numpy(ids.astype(np.int64))
 
 
 @contextmanager

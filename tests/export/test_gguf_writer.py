@@ -125,6 +125,7 @@ def test_gguf_gives_the_masked_models_greedy_tokens_and_logprobs_in_llamacpp(
     assert reader.fields["tokenizer.ggml.pre"].contents() == "gpt-2"  # the tokenizer's plain ByteLevel
     assert reader.fields["tokenizer.ggml.bos_token_id"].contents() == smollm2_tokenizer.bos_token_id
     assert "<|im_start|>" in reader.fields["tokenizer.chat_template"].contents()
+    assert "general.sampling.penalty_repeat" not in reader.fields  # the run chose no decoding default
     check = json.loads((out / "loraprune.json").read_text())["export"]["logit_check"]
     assert check["passed"] and check["llamacpp"]["top1_agreement"] == 1.0
     assert check["llamacpp"]["relative_difference"] < 1e-5
@@ -170,6 +171,15 @@ def test_source_gguf_tokenizer_keys_are_copied(smollm2_tokenizer, tmp_path):
     assert "tokenizer.ggml.merges" in keys and written.fields["tokenizer.ggml.pre"].contents() == "smollm"
     for key in keys:
         assert written.fields[key].contents() == source.fields[key].contents(), key
+
+
+def test_the_runs_repetition_penalty_is_the_files_llamacpp_sampling_default(smollm2_tokenizer, tmp_path):
+    probe = torch.tensor([smollm2_tokenizer(TEXT)["input_ids"]])
+    report = {"model": "tiny", "decoding": {"repetition_penalty": 1.15}}
+    out = export_model(ExportRequest(tiny_llama(), masks_keeping(UNIFORM), smollm2_tokenizer, report,
+                                     tmp_path / "pruned", format="gguf", probe=probe, threads=1))
+    penalty = GGUFReader(out / GGUF_NAME).fields["general.sampling.penalty_repeat"].contents()
+    assert penalty == pytest.approx(1.15)
 
 
 def test_rope_permutation_matches_llamacpp_converter_layout():

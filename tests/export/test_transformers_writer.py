@@ -262,6 +262,16 @@ def test_smollm2_export_without_a_kv_group_matches_and_generates(tmp_path):
     assert generated.strip()
 
 
+@pytest.mark.parametrize("export_format", ["transformers", "nemotron-nas"])
+def test_the_runs_repetition_penalty_is_the_folders_decoding_default(export_format, tmp_path):
+    for name, report, expected in (("chosen", {"decoding": {"repetition_penalty": 1.15}}, 1.15), ("none", {}, None)):
+        config = LlamaConfig(num_attention_heads=4, num_key_value_heads=4, **TINY)  # export slices it in place
+        masks = uniform_masks(LayerShape.from_config(config), 3, kv_groups=2, queries_per_group=1, ffn=48)
+        out = export_model(ExportRequest(tiny_model(config), masks, None, report, tmp_path / name,
+                                         format=export_format))
+        assert json.loads((out / "generation_config.json").read_text()).get("repetition_penalty") == expected
+
+
 def test_a_model_dequantized_from_gguf_saves_as_a_plain_checkpoint(tmp_path):
     config = LlamaConfig(num_attention_heads=4, num_key_value_heads=4, **TINY)
     model = tiny_model(config)

@@ -54,6 +54,7 @@ class GenerationHealth:
     n_prompts: int
     new_tokens: int
     seconds: float
+    repetition_penalty: float = 1.0  # the decoding's; 1: plain greedy
     samples: list[dict] = field(default_factory=list)  # {"prompt", "kind", "text", "repetition"}
 
     def to_dict(self) -> dict:
@@ -83,7 +84,8 @@ def health_prompts(tokenizer) -> list[tuple[str, str]]:
 
 
 @torch.inference_mode()
-def greedy_batch(model: nn.Module, tokenizer, prompts: list[str], new_tokens: int = NEW_TOKENS) -> list[list[int]]:
+def greedy_batch(model: nn.Module, tokenizer, prompts: list[str], new_tokens: int = NEW_TOKENS,
+                 repetition_penalty: float = 1.0) -> list[list[int]]:
     """Greedy continuations (new token ids only) of ``prompts``, batched with left padding."""
     device = next(model.parameters()).device
     pad = next(token for token in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if token is not None)
@@ -94,7 +96,7 @@ def greedy_batch(model: nn.Module, tokenizer, prompts: list[str], new_tokens: in
             encoded = _left_padded(tokenizer, prompts[first : first + BATCH], pad)
             ids, mask = encoded["input_ids"].to(device), encoded["attention_mask"].to(device)
             output = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
-                                    do_sample=False, pad_token_id=pad)
+                                    do_sample=False, pad_token_id=pad, repetition_penalty=repetition_penalty)
             continuations += [_until_end(row.tolist(), tokenizer.eos_token_id, pad) for row in output[:, ids.shape[1]:]]
         return continuations
     finally:
@@ -118,13 +120,19 @@ def _until_end(ids: list[int], eos: int | None, pad: int) -> list[int]:
     return ids
 
 
-def generation_health(model: nn.Module, tokenizer, new_tokens: int = NEW_TOKENS) -> GenerationHealth:
-    """Greedy ``new_tokens`` continuations of every health prompt, scored by repeated 4-grams."""
+def generation_health(model: nn.Module, tokenizer, new_tokens: int = NEW_TOKENS,
+                      repetition_penalty: float = 1.0) -> GenerationHealth:
+    """Greedy ``new_tokens`` continuations of every health prompt, scored by repeated 4-grams.
+
+    ``repetition_penalty`` above 1 decodes as a runtime does with that penalty (CTRL's, as transformers
+    applies it); 1 is plain greedy decoding.
+    """
     started = time.perf_counter()
     kinds_prompts = health_prompts(tokenizer)
-    continuations = greedy_batch(model, tokenizer, [p for _, p in kinds_prompts], new_tokens)
+    continuations = greedy_batch(model, tokenizer, [p for _, p in kinds_prompts], new_tokens, repetition_penalty)
     samples = [{"kind": kind, "prompt": prompt, "text": tokenizer.decode(ids, skip_special_tokens=True),
                 "repetition": repeated_ngram_fraction(ids)}
                for (kind, prompt), ids in zip(kinds_prompts, continuations)]
     repetition = sum(s["repetition"] for s in samples) / len(samples)
-    return GenerationHealth(repetition, len(samples), new_tokens, time.perf_counter() - started, samples)
+    return GenerationHealth(repetition, len(samples), new_tokens, time.perf_counter() - started, repetition_penalty,
+                            samples)

@@ -33,7 +33,14 @@ from loraprune.export.gguf_vocab import add_vocab, check_vocab
 from loraprune.export.llamacpp import GreedyRun, LlamaCpp
 from loraprune.export.logit_check import LogitComparison, compare_logits, logits_of
 from loraprune.export.slicing import LayerWidths, layer_widths, layers_report, slice_model
-from loraprune.export.writer import ExportRequest, ExportWriter, TrainedLogits, WrittenModel, register_writer
+from loraprune.export.writer import (
+    ExportRequest,
+    ExportWriter,
+    TrainedLogits,
+    WrittenModel,
+    register_writer,
+    shipped_repetition_penalty,
+)
 from loraprune.models import ArchSpec, decoder_layers, unwrap
 from loraprune.models.loading import drop_quantizer
 from loraprune.pruning.groups import LayerShape
@@ -72,7 +79,8 @@ class GgufWriter(ExportWriter):
         path = folder / GGUF_NAME
         vocab_source, fallbacks = write_quantised_gguf(path, sliced.config, widths, architecture, request.gguf_type,
                                                        request.tokenizer, request.source_gguf,
-                                                       gguf_tensors(sliced, request.spec, widths), request.threads)
+                                                       gguf_tensors(sliced, request.spec, widths), request.threads,
+                                                       shipped_repetition_penalty(request.report))
         type_floor = weight_rounding_floor(sliced, request.spec, widths, path, reference.probe, reference.merged)
         llama_logits, comparisons = llamacpp_run(path, sliced, reference, request.threads)
         summary = {"format": "gguf", "file": GGUF_NAME, "gguf_type": request.gguf_type,
@@ -109,17 +117,19 @@ def check_architecture(model: PreTrainedModel, spec: ArchSpec) -> None:
 
 def write_quantised_gguf(path: Path, config, widths: list[LayerWidths], architecture: str, gguf_type: str,
                          tokenizer, source_gguf: Path | None, tensors: Iterable[tuple[str, np.ndarray]],
-                         threads: int | None = None) -> tuple[str, int]:
+                         threads: int | None = None, repetition_penalty: float = 1.0) -> tuple[str, int]:
     """Write ``gguf_type`` directly, or f16 that llama.cpp's quantizer then converts; returns the tokenizer's origin
     and how many projections llama.cpp stored in its fallback type (rows the model's layout fixes).
 
     ``tensors``: (GGUF name, float32 array) in the order :func:`gguf_tensors` gives them.
     """
     if not GGUF_TYPES[gguf_type].by_llamacpp:
-        return write_gguf(path, config, widths, architecture, gguf_type, tokenizer, source_gguf, tensors), 0
+        return write_gguf(path, config, widths, architecture, gguf_type, tokenizer, source_gguf, tensors,
+                          repetition_penalty), 0
     unquantised = path.with_name(UNQUANTISED_NAME)
     try:
-        vocab_source = write_gguf(unquantised, config, widths, architecture, "f16", tokenizer, source_gguf, tensors)
+        vocab_source = write_gguf(unquantised, config, widths, architecture, "f16", tokenizer, source_gguf, tensors,
+                                  repetition_penalty)
         quantize_gguf(unquantised, path, gguf_type, threads)
     finally:
         unquantised.unlink(missing_ok=True)
@@ -127,8 +137,14 @@ def write_quantised_gguf(path: Path, config, widths: list[LayerWidths], architec
 
 
 def write_gguf(path: Path, config, widths: list[LayerWidths], architecture: str, gguf_type: str, tokenizer,
-               source_gguf: Path | None, tensors: Iterable[tuple[str, np.ndarray]]) -> str:
-    """Write a model config's hyper-parameters, the tokenizer and the weights; returns the tokenizer's origin."""
+               source_gguf: Path | None, tensors: Iterable[tuple[str, np.ndarray]],
+               repetition_penalty: float = 1.0) -> str:
+    """Write a model config's hyper-parameters, the tokenizer and the weights; returns the tokenizer's origin.
+
+    A ``repetition_penalty`` other than 1 becomes the file's ``general.sampling.penalty_repeat``, the
+    default llama.cpp decodes with unless told otherwise (it penalises its last 64 tokens by default,
+    transformers the whole text: the same for short answers).
+    """
     head_dim = LayerShape.from_config(config).head_dim
     writer = GGUFWriter(path, architecture, use_temp_file=True)  # weights go to disk as they come
     writer.add_type("model")
@@ -153,6 +169,8 @@ def write_gguf(path: Path, config, widths: list[LayerWidths], architecture: str,
         writer.add_rope_scaling_factor(factor)
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_vocab_size(config.vocab_size)
+    if repetition_penalty != 1.0:
+        writer.add_sampling_penalty_repeat(repetition_penalty)
     vocab_source = add_vocab(writer, tokenizer, config.vocab_size, source_gguf)
     for name, array in tensors:
         stored, raw_type = stored_tensor(array, gguf_type)

@@ -133,6 +133,7 @@ def export_model(request: ExportRequest) -> Path:
     tmp = temporary_folder_beside(out)
     try:
         merged, reference = merged_with_reference(request)
+        ship_decoding_default(merged, request.report)
         source = {"source_architecture": type(merged).__name__, "parameters_before": merged.num_parameters()}
         written = writer.write(merged, request, reference, tmp)
         check = logit_check(written, reference)
@@ -166,6 +167,18 @@ def merged_with_reference(request: ExportRequest) -> tuple[PreTrainedModel, Trai
     if masks.means is not None:  # bias compensation: removed units' mean outputs become biases
         fold_compensation(merged, masks, spec)
     return merged, TrainedLogits(probe, trained, merged_logits, rounding, dtype)
+
+
+def shipped_repetition_penalty(report: dict) -> float:
+    """The repetition penalty the run chose for its model (report "decoding"); 1: none."""
+    return float((report.get("decoding") or {}).get("repetition_penalty", 1.0))
+
+
+def ship_decoding_default(merged: PreTrainedModel, report: dict) -> None:
+    """Put the run's repetition penalty in the generation config every transformers-style folder saves."""
+    penalty = shipped_repetition_penalty(report)
+    if penalty != 1.0 and getattr(merged, "generation_config", None) is not None:
+        merged.generation_config.repetition_penalty = penalty
 
 
 def logit_check(written: WrittenModel, reference: TrainedLogits) -> dict:
