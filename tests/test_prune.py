@@ -96,6 +96,22 @@ def test_report_holds_greedy_samples_and_out_of_domain_measures_before_and_after
     assert [s["prompt"] for s in samples] == list(SAMPLE_PROMPTS)
     assert all(isinstance(s["before"], str) and isinstance(s["after"], str) for s in samples)
     assert any(s["before"] != s["after"] for s in samples)  # pruning 30 % of a tiny model changes its text
+    decoding = report["decoding"]  # the repetition penalty, chosen against the dense model on the run's own text
+    assert decoding["measured"] and decoding["n_prompts"] > 0 and decoding["dense_repetition"] is not None
+    assert float(list(decoding["tried"])[-1]) == decoding["repetition_penalty"]
+    shipped = json.loads((tmp_path / "out" / "generation_config.json").read_text())["repetition_penalty"]
+    assert shipped == decoding["repetition_penalty"]
+    if shipped != 1.0:
+        assert decoding["generation"]["repetition_penalty"] == shipped and "after_with_penalty" in samples[0]
+
+
+def test_a_given_repetition_penalty_is_shipped_unmeasured_and_judged_on_the_health_prompts(tiny_run_inputs, tmp_path):
+    model_dir, text = tiny_run_inputs
+    result = prune(_config(model_dir, text, steps=4, repetition_penalty=1.2), tmp_path / "out", progress=False)
+    decoding = result.report["decoding"]
+    assert (decoding["repetition_penalty"], decoding["measured"], decoding["tried"]) == (1.2, False, {})
+    assert decoding["generation"]["repetition_penalty"] == 1.2 and decoding["generation"]["n_prompts"] >= 20
+    assert json.loads((tmp_path / "out" / "generation_config.json").read_text())["repetition_penalty"] == 1.2
 
 
 def test_a_failed_logit_check_keeps_the_run_and_export_can_write_it_anyway(tiny_run_inputs, tmp_path, monkeypatch,
@@ -147,10 +163,13 @@ def test_a_re_export_keeps_what_the_prune_reported_about_its_run(tiny_run_inputs
     pruned = json.loads((tmp_path / "out" / "loraprune.json").read_text())
     again = json.loads((tmp_path / "again" / "loraprune.json").read_text())
     measured = ["achieved_sparsity", "kept_per_layer", "perplexity_before", "perplexity_after", "out_of_domain",
-                "greedy_samples", "processes", "config", "steps"]
+                "greedy_samples", "decoding", "processes", "config", "steps"]
     assert {key: again.get(key) for key in measured} == {key: pruned[key] for key in measured}
     assert again["finished"] and again["export"]["logit_check"]["passed"]
     assert again["export"]["layers"] == pruned["export"]["layers"]
+    shipped = [json.loads((tmp_path / folder / "generation_config.json").read_text())["repetition_penalty"]
+               for folder in ("out", "again")]
+    assert shipped == [pruned["decoding"]["repetition_penalty"]] * 2
 
 
 def test_export_refuses_an_out_that_would_overwrite_its_own_run(tiny_run_inputs, tmp_path):

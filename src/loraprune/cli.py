@@ -127,10 +127,10 @@ PRUNE_SETTINGS = (
 )
 
 
-def _repetition_penalty(value: str) -> float | None:
-    """--repetition-penalty: auto (None: measured), off (1.0) or a number."""
+def _parse_repetition_penalty(value: str) -> float | str:
+    """--repetition-penalty: "auto" (mapped to the config's None once flags are merged), off (1.0) or a number."""
     if value in ("auto", "off"):
-        return None if value == "auto" else 1.0
+        return "auto" if value == "auto" else 1.0
     try:
         return float(value)
     except ValueError:
@@ -160,7 +160,7 @@ def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
                         "austen+pydoc). The units that survive are the ones this text needs, so give it "
                         "everything the pruned model must keep doing; LoRA still trains on --data only "
                         "(criterion fisher; default: --data)")
-    parser.add_argument("--repetition-penalty", type=_repetition_penalty, default=None, metavar="auto|off|X",
+    parser.add_argument("--repetition-penalty", type=_parse_repetition_penalty, default=None, metavar="auto|off|X",
                         help="decoding default written with the model (generation_config.json; GGUF: "
                         "general.sampling.penalty_repeat): auto tries 1.05, 1.1, ... and keeps the mildest under "
                         "which the pruned model repeats itself at most 0.05 more than the dense one (greedy, on "
@@ -263,7 +263,7 @@ def prune_command(args: argparse.Namespace) -> int:
     overrides = {name: getattr(args, name) for name in PRUNE_SETTINGS if getattr(args, name) is not None}
     overrides["normalise_scores"] = False if args.no_normalise else None
     base = saved_run_config(args.resume if isinstance(args.resume, str) else args.out) if args.resume else PruneConfig()
-    config = base.with_overrides({k: v for k, v in overrides.items() if v is not None})
+    config = base.with_overrides({k: None if v == "auto" else v for k, v in overrides.items() if v is not None})
     result = prune(config, args.out, resume=args.resume, overwrite=args.overwrite,
                    export=False if args.no_export else None, progress=not args.no_progress,
                    export_format=args.export_format, gguf_type=args.gguf_type)
@@ -338,19 +338,21 @@ def _print_out_of_domain(report: dict | None) -> None:
 def _print_decoding(decoding: dict) -> None:
     """The summary line of the repetition penalty the model ships with."""
     penalty = decoding["repetition_penalty"]
-    if decoding["how"] == "measured":
+    if decoding["measured"]:
         tried = ", ".join(f"{p} {r:.3f}" for p, r in decoding["tried"].items())
-        chosen = (f"chosen on {decoding['n_prompts']} prompts from the validation text (dense, no penalty: "
+        chosen = (f"chosen on {decoding['n_prompts']} prompts from the validation text (dense: "
                   f"{decoding['dense_repetition']:.3f}; tried {tried})")
+        if not decoding["reached_bar"]:
+            chosen += ("; no candidate brought repetition within 0.05 of dense, so the strongest is kept: "
+                       "check the samples below, or set --repetition-penalty")
     else:
         chosen = "given by --repetition-penalty"
-    if penalty == 1.0:
-        print(f"decoding default: no repetition penalty, {chosen}")
-        return
     health = decoding["generation"]
-    print(f"decoding default: repetition penalty {penalty:g}, {chosen}; written with the model "
-          f"(generation_config.json / GGUF general.sampling.penalty_repeat); under it the {health['n_prompts']} "
-          f"prompts' repeated 4-grams: {health['repetition']:.3f}")
+    shipped = (f"repetition penalty {penalty:g}, written with the model (generation_config.json / GGUF "
+               f"general.sampling.penalty_repeat)" if penalty != 1.0 else "no repetition penalty")
+    print(f"decoding default: {shipped}, {chosen}"
+          + (f"; under it the {health['n_prompts']} prompts' repeated 4-grams: {health['repetition']:.3f}"
+             if health else ""))
 
 
 def add_export_arguments(parser: argparse.ArgumentParser) -> None:

@@ -102,11 +102,11 @@ class PruneConfig:
     export: bool = True
     export_format: Literal["transformers", "gguf", "nemotron-nas"] = "transformers"
     gguf_type: str | None = None  # one of GGUF_TYPE_NAMES
+    # The decoding default written with the model (generation_config.json, GGUF general.sampling.penalty_repeat):
+    # None measures the mildest repetition penalty that stops its loops; 1.0 ships none (over one the base sets).
+    repetition_penalty: float | None = None
 
     # Bookkeeping (does not change the result).
-    # Decoding default written with the model (generation_config.json, GGUF general.sampling.penalty_repeat):
-    # None measures the mildest repetition penalty that keeps it from looping; 1.0 writes none.
-    repetition_penalty: float | None = None
     eval_tokens: int = 16384
     eval_seq_len: int = 512
     save_every: int = 50

@@ -242,7 +242,8 @@ def _export(model, tokenizer, masks: ModelMasks, report: dict, out: Path, config
     """Write the model in the chosen format, validated before it is put in place."""
     return export_model(ExportRequest(model, masks, tokenizer, report, out, format=export_format, overwrite=overwrite,
                                       check_logits=check_logits, probe=export_probe(tokenizer, config, run_dir),
-                                      gguf_type=gguf_type, source_gguf=source_gguf_file(config.model)))
+                                      gguf_type=gguf_type, source_gguf=source_gguf_file(config.model),
+                                      repetition_penalty=(report.get("decoding") or {}).get("repetition_penalty")))
 
 
 def prune(config: PruneConfig | None = None, out: str | Path | None = None, *,
@@ -353,11 +354,11 @@ def prune(config: PruneConfig | None = None, out: str | Path | None = None, *,
 def _decoding_default(outcome: TrainingOutcome, tokenizer, config: PruneConfig,
                       generated: GeneratedText | None) -> dict:
     """The repetition penalty the model ships with (measured unless --repetition-penalty gives it), and
-    the health prompts' repetition under it: text it was not chosen on."""
+    the health prompts' repetition under it: prompts it was not chosen on."""
     if config.repetition_penalty is not None:
         choice = given_repetition_penalty(config.repetition_penalty)
     else:
-        prompts = tuning_prompts(tokenizer, validation_ids(tokenizer, config, generated))
+        prompts = tuning_prompts(validation_ids(tokenizer, config, generated))
         choice = choose_repetition_penalty(outcome.model, tokenizer, prompts, dense_view(outcome.model, outcome.masks))
     penalty = choice.repetition_penalty
     health = generation_health(outcome.model, tokenizer, repetition_penalty=penalty) if penalty != 1.0 else None
@@ -443,7 +444,8 @@ def validation_ids(tokenizer, config: PruneConfig, generated: GeneratedText | No
     spec = parse_data(config.data)
     if spec.corpus is None:
         if generated is None:
-            raise LoraPruneError(f"the run in {run_dir} has no self-generated text ({config.data}) to check the export on")
+            raise LoraPruneError(f"the run in {run_dir} has no self-generated text ({config.data}): its validation "
+                                 "samples are gone")
         return generated.validation.reshape(-1)
     ids = corpus_ids(tokenizer, load_corpus(spec.corpus, "validation", config.austen_dir))
     return torch.from_numpy(ids.astype(np.int64))

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers import RepetitionPenaltyLogitsProcessor
 
+from loraprune.errors import LoraPruneError
 from loraprune.evaluation import decoding
 from loraprune.evaluation.decoding import TOLERANCE, choose_repetition_penalty, repetition_on, tuning_prompts
+from loraprune.evaluation.generation import UnpaddedRepetitionPenalty, greedy_ids
 
 
 def scored(monkeypatch, dense: float, pruned: dict[float, float]) -> tuple[list[float], type]:
@@ -21,9 +24,9 @@ def scored(monkeypatch, dense: float, pruned: dict[float, float]) -> tuple[list[
         def __exit__(self, *exc):
             in_dense.pop()
 
-    def fake(model, tokenizer, prompts, repetition_penalty=1.0):
+    def fake(model, tokenizer, prompts, repetition_penalty=None):
         if in_dense:
-            assert repetition_penalty == 1.0  # the bar is the dense model's plain greedy text
+            assert repetition_penalty is None  # the dense model decodes as its own config says
             return dense
         asked.append(repetition_penalty)
         return pruned[repetition_penalty]
@@ -34,35 +37,58 @@ def scored(monkeypatch, dense: float, pruned: dict[float, float]) -> tuple[list[
 
 def test_the_mildest_penalty_within_the_tolerance_of_dense_is_chosen_and_stronger_ones_are_not_tried(monkeypatch):
     asked, view = scored(monkeypatch, dense=0.10, pruned={1.0: 0.6, 1.05: 0.3, 1.1: 0.10 + TOLERANCE, 1.15: 0.0})
-    choice = choose_repetition_penalty(None, None, ["a prompt"], view)
-    assert choice.repetition_penalty == 1.1 and choice.how == "measured"
+    choice = choose_repetition_penalty(None, None, [[1, 2]], view)
+    assert (choice.repetition_penalty, choice.measured, choice.reached_bar) == (1.1, True, True)
     assert asked == [1.0, 1.05, 1.1]
-    assert choice.dense_repetition == pytest.approx(0.10) and list(choice.tried) == ["1.0", "1.05", "1.1"]
+    assert choice.dense_repetition == 0.10 and list(choice.tried) == ["1.0", "1.05", "1.1"]
 
 
 def test_no_penalty_when_the_pruned_model_already_repeats_no_more_than_dense(monkeypatch):
     asked, view = scored(monkeypatch, dense=0.3, pruned={1.0: 0.2})
-    assert choose_repetition_penalty(None, None, ["a prompt"], view).repetition_penalty == 1.0
+    assert choose_repetition_penalty(None, None, [[1, 2]], view).repetition_penalty == 1.0
     assert asked == [1.0]
 
 
-def test_the_strongest_candidate_when_none_reaches_the_bar(monkeypatch):
+def test_the_strongest_candidate_is_kept_and_flagged_when_none_reaches_the_bar(monkeypatch):
     candidates = (1.0, 1.1, 1.2)
     asked, view = scored(monkeypatch, dense=0.0, pruned={p: 0.5 for p in candidates})
-    assert choose_repetition_penalty(None, None, ["a prompt"], view, candidates).repetition_penalty == 1.2
+    choice = choose_repetition_penalty(None, None, [[1, 2]], view, candidates)
+    assert (choice.repetition_penalty, choice.reached_bar) == (1.2, False)
     assert asked == list(candidates)
 
 
-def test_tuning_prompts_are_spread_over_the_text_and_as_long_as_asked(number_tokenizer):
-    ids = torch.arange(2, 102)  # "w0" ... "w99"
-    prompts = tuning_prompts(number_tokenizer, ids, count=4, length=5)
-    assert [p.split()[0] for p in prompts] == ["w0", "w23", "w46", "w69"]
-    assert all(len(p.split()) == 5 for p in prompts)
-    assert len(tuning_prompts(number_tokenizer, ids[:6], count=4, length=5)) == 2  # a short text gives fewer
+def test_tuning_prompts_are_spread_over_the_text_without_overlapping():
+    ids = torch.arange(100)
+    assert [p[0] for p in tuning_prompts(ids, count=4, length=5)] == [0, 31, 62, 93]
+    assert all(len(p) == 5 for p in tuning_prompts(ids, count=4, length=5))
+    assert [p[0] for p in tuning_prompts(ids[:12], count=4, length=5)] == [0, 5]  # a short text gives fewer
+    with pytest.raises(LoraPruneError, match="--repetition-penalty off"):
+        tuning_prompts(ids[:4], count=4, length=5)
+
+
+def test_the_penalty_is_transformers_own_on_unpadded_rows_and_skips_the_left_padding():
+    torch.manual_seed(0)
+    scores = torch.randn(2, 10)
+    rows = torch.tensor([[3, 5, 5, 7], [0, 0, 4, 9]])  # the second row is padded with two 0s
+    penalised = UnpaddedRepetitionPenalty(1.3, torch.tensor([0, 2]))(rows, scores.clone())
+    reference = RepetitionPenaltyLogitsProcessor(1.3)(rows, scores.clone())
+    assert torch.equal(penalised[0], reference[0])
+    assert torch.equal(penalised[1], RepetitionPenaltyLogitsProcessor(1.3)(rows[1:, 2:], scores[1:].clone())[0])
+    assert penalised[1, 0] == scores[1, 0] != reference[1, 0]
+
+
+def test_a_penalty_changes_a_tiny_models_greedy_text_and_none_leaves_it_to_the_models_config(tiny_llama,
+                                                                                          number_tokenizer):
+    prompt = [[2, 3, 4, 5, 6, 7, 8, 9]]
+    plain = greedy_ids(tiny_llama, number_tokenizer, prompt, new_tokens=24, repetition_penalty=1.0)
+    assert greedy_ids(tiny_llama, number_tokenizer, prompt, new_tokens=24, repetition_penalty=50.0) != plain
+    tiny_llama.generation_config.repetition_penalty = 50.0
+    assert greedy_ids(tiny_llama, number_tokenizer, prompt, new_tokens=24) != plain
+    assert greedy_ids(tiny_llama, number_tokenizer, prompt, new_tokens=24, repetition_penalty=1.0) == plain
 
 
 @pytest.mark.slow
 def test_a_penalty_breaks_the_real_models_loop(smollm2):
     model, tokenizer = smollm2
-    looping = ["The old house at the end of the lane had"]  # the dense SmolLM2's loopiest health prompt
+    looping = [tokenizer("The old house at the end of the lane had").input_ids]  # dense SmolLM2's loopiest prompt
     assert repetition_on(model, tokenizer, looping, 1.3) < repetition_on(model, tokenizer, looping) - 0.2

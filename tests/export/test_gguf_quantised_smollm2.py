@@ -20,7 +20,7 @@ def prune_command(austen_dir, out, gguf_type: str) -> list[str]:
     return [sys.executable, "-m", "loraprune", "prune", "--data", "austen", "--austen-dir", str(austen_dir),
             "--sparsity", "0.2", "--steps", "8", "--prune-every", "2", "--seq-len", "64", "--eval-tokens", "512",
             "--eval-seq-len", "256", "--format", "gguf", "--gguf-type", gguf_type, "--out", str(out),
-            "--no-progress"]
+            "--repetition-penalty", "1.1", "--no-progress"]  # given, not measured: kept through the quantizer
 
 
 @pytest.mark.slow
@@ -41,6 +41,7 @@ def test_smollm2_prune_to_q4_k_m_writes_a_file_llamacpp_runs_with_fallback_only_
     stored = {t.name: (int(t.shape[0]), t.tensor_type.name) for t in reader.tensors
               if t.name.split(".")[-2] in PROJECTIONS}
     assert len(stored) == 30 * 7
+    assert reader.fields["general.sampling.penalty_repeat"].contents() == pytest.approx(1.1)
     # Rows of 256-multiples (the pruned FFN widths) are in Q4_K_M's own types; the model's 576-long rows
     # (q/k/v/gate/up, and o_proj at 3, 6 or 9 heads of 64) are in llama.cpp's fallback, nothing else.
     assert {kind for length, kind in stored.values() if length % 256 == 0} <= {"Q4_K", "Q5_K", "Q6_K"}

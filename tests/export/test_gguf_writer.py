@@ -175,9 +175,9 @@ def test_source_gguf_tokenizer_keys_are_copied(smollm2_tokenizer, tmp_path):
 
 def test_the_runs_repetition_penalty_is_the_files_llamacpp_sampling_default(smollm2_tokenizer, tmp_path):
     probe = torch.tensor([smollm2_tokenizer(TEXT)["input_ids"]])
-    report = {"model": "tiny", "decoding": {"repetition_penalty": 1.15}}
-    out = export_model(ExportRequest(tiny_llama(), masks_keeping(UNIFORM), smollm2_tokenizer, report,
-                                     tmp_path / "pruned", format="gguf", probe=probe, threads=1))
+    out = export_model(ExportRequest(tiny_llama(), masks_keeping(UNIFORM), smollm2_tokenizer, {"model": "tiny"},
+                                     tmp_path / "pruned", format="gguf", probe=probe, threads=1,
+                                     repetition_penalty=1.15))
     penalty = GGUFReader(out / GGUF_NAME).fields["general.sampling.penalty_repeat"].contents()
     assert penalty == pytest.approx(1.15)
 

@@ -263,13 +263,15 @@ def test_smollm2_export_without_a_kv_group_matches_and_generates(tmp_path):
 
 
 @pytest.mark.parametrize("export_format", ["transformers", "nemotron-nas"])
-def test_the_runs_repetition_penalty_is_the_folders_decoding_default(export_format, tmp_path):
-    for name, report, expected in (("chosen", {"decoding": {"repetition_penalty": 1.15}}, 1.15), ("none", {}, None)):
+def test_the_runs_repetition_penalty_is_the_folders_decoding_default_over_the_bases(export_format, tmp_path):
+    for name, penalty, expected in (("chosen", 1.15, 1.15), ("none chosen", 1.0, 1.0), ("not measured", None, 1.3)):
         config = LlamaConfig(num_attention_heads=4, num_key_value_heads=4, **TINY)  # export slices it in place
         masks = uniform_masks(LayerShape.from_config(config), 3, kv_groups=2, queries_per_group=1, ffn=48)
-        out = export_model(ExportRequest(tiny_model(config), masks, None, report, tmp_path / name,
-                                         format=export_format))
-        assert json.loads((out / "generation_config.json").read_text()).get("repetition_penalty") == expected
+        model = tiny_model(config)
+        model.generation_config.repetition_penalty = 1.3  # as some bases ship (Qwen2.5-Instruct: 1.05)
+        out = export_model(ExportRequest(model, masks, None, {}, tmp_path / name, format=export_format,
+                                         repetition_penalty=penalty))
+        assert json.loads((out / "generation_config.json").read_text())["repetition_penalty"] == expected
 
 
 def test_a_model_dequantized_from_gguf_saves_as_a_plain_checkpoint(tmp_path):

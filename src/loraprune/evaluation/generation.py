@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
+from transformers import LogitsProcessor, LogitsProcessorList
 
 NGRAM = 4
 NEW_TOKENS = 64
@@ -54,7 +55,7 @@ class GenerationHealth:
     n_prompts: int
     new_tokens: int
     seconds: float
-    repetition_penalty: float = 1.0  # the decoding's; 1: plain greedy
+    repetition_penalty: float | None = None  # the decoding's; None: the model's generation config
     samples: list[dict] = field(default_factory=list)  # {"prompt", "kind", "text", "repetition"}
 
     def to_dict(self) -> dict:
@@ -83,33 +84,56 @@ def health_prompts(tokenizer) -> list[tuple[str, str]]:
     return prompts
 
 
-@torch.inference_mode()
 def greedy_batch(model: nn.Module, tokenizer, prompts: list[str], new_tokens: int = NEW_TOKENS,
-                 repetition_penalty: float = 1.0) -> list[list[int]]:
+                 repetition_penalty: float | None = None) -> list[list[int]]:
     """Greedy continuations (new token ids only) of ``prompts``, batched with left padding."""
+    rows = [tokenizer(prompt, add_special_tokens=False).input_ids for prompt in prompts]
+    return greedy_ids(model, tokenizer, rows, new_tokens, repetition_penalty)
+
+
+@torch.inference_mode()
+def greedy_ids(model: nn.Module, tokenizer, rows: list[list[int]], new_tokens: int = NEW_TOKENS,
+               repetition_penalty: float | None = None) -> list[list[int]]:
+    """Greedy continuations of prompts given as token ids, batched with left padding.
+
+    ``repetition_penalty`` None decodes as the model's generation config says; a number decodes
+    with that penalty (1: none), applied as a runtime applies it to one unpadded prompt.
+    """
     device = next(model.parameters()).device
     pad = next(token for token in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if token is not None)
-    side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    try:
-        continuations = []
-        for first in range(0, len(prompts), BATCH):
-            encoded = _left_padded(tokenizer, prompts[first : first + BATCH], pad)
-            ids, mask = encoded["input_ids"].to(device), encoded["attention_mask"].to(device)
-            output = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
-                                    do_sample=False, pad_token_id=pad, repetition_penalty=repetition_penalty)
-            continuations += [_until_end(row.tolist(), tokenizer.eos_token_id, pad) for row in output[:, ids.shape[1]:]]
-        return continuations
-    finally:
-        tokenizer.padding_side = side
+    continuations = []
+    for first in range(0, len(rows), BATCH):
+        batch = rows[first : first + BATCH]
+        width = max(len(row) for row in batch)
+        padding = torch.tensor([width - len(row) for row in batch], device=device)
+        ids = torch.tensor([[pad] * (width - len(row)) + row for row in batch], device=device)
+        mask = (torch.arange(width, device=device)[None, :] >= padding[:, None]).long()
+        options = {}
+        if repetition_penalty is not None:  # 1.0 also overrides a penalty the model's config may set
+            options["repetition_penalty"] = 1.0
+            if repetition_penalty != 1.0:
+                options["logits_processor"] = LogitsProcessorList([UnpaddedRepetitionPenalty(repetition_penalty,
+                                                                                             padding)])
+        output = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
+                                do_sample=False, pad_token_id=pad, **options)
+        continuations += [_until_end(row.tolist(), tokenizer.eos_token_id, pad) for row in output[:, width:]]
+    return continuations
 
 
-def _left_padded(tokenizer, prompts: list[str], pad: int) -> dict[str, torch.Tensor]:
-    """Token ids of ``prompts`` padded on the left with ``pad``, and their attention mask."""
-    rows = [tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
-    width = max(len(r) for r in rows)
-    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
-    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
-    return {"input_ids": ids, "attention_mask": mask}
+class UnpaddedRepetitionPenalty(LogitsProcessor):
+    """CTRL's repetition penalty as transformers applies it, over each row's tokens but not its left padding
+    (transformers' own would also penalise the padding, which is the end-of-sequence token for many models)."""
+
+    def __init__(self, penalty: float, padding: torch.Tensor):
+        self.penalty = penalty
+        self.padding = padding  # (batch,) left-padding length of each row
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        real = (positions[None, :] >= self.padding[:, None]).to(torch.int32)  # (batch, length)
+        seen = torch.zeros(scores.shape, dtype=torch.int32, device=scores.device).scatter_add_(1, input_ids, real) > 0
+        penalised = torch.where(scores < 0, scores * self.penalty, scores / self.penalty)
+        return torch.where(seen, penalised, scores)
 
 
 def _until_end(ids: list[int], eos: int | None, pad: int) -> list[int]:
@@ -121,11 +145,10 @@ def _until_end(ids: list[int], eos: int | None, pad: int) -> list[int]:
 
 
 def generation_health(model: nn.Module, tokenizer, new_tokens: int = NEW_TOKENS,
-                      repetition_penalty: float = 1.0) -> GenerationHealth:
+                      repetition_penalty: float | None = None) -> GenerationHealth:
     """Greedy ``new_tokens`` continuations of every health prompt, scored by repeated 4-grams.
 
-    ``repetition_penalty`` above 1 decodes as a runtime does with that penalty (CTRL's, as transformers
-    applies it); 1 is plain greedy decoding.
+    ``repetition_penalty``: as :func:`greedy_ids` takes it.
     """
     started = time.perf_counter()
     kinds_prompts = health_prompts(tokenizer)

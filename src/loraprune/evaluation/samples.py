@@ -15,14 +15,16 @@ SAMPLE_TOKENS = 24
 
 @torch.inference_mode()
 def greedy_samples(model: nn.Module, tokenizer, prompts: tuple[str, ...] = SAMPLE_PROMPTS,
-                   new_tokens: int = SAMPLE_TOKENS, repetition_penalty: float = 1.0) -> list[str]:
-    """The greedy continuation of each prompt (the new text only), one prompt at a time."""
+                   new_tokens: int = SAMPLE_TOKENS, repetition_penalty: float | None = None) -> list[str]:
+    """The greedy continuation of each prompt (the new text only), one prompt at a time; ``repetition_penalty``
+    None decodes as the model's generation config says."""
     device = next(model.parameters()).device
+    options = {} if repetition_penalty is None else {"repetition_penalty": repetition_penalty}
     continuations = []
     for prompt in prompts:
         ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
         output = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
                                 do_sample=False, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
-                                repetition_penalty=repetition_penalty)
+                                **options)
         continuations.append(tokenizer.decode(output[0, ids.shape[1]:], skip_special_tokens=True))
     return continuations

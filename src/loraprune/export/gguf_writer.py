@@ -39,13 +39,13 @@ from loraprune.export.writer import (
     TrainedLogits,
     WrittenModel,
     register_writer,
-    shipped_repetition_penalty,
 )
 from loraprune.models import ArchSpec, decoder_layers, unwrap
 from loraprune.models.loading import drop_quantizer
 from loraprune.pruning.groups import LayerShape
 
 GGUF_NAME = "model.gguf"
+PENALTY_REPEAT_KEY = "general.sampling.penalty_repeat"  # read into llama.cpp's sampling defaults (common.cpp)
 UNQUANTISED_NAME = "model-f16.gguf"  # what llama.cpp's quantizer reads, removed once it has written
 GREEDY_PROMPT_TOKENS = 16
 GREEDY_NEW_TOKENS = 16
@@ -80,7 +80,7 @@ class GgufWriter(ExportWriter):
         vocab_source, fallbacks = write_quantised_gguf(path, sliced.config, widths, architecture, request.gguf_type,
                                                        request.tokenizer, request.source_gguf,
                                                        gguf_tensors(sliced, request.spec, widths), request.threads,
-                                                       shipped_repetition_penalty(request.report))
+                                                       request.repetition_penalty or 1.0)
         type_floor = weight_rounding_floor(sliced, request.spec, widths, path, reference.probe, reference.merged)
         llama_logits, comparisons = llamacpp_run(path, sliced, reference, request.threads)
         summary = {"format": "gguf", "file": GGUF_NAME, "gguf_type": request.gguf_type,
@@ -169,8 +169,8 @@ def write_gguf(path: Path, config, widths: list[LayerWidths], architecture: str,
         writer.add_rope_scaling_factor(factor)
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_vocab_size(config.vocab_size)
-    if repetition_penalty != 1.0:
-        writer.add_sampling_penalty_repeat(repetition_penalty)
+    if repetition_penalty != 1.0:  # llama.cpp's default; the key by name: older gguf packages lack its method
+        writer.add_float32(PENALTY_REPEAT_KEY, repetition_penalty)
     vocab_source = add_vocab(writer, tokenizer, config.vocab_size, source_gguf)
     for name, array in tensors:
         stored, raw_type = stored_tensor(array, gguf_type)

@@ -53,6 +53,7 @@ class ExportRequest:
     gguf_type: str = "f32"  # weights of a GGUF file: f32, f16 or q8_0
     source_gguf: Path | None = None  # the GGUF file the model was loaded from: its tokenizer keys are copied
     threads: int | None = None  # llama.cpp threads of the GGUF check
+    repetition_penalty: float | None = None  # the decoding default written with the model; None: the base's
 
     spec: ArchSpec = field(init=False)  # where its layers and projections are
     shape: LayerShape = field(init=False)  # its unpruned layer widths (slicing changes the config: read first)
@@ -133,7 +134,8 @@ def export_model(request: ExportRequest) -> Path:
     tmp = temporary_folder_beside(out)
     try:
         merged, reference = merged_with_reference(request)
-        ship_decoding_default(merged, request.report)
+        if request.repetition_penalty is not None and getattr(merged, "generation_config", None) is not None:
+            merged.generation_config.repetition_penalty = request.repetition_penalty  # 1.0 too: over the base's
         source = {"source_architecture": type(merged).__name__, "parameters_before": merged.num_parameters()}
         written = writer.write(merged, request, reference, tmp)
         check = logit_check(written, reference)
@@ -167,18 +169,6 @@ def merged_with_reference(request: ExportRequest) -> tuple[PreTrainedModel, Trai
     if masks.means is not None:  # bias compensation: removed units' mean outputs become biases
         fold_compensation(merged, masks, spec)
     return merged, TrainedLogits(probe, trained, merged_logits, rounding, dtype)
-
-
-def shipped_repetition_penalty(report: dict) -> float:
-    """The repetition penalty the run chose for its model (report "decoding"); 1: none."""
-    return float((report.get("decoding") or {}).get("repetition_penalty", 1.0))
-
-
-def ship_decoding_default(merged: PreTrainedModel, report: dict) -> None:
-    """Put the run's repetition penalty in the generation config every transformers-style folder saves."""
-    penalty = shipped_repetition_penalty(report)
-    if penalty != 1.0 and getattr(merged, "generation_config", None) is not None:
-        merged.generation_config.repetition_penalty = penalty
 
 
 def logit_check(written: WrittenModel, reference: TrainedLogits) -> dict:
