@@ -319,7 +319,7 @@ def prune(config: PruneConfig | None = None, out: str | Path | None = None, *,
     pruned = _evaluate(outcome.model, tokenizer, config, main_progress, generated)
     ood_after = out_of_domain_report(outcome.model, tokenizer, ood, dense_view(outcome.model, outcome.masks),
                                      FIDELITY_TOKENS // config.eval_seq_len)
-    decoding = _decoding_default(outcome, tokenizer, config, generated)
+    decoding = _decoding_default(outcome, tokenizer, config)
     penalty = decoding["repetition_penalty"]
     samples = [{"prompt": prompt, "before": before, "after": after} for prompt, before, after
                in zip(SAMPLE_PROMPTS, samples_before, greedy_samples(outcome.model, tokenizer))]
@@ -351,15 +351,14 @@ def prune(config: PruneConfig | None = None, out: str | Path | None = None, *,
                        processes.is_main_process, report["out_of_domain"])
 
 
-def _decoding_default(outcome: TrainingOutcome, tokenizer, config: PruneConfig,
-                      generated: GeneratedText | None) -> dict:
+def _decoding_default(outcome: TrainingOutcome, tokenizer, config: PruneConfig) -> dict:
     """The repetition penalty the model ships with (measured unless --repetition-penalty gives it), and
     the health prompts' repetition under it: prompts it was not chosen on."""
     if config.repetition_penalty is not None:
         choice = given_repetition_penalty(config.repetition_penalty)
     else:
-        prompts = tuning_prompts(validation_ids(tokenizer, config, generated))
-        choice = choose_repetition_penalty(outcome.model, tokenizer, prompts, dense_view(outcome.model, outcome.masks))
+        choice = choose_repetition_penalty(outcome.model, tokenizer, tuning_prompts(tokenizer),
+                                           dense_view(outcome.model, outcome.masks))
     penalty = choice.repetition_penalty
     health = generation_health(outcome.model, tokenizer, repetition_penalty=penalty) if penalty != 1.0 else None
     return {**choice.to_dict(), "generation": health.to_dict() if health is not None else None}
@@ -434,21 +433,14 @@ def _refuse_writing_over_the_run(run: Path, run_dir: Path, out: Path) -> None:
 
 def export_probe(tokenizer, config: PruneConfig, run_dir: Path | None = None) -> torch.Tensor:
     """The first EXPORT_PROBE_TOKENS tokens of the run's validation text, shape (1, tokens)."""
-    saved = GeneratedText.load(run_dir) if run_dir is not None and parse_data(config.data).corpus is None else None
-    return validation_ids(tokenizer, config, saved, run_dir)[:EXPORT_PROBE_TOKENS][None]
-
-
-def validation_ids(tokenizer, config: PruneConfig, generated: GeneratedText | None,
-                   run_dir: Path | None = None) -> torch.Tensor:
-    """The run's validation text as one 1-D tensor of token ids; for --data self alone, the held-out samples."""
     spec = parse_data(config.data)
-    if spec.corpus is None:
-        if generated is None:
-            raise LoraPruneError(f"the run in {run_dir} has no self-generated text ({config.data}): its validation "
-                                 "samples are gone")
-        return generated.validation.reshape(-1)
+    if spec.corpus is None:  # --data self alone: the held-out samples saved in the run folder
+        saved = GeneratedText.load(run_dir) if run_dir is not None else None
+        if saved is None:
+            raise LoraPruneError(f"the run in {run_dir} has no self-generated text ({config.data}) to check the export on")
+        return saved.validation.reshape(-1)[:EXPORT_PROBE_TOKENS][None]
     ids = corpus_ids(tokenizer, load_corpus(spec.corpus, "validation", config.austen_dir))
-    return torch.from_numpy(ids.astype(np.int64))
+    return torch.from_numpy(ids[:EXPORT_PROBE_TOKENS].astype(np.int64))[None]
 
 
 @contextmanager

@@ -6,10 +6,9 @@ import pytest
 import torch
 from transformers import RepetitionPenaltyLogitsProcessor
 
-from loraprune.errors import LoraPruneError
 from loraprune.evaluation import decoding
 from loraprune.evaluation.decoding import TOLERANCE, choose_repetition_penalty, repetition_on, tuning_prompts
-from loraprune.evaluation.generation import UnpaddedRepetitionPenalty, greedy_ids
+from loraprune.evaluation.generation import UnpaddedRepetitionPenalty, greedy_ids, health_prompts
 
 
 def scored(monkeypatch, dense: float, pruned: dict[float, float]) -> tuple[list[float], type]:
@@ -57,13 +56,12 @@ def test_the_strongest_candidate_is_kept_and_flagged_when_none_reaches_the_bar(m
     assert asked == list(candidates)
 
 
-def test_tuning_prompts_are_spread_over_the_text_without_overlapping():
-    ids = torch.arange(100)
-    assert [p[0] for p in tuning_prompts(ids, count=4, length=5)] == [0, 31, 62, 93]
-    assert all(len(p) == 5 for p in tuning_prompts(ids, count=4, length=5))
-    assert [p[0] for p in tuning_prompts(ids[:12], count=4, length=5)] == [0, 5]  # a short text gives fewer
-    with pytest.raises(LoraPruneError, match="--repetition-penalty off"):
-        tuning_prompts(ids[:4], count=4, length=5)
+def test_the_tuning_prompts_cover_the_health_prompts_kinds_and_are_none_of_them(smollm2_tokenizer):
+    tuning = tuning_prompts(smollm2_tokenizer)
+    health = [smollm2_tokenizer(text, add_special_tokens=False).input_ids for _, text in health_prompts(smollm2_tokenizer)]
+    assert len(tuning) == 12 and not any(prompt in health for prompt in tuning)
+    turn = smollm2_tokenizer("<|im_start|>assistant\n", add_special_tokens=False).input_ids
+    assert sum(prompt[-len(turn):] == turn for prompt in tuning) == 3  # instructions rendered in the chat template
 
 
 def test_the_penalty_is_transformers_own_on_unpadded_rows_and_skips_the_left_padding():

@@ -3,7 +3,8 @@
 Pruning leaves a model whose greedy text loops ("the matter of the matter of …") while its perplexity
 still looks fair; a repetition penalty (CTRL's: a seen token's logit is divided by it when positive,
 multiplied when negative) breaks the loops, and too strong a one garbles the text. So candidates are
-tried mildest first on prompts cut from the run's validation text, against the dense model's own text.
+tried mildest first on their own fixed prompts, against the dense model's text on them; the health
+prompts (evaluation/generation.py), which are different, then judge the choice.
 """
 
 from __future__ import annotations
@@ -11,17 +12,35 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass
 
-import torch
 from torch import nn
 
-from loraprune.errors import LoraPruneError
 from loraprune.evaluation.fidelity import DenseView
-from loraprune.evaluation.generation import greedy_ids, repeated_ngram_fraction
+from loraprune.evaluation.generation import greedy_ids, health_prompts, repeated_ngram_fraction
 
 CANDIDATES = (1.0, 1.05, 1.1, 1.15, 1.2, 1.3)
 TOLERANCE = 0.05  # issue 16's bar: repetition within 0.05 of the dense model's
-TUNING_PROMPTS = 12
-PROMPT_TOKENS = 16
+# Not the run's own text: on mid-sentence Austen prompts the dense SmolLM2 repeats itself as much as
+# a pruned one (0.34 of 4-grams), so a bar set there would pass a model that loops everywhere else.
+TUNING_PROSE = (
+    "The storm had passed by the time the ship reached",
+    "Every summer the family travelled north to visit",
+    "He had never trusted the new neighbour, because",
+)
+TUNING_CODE = (
+    "def is_prime(n):\n    ",
+    "To sort a list of dictionaries by a key in Python,",
+    "import os\n\nfor name in os.listdir('.'):\n    ",
+)
+TUNING_FACTS = (
+    "The chemical symbol for gold is",
+    "The longest river in Africa is",
+    "The human heart has four chambers:",
+)
+TUNING_INSTRUCTIONS = (
+    "Describe a sunrise in three sentences.",
+    "List three uses of a paperclip.",
+    "Why is the sky blue?",
+)
 
 
 @dataclass
@@ -41,15 +60,10 @@ class DecodingChoice:
         return asdict(self)
 
 
-def tuning_prompts(validation_ids: torch.Tensor, count: int = TUNING_PROMPTS,
-                   length: int = PROMPT_TOKENS) -> list[list[int]]:
-    """Up to ``count`` non-overlapping prompts of ``length`` token ids, spread evenly over a 1-D tensor of ids."""
-    if validation_ids.numel() < length:
-        raise LoraPruneError(f"the validation text has {validation_ids.numel()} tokens, fewer than one "
-                             f"{length}-token prompt to choose --repetition-penalty on; pass --repetition-penalty off")
-    stride = max(length, (validation_ids.numel() - length) // max(1, count - 1))
-    starts = range(0, validation_ids.numel() - length + 1, stride)
-    return [validation_ids[start:start + length].tolist() for start in list(starts)[:count]]
+def tuning_prompts(tokenizer) -> list[list[int]]:
+    """The token ids of the prompts the penalty is chosen on: the four kinds of the health prompts, none of them."""
+    return [tokenizer(text, add_special_tokens=False).input_ids
+            for _, text in health_prompts(tokenizer, TUNING_PROSE, TUNING_CODE, TUNING_FACTS, TUNING_INSTRUCTIONS)]
 
 
 def repetition_on(model: nn.Module, tokenizer, prompts: list[list[int]],

@@ -71,10 +71,11 @@ def repeated_ngram_fraction(tokens: list, n: int = NGRAM) -> float:
     return 1.0 - len(set(grams)) / len(grams)
 
 
-def health_prompts(tokenizer) -> list[tuple[str, str]]:
+def health_prompts(tokenizer, prose: tuple[str, ...] = PROSE, code: tuple[str, ...] = CODE,
+                   facts: tuple[str, ...] = FACTS, instructions: tuple[str, ...] = INSTRUCTIONS) -> list[tuple[str, str]]:
     """(kind, prompt text) of every prompt; instructions are rendered with the tokenizer's chat template."""
-    prompts = [("prose", p) for p in PROSE] + [("code", p) for p in CODE] + [("facts", p) for p in FACTS]
-    for instruction in INSTRUCTIONS:
+    prompts = [("prose", p) for p in prose] + [("code", p) for p in code] + [("facts", p) for p in facts]
+    for instruction in instructions:
         messages = [{"role": "user", "content": instruction}]
         if getattr(tokenizer, "chat_template", None):
             rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
