@@ -163,8 +163,8 @@ def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repetition-penalty", type=_parse_repetition_penalty, default=None, metavar="auto|off|X",
                         help="decoding default written with the model (generation_config.json; GGUF: "
                         "general.sampling.penalty_repeat): auto tries 1.05, 1.1, ... and keeps the mildest under "
-                        "which the pruned model repeats itself at most 0.05 more than the dense one (greedy, on "
-                        "prompts from the validation text); off writes none (default: auto)")
+                        "which the pruned model repeats itself no more than the dense one (greedy, on 12 fixed "
+                        "prompts of prose, code, facts and chat); off ships none (default: auto)")
     parser.add_argument("--austen-dir", default=None, help="folder with the Austen novels")
     parser.add_argument("--out", default=None, help="folder the pruned checkpoint is written to")
     parser.add_argument("--sparsity", type=float, default=None,
@@ -340,10 +340,10 @@ def _print_decoding(decoding: dict) -> None:
     penalty = decoding["repetition_penalty"]
     if decoding["measured"]:
         tried = ", ".join(f"{p} {r:.3f}" for p, r in decoding["tried"].items())
-        chosen = (f"chosen on {decoding['n_prompts']} prompts from the validation text (dense: "
+        chosen = (f"chosen on {decoding['n_prompts']} fixed prompts, not the ones above (dense: "
                   f"{decoding['dense_repetition']:.3f}; tried {tried})")
         if not decoding["reached_bar"]:
-            chosen += ("; no candidate brought repetition within 0.05 of dense, so the strongest is kept: "
+            chosen += ("; no candidate brought repetition down to dense's, so the strongest is kept: "
                        "check the samples below, or set --repetition-penalty")
     else:
         chosen = "given by --repetition-penalty"

@@ -7,7 +7,7 @@ import torch
 from transformers import RepetitionPenaltyLogitsProcessor
 
 from loraprune.evaluation import decoding
-from loraprune.evaluation.decoding import TOLERANCE, choose_repetition_penalty, repetition_on, tuning_prompts
+from loraprune.evaluation.decoding import choose_repetition_penalty, repetition_on, tuning_prompts
 from loraprune.evaluation.generation import UnpaddedRepetitionPenalty, greedy_ids, health_prompts
 
 
@@ -34,8 +34,8 @@ def scored(monkeypatch, dense: float, pruned: dict[float, float]) -> tuple[list[
     return asked, DenseView
 
 
-def test_the_mildest_penalty_within_the_tolerance_of_dense_is_chosen_and_stronger_ones_are_not_tried(monkeypatch):
-    asked, view = scored(monkeypatch, dense=0.10, pruned={1.0: 0.6, 1.05: 0.3, 1.1: 0.10 + TOLERANCE, 1.15: 0.0})
+def test_the_mildest_penalty_repeating_no_more_than_dense_is_chosen_and_stronger_ones_are_not_tried(monkeypatch):
+    asked, view = scored(monkeypatch, dense=0.10, pruned={1.0: 0.6, 1.05: 0.11, 1.1: 0.10, 1.15: 0.0})
     choice = choose_repetition_penalty(None, None, [[1, 2]], view)
     assert (choice.repetition_penalty, choice.measured, choice.reached_bar) == (1.1, True, True)
     assert asked == [1.0, 1.05, 1.1]
