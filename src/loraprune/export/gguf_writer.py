@@ -33,13 +33,7 @@ from loraprune.export.gguf_vocab import add_vocab, check_vocab
 from loraprune.export.llamacpp import GreedyRun, LlamaCpp
 from loraprune.export.logit_check import LogitComparison, compare_logits, logits_of
 from loraprune.export.slicing import LayerWidths, layer_widths, layers_report, slice_model
-from loraprune.export.writer import (
-    ExportRequest,
-    ExportWriter,
-    TrainedLogits,
-    WrittenModel,
-    register_writer,
-)
+from loraprune.export.writer import ExportRequest, ExportWriter, TrainedLogits, WrittenModel, register_writer
 from loraprune.models import ArchSpec, decoder_layers, unwrap
 from loraprune.models.loading import drop_quantizer
 from loraprune.pruning.groups import LayerShape
