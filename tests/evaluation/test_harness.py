@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from loraprune.evaluation.fidelity import dense_view, fidelity
@@ -42,10 +43,12 @@ def test_out_of_domain_text_is_the_builtin_corpus_the_run_did_not_train_on():
     assert out_of_domain_data("text:/tmp/my.txt") == "pydoc"
 
 
-def test_left_padded_batch_generates_what_each_prompt_generates_alone(tiny_llama, number_tokenizer):
+@pytest.mark.parametrize("penalty", [None, 3.0])
+def test_left_padded_batch_generates_what_each_prompt_generates_alone(tiny_llama, number_tokenizer, penalty):
     prompts = ["w1 w2 w3 w4 w5 w6", "w7", "w8 w9 w10"]
-    together = greedy_batch(tiny_llama, number_tokenizer, prompts, new_tokens=8)
-    alone = [greedy_batch(tiny_llama, number_tokenizer, [p], new_tokens=8)[0] for p in prompts]
+    together = greedy_batch(tiny_llama, number_tokenizer, prompts, new_tokens=8, repetition_penalty=penalty)
+    alone = [greedy_batch(tiny_llama, number_tokenizer, [p], new_tokens=8, repetition_penalty=penalty)[0]
+             for p in prompts]
     assert together == alone and all(len(ids) == 8 for ids in alone)
 
 
