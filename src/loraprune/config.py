@@ -205,8 +205,9 @@ class PruneConfig:
 
     def result_changing_differences(self, other: PruneConfig) -> list[str]:
         """Names of settings that differ and would change the pruned model."""
+        # The masks and adapter do not depend on these.
         harmless = {"eval_tokens", "eval_seq_len", "save_every", "austen_dir", "parallel",
-                    "export", "export_format", "gguf_type", "repetition_penalty"}  # the masks and adapter do not depend on them
+                    "export", "export_format", "gguf_type", "repetition_penalty"}
         mine, theirs = self.to_dict(), other.to_dict()
         return sorted(k for k in mine if k not in harmless and mine[k] != theirs[k])
 

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 from torch import nn
 
 from loraprune.evaluation.fidelity import DenseView
-from loraprune.evaluation.generation import greedy_ids, health_prompts, repeated_ngram_fraction
+from loraprune.evaluation.generation import greedy_batch, health_prompts, repeated_ngram_fraction
 
 CANDIDATES = (1.0, 1.05, 1.1, 1.15, 1.2, 1.3)
 # Not the run's own text: on mid-sentence Austen prompts the dense SmolLM2 repeats itself as much as
@@ -59,20 +59,18 @@ class DecodingChoice:
         return asdict(self)
 
 
-def tuning_prompts(tokenizer) -> list[list[int]]:
-    """The token ids of the prompts the penalty is chosen on: the four kinds of the health prompts, none of them."""
-    return [tokenizer(text, add_special_tokens=False).input_ids
-            for _, text in health_prompts(tokenizer, TUNING_PROSE, TUNING_CODE, TUNING_FACTS, TUNING_INSTRUCTIONS)]
+def tuning_prompts(tokenizer) -> list[str]:
+    """The prompts the penalty is chosen on: the four kinds of the health prompts, none of them."""
+    return [text for _, text in health_prompts(tokenizer, TUNING_PROSE, TUNING_CODE, TUNING_FACTS, TUNING_INSTRUCTIONS)]
 
 
-def repetition_on(model: nn.Module, tokenizer, prompts: list[list[int]],
-                  repetition_penalty: float | None = None) -> float:
-    """Mean share of repeated 4-grams in the greedy continuations of ``prompts`` (token ids)."""
-    continuations = greedy_ids(model, tokenizer, prompts, repetition_penalty=repetition_penalty)
+def repetition_on(model: nn.Module, tokenizer, prompts: list[str], repetition_penalty: float | None = None) -> float:
+    """Mean share of repeated 4-grams in the greedy continuations of ``prompts``."""
+    continuations = greedy_batch(model, tokenizer, prompts, repetition_penalty=repetition_penalty)
     return sum(repeated_ngram_fraction(ids) for ids in continuations) / len(continuations)
 
 
-def choose_repetition_penalty(model: nn.Module, tokenizer, prompts: list[list[int]], dense: DenseView,
+def choose_repetition_penalty(model: nn.Module, tokenizer, prompts: list[str], dense: DenseView,
                               candidates: tuple[float, ...] = CANDIDATES) -> DecodingChoice:
     """The mildest candidate under which ``model`` repeats itself no more than its dense base (``dense()``: a
     context under which ``model`` is that base) does; the strongest if none does.

@@ -72,7 +72,8 @@ def repeated_ngram_fraction(tokens: list, n: int = NGRAM) -> float:
 
 
 def health_prompts(tokenizer, prose: tuple[str, ...] = PROSE, code: tuple[str, ...] = CODE,
-                   facts: tuple[str, ...] = FACTS, instructions: tuple[str, ...] = INSTRUCTIONS) -> list[tuple[str, str]]:
+                   facts: tuple[str, ...] = FACTS,
+                   instructions: tuple[str, ...] = INSTRUCTIONS) -> list[tuple[str, str]]:
     """(kind, prompt text) of every prompt; instructions are rendered with the tokenizer's chat template."""
     prompts = [("prose", p) for p in prose] + [("code", p) for p in code] + [("facts", p) for p in facts]
     for instruction in instructions:
@@ -85,21 +86,15 @@ def health_prompts(tokenizer, prose: tuple[str, ...] = PROSE, code: tuple[str, .
     return prompts
 
 
+@torch.inference_mode()
 def greedy_batch(model: nn.Module, tokenizer, prompts: list[str], new_tokens: int = NEW_TOKENS,
                  repetition_penalty: float | None = None) -> list[list[int]]:
-    """Greedy continuations (new token ids only) of ``prompts``, batched with left padding."""
-    rows = [tokenizer(prompt, add_special_tokens=False).input_ids for prompt in prompts]
-    return greedy_ids(model, tokenizer, rows, new_tokens, repetition_penalty)
-
-
-@torch.inference_mode()
-def greedy_ids(model: nn.Module, tokenizer, rows: list[list[int]], new_tokens: int = NEW_TOKENS,
-               repetition_penalty: float | None = None) -> list[list[int]]:
-    """Greedy continuations of prompts given as token ids, batched with left padding.
+    """Greedy continuations (new token ids only) of ``prompts``, batched with left padding.
 
     ``repetition_penalty`` None decodes as the model's generation config says; a number decodes
     with that penalty (1: none), applied as a runtime applies it to one unpadded prompt.
     """
+    rows = [tokenizer(prompt, add_special_tokens=False).input_ids for prompt in prompts]
     device = next(model.parameters()).device
     pad = next(token for token in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if token is not None)
     continuations = []
@@ -149,7 +144,7 @@ def generation_health(model: nn.Module, tokenizer, new_tokens: int = NEW_TOKENS,
                       repetition_penalty: float | None = None) -> GenerationHealth:
     """Greedy ``new_tokens`` continuations of every health prompt, scored by repeated 4-grams.
 
-    ``repetition_penalty``: as :func:`greedy_ids` takes it.
+    ``repetition_penalty``: as :func:`greedy_batch` takes it.
     """
     started = time.perf_counter()
     kinds_prompts = health_prompts(tokenizer)
