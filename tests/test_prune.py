@@ -96,7 +96,7 @@ def test_report_holds_greedy_samples_and_out_of_domain_measures_before_and_after
     assert [s["prompt"] for s in samples] == list(SAMPLE_PROMPTS)
     assert all(isinstance(s["before"], str) and isinstance(s["after"], str) for s in samples)
     assert any(s["before"] != s["after"] for s in samples)  # pruning 30 % of a tiny model changes its text
-    decoding = report["decoding"]  # the repetition penalty, chosen against the dense model on the run's own text
+    decoding = report["decoding"]  # the repetition penalty, chosen against the dense model on the tuning prompts
     assert decoding["measured"] and decoding["n_prompts"] > 0 and decoding["dense_repetition"] is not None
     assert float(list(decoding["tried"])[-1]) == decoding["repetition_penalty"]
     shipped = json.loads((tmp_path / "out" / "generation_config.json").read_text())["repetition_penalty"]

@@ -16,6 +16,7 @@ from gguf import GGUFReader
 from safetensors.torch import load_file
 
 from loraprune.data import load_text
+from loraprune.evaluation.decoding import EXCESS_TOLERANCE
 
 # Run by a transformers user: the folder's own modeling code, loraprune not importable.
 USER_SCRIPT = """
@@ -98,8 +99,9 @@ def test_smollm2_global_run_exports_a_deci_lm_folder_with_the_runs_perplexity_an
     decoding, penalty = report["decoding"], report["decoding"]["repetition_penalty"]
     tried = [(float(p), repetition) for p, repetition in decoding["tried"].items()]
     assert decoding["measured"] and decoding["n_prompts"] == 12 and tried[-1][0] == penalty
-    assert all(repetition > decoding["dense_repetition"] for _, repetition in tried[:-1])  # mildest first
-    assert decoding["reached_bar"] == (tried[-1][1] <= decoding["dense_repetition"])
+    excess = list(decoding["excess"].values())
+    assert all(over > EXCESS_TOLERANCE for over in excess[:-1])  # mildest first
+    assert decoding["reached_bar"] == (excess[-1] <= EXCESS_TOLERANCE)
     assert json.loads((out / "generation_config.json").read_text()).get("repetition_penalty", 1.0) == penalty
     written = GGUFReader(gguf / "model.gguf").fields.get("general.sampling.penalty_repeat")
     assert (written.contents() if written else 1.0) == pytest.approx(penalty)

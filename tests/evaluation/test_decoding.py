@@ -11,8 +11,8 @@ from loraprune.evaluation.decoding import choose_repetition_penalty, repetition_
 from loraprune.evaluation.generation import UnpaddedRepetitionPenalty, greedy_batch, health_prompts
 
 
-def scored(monkeypatch, dense: float, pruned: dict[float, float]) -> tuple[list[float], type]:
-    """Make repetition_on return ``dense`` inside the dense view and ``pruned[penalty]`` outside it;
+def scored(monkeypatch, dense: list[float], pruned: dict[float, list[float]]) -> tuple[list[float], type]:
+    """Make repetition_per_prompt return ``dense`` inside the dense view and ``pruned[penalty]`` outside it;
     returns the list the penalties asked for are appended to, and the dense view."""
     asked, in_dense = [], []
 
@@ -30,27 +30,37 @@ def scored(monkeypatch, dense: float, pruned: dict[float, float]) -> tuple[list[
         asked.append(repetition_penalty)
         return pruned[repetition_penalty]
 
-    monkeypatch.setattr(decoding, "repetition_on", fake)
+    monkeypatch.setattr(decoding, "repetition_per_prompt", fake)
     return asked, DenseView
 
 
 def test_the_mildest_penalty_repeating_no_more_than_dense_is_chosen_and_stronger_ones_are_not_tried(monkeypatch):
-    asked, view = scored(monkeypatch, dense=0.10, pruned={1.0: 0.6, 1.05: 0.11, 1.1: 0.10, 1.15: 0.0})
-    choice = choose_repetition_penalty(None, None, ["a prompt"], view)
+    asked, view = scored(monkeypatch, dense=[0.2, 0.0],
+                         pruned={1.0: [0.6, 0.6], 1.05: [0.2, 0.05], 1.1: [0.1, 0.01], 1.15: [0.0, 0.0]})
+    choice = choose_repetition_penalty(None, None, ["a prompt", "another"], view)
     assert (choice.repetition_penalty, choice.measured, choice.reached_bar) == (1.1, True, True)
     assert asked == [1.0, 1.05, 1.1]
-    assert choice.dense_repetition == 0.10 and list(choice.tried) == ["1.0", "1.05", "1.1"]
+    assert choice.dense_repetition == 0.1 and list(choice.tried) == ["1.0", "1.05", "1.1"]
+    assert choice.excess == pytest.approx({"1.0": 0.5, "1.05": 0.025, "1.1": 0.005})
+
+
+def test_less_repetition_where_dense_repeats_does_not_buy_a_loop_where_it_does_not(monkeypatch):
+    # Mean against mean, 1.05 would pass (0.2 against dense's 0.3); prompt by prompt, its second prompt loops.
+    asked, view = scored(monkeypatch, dense=[0.6, 0.0], pruned={1.0: [0.6, 0.5], 1.05: [0.0, 0.4], 1.1: [0.3, 0.0]})
+    choice = choose_repetition_penalty(None, None, ["a list", "prose"], view)
+    assert choice.repetition_penalty == 1.1 and asked == [1.0, 1.05, 1.1]
+    assert choice.excess["1.05"] == pytest.approx(0.2) and 0.2 > decoding.EXCESS_TOLERANCE
 
 
 def test_no_penalty_when_the_pruned_model_already_repeats_no_more_than_dense(monkeypatch):
-    asked, view = scored(monkeypatch, dense=0.3, pruned={1.0: 0.2})
+    asked, view = scored(monkeypatch, dense=[0.3], pruned={1.0: [0.2]})
     assert choose_repetition_penalty(None, None, ["a prompt"], view).repetition_penalty == 1.0
     assert asked == [1.0]
 
 
 def test_the_strongest_candidate_is_kept_and_flagged_when_none_reaches_the_bar(monkeypatch):
     candidates = (1.0, 1.1, 1.2)
-    asked, view = scored(monkeypatch, dense=0.0, pruned={p: 0.5 for p in candidates})
+    asked, view = scored(monkeypatch, dense=[0.0], pruned={p: [0.5] for p in candidates})
     choice = choose_repetition_penalty(None, None, ["a prompt"], view, candidates)
     assert (choice.repetition_penalty, choice.reached_bar) == (1.2, False)
     assert asked == list(candidates)

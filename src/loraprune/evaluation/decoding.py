@@ -42,15 +42,21 @@ TUNING_INSTRUCTIONS = (
 )
 
 
+# How much more, on average over the prompts, the pruned text may repeat than dense's: a loop on one
+# prompt of twelve adds about 0.03, a stray repeated phrase about 0.002.
+EXCESS_TOLERANCE = 0.01
+
+
 @dataclass
 class DecodingChoice:
     """The repetition penalty chosen (1: none) and what each candidate scored on the tuning prompts."""
 
     repetition_penalty: float
     measured: bool  # False: given by --repetition-penalty
-    reached_bar: bool  # the chosen penalty's repetition is at most dense's (else: the strongest tried)
-    dense_repetition: float | None  # the dense model's score on the tuning prompts, decoded as its config says
-    tried: dict[str, float]  # penalty -> the pruned model's repetition on the tuning prompts
+    reached_bar: bool  # the chosen penalty's excess is within EXCESS_TOLERANCE (else: the strongest tried)
+    dense_repetition: float | None  # the dense model's mean on the tuning prompts, decoded as its config says
+    tried: dict[str, float]  # penalty -> the pruned model's mean repetition on the tuning prompts
+    excess: dict[str, float]  # penalty -> its repetition beyond dense's, prompt by prompt (excess_repetition)
     n_prompts: int
     seconds: float
 
@@ -64,32 +70,53 @@ def tuning_prompts(tokenizer) -> list[str]:
     return [text for _, text in health_prompts(tokenizer, TUNING_PROSE, TUNING_CODE, TUNING_FACTS, TUNING_INSTRUCTIONS)]
 
 
+def repetition_per_prompt(model: nn.Module, tokenizer, prompts: list[str],
+                          repetition_penalty: float | None = None) -> list[float]:
+    """Share of repeated 4-grams in the greedy continuation of each of ``prompts``."""
+    continuations = greedy_batch(model, tokenizer, prompts, repetition_penalty=repetition_penalty)
+    return [repeated_ngram_fraction(ids) for ids in continuations]
+
+
 def repetition_on(model: nn.Module, tokenizer, prompts: list[str], repetition_penalty: float | None = None) -> float:
     """Mean share of repeated 4-grams in the greedy continuations of ``prompts``."""
-    continuations = greedy_batch(model, tokenizer, prompts, repetition_penalty=repetition_penalty)
-    return sum(repeated_ngram_fraction(ids) for ids in continuations) / len(continuations)
+    scores = repetition_per_prompt(model, tokenizer, prompts, repetition_penalty)
+    return sum(scores) / len(scores)
+
+
+def excess_repetition(pruned: list[float], dense: list[float]) -> float:
+    """Mean over prompts of how much more the pruned text repeats than dense's on the same prompt.
+
+    Prompt by prompt, not mean against mean: dense itself repeats on some prompts (a list, a refrain),
+    and a pruned model that stops repeating there must not buy a loop on another prompt with it.
+    """
+    return sum(max(0.0, p - d) for p, d in zip(pruned, dense, strict=True)) / len(pruned)
 
 
 def choose_repetition_penalty(model: nn.Module, tokenizer, prompts: list[str], dense: DenseView,
                               candidates: tuple[float, ...] = CANDIDATES) -> DecodingChoice:
-    """The mildest candidate under which ``model`` repeats itself no more than its dense base (``dense()``: a
-    context under which ``model`` is that base) does; the strongest if none does.
+    """The mildest candidate under which ``model`` repeats itself, prompt by prompt, no more than its dense base
+    (``dense()``: a context under which ``model`` is that base) does, within EXCESS_TOLERANCE; the strongest
+    if none does.
 
-    The bar is dense's own score, not issue 16's dense + 0.05: that is the judged margin, and choosing at
-    it left the quickstart model 0.052 above dense on the health prompts (1.05 against 1.1 now).
+    Mean against mean was the bar first: it left the Austen-trained 20 % model looping on 4 of the 21 health
+    prompts (repetition 0.138 at 1.1, dense 0.088), its lower repetition on the prompts where dense repeats
+    a list hiding a loop elsewhere.
     """
     started = time.perf_counter()
     with dense():
-        dense_repetition = repetition_on(model, tokenizer, prompts)
-    tried = {}
+        dense_scores = repetition_per_prompt(model, tokenizer, prompts)
+    tried, excess = {}, {}
     for penalty in candidates:
-        tried[str(penalty)] = repetition_on(model, tokenizer, prompts, penalty)
-        if tried[str(penalty)] <= dense_repetition:
+        scores = repetition_per_prompt(model, tokenizer, prompts, penalty)
+        tried[str(penalty)] = sum(scores) / len(scores)
+        excess[str(penalty)] = excess_repetition(scores, dense_scores)
+        if excess[str(penalty)] <= EXCESS_TOLERANCE:
             break
-    reached = tried[str(penalty)] <= dense_repetition
-    return DecodingChoice(penalty, True, reached, dense_repetition, tried, len(prompts), time.perf_counter() - started)
+    return DecodingChoice(penalty, True, excess[str(penalty)] <= EXCESS_TOLERANCE,
+                          sum(dense_scores) / len(dense_scores), tried, excess, len(prompts),
+                          time.perf_counter() - started)
 
 
 def given_repetition_penalty(penalty: float) -> DecodingChoice:
     """A penalty the user set: nothing is measured."""
-    return DecodingChoice(penalty, False, True, None, {}, 0, 0.0)
+    return DecodingChoice(penalty, False, True, None, {}, {}, 0, 0.0)
