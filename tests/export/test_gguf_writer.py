@@ -14,7 +14,7 @@ import pytest
 import torch
 from gguf import GGUFReader
 from peft import LoraConfig, get_peft_model
-from transformers import AutoModelForCausalLM, LlamaConfig
+from transformers import AutoModelForCausalLM, LlamaConfig, RepetitionPenaltyLogitsProcessor
 
 from loraprune.errors import LoraPruneError
 from loraprune.export import ExportRequest, export_model
@@ -60,13 +60,16 @@ def masks_keeping(layers: list[tuple[list[int], int]], num_heads: int = 6, ffn: 
     return ModelMasks(masks)
 
 
-def torch_greedy(model, masks: ModelMasks, prompt: list[int], new_tokens: int) -> tuple[list[int], torch.Tensor]:
+def torch_greedy(model, masks: ModelMasks, prompt: list[int], new_tokens: int,
+                 repetition_penalty: float = 1.0) -> tuple[list[int], torch.Tensor]:
     """Greedy tokens of the masked PyTorch model and the logits (float64) at each chosen step."""
     masks.attach(model, spec_for(model.config))
     ids, rows = list(prompt), []
+    penalise = RepetitionPenaltyLogitsProcessor(repetition_penalty)
     with torch.inference_mode():
         for _ in range(new_tokens):
-            row = model(input_ids=torch.tensor([ids])).logits[0, -1].double()
+            row = model(input_ids=torch.tensor([ids])).logits[0, -1:].double()
+            row = penalise(torch.tensor([ids]), row)[0] if repetition_penalty != 1.0 else row[0]
             rows.append(row)
             ids.append(int(row.argmax()))
     masks.detach()
@@ -174,12 +177,20 @@ def test_source_gguf_tokenizer_keys_are_copied(smollm2_tokenizer, tmp_path):
 
 
 def test_the_runs_repetition_penalty_is_the_files_llamacpp_sampling_default(smollm2_tokenizer, tmp_path):
+    model, masks, penalty = tiny_llama(), masks_keeping(UNIFORM), 2.0  # strong: it must change a tiny model's text
+    prompt = smollm2_tokenizer(TEXT)["input_ids"][:GREEDY_PROMPT]
+    penalised = torch_greedy(model, masks, prompt, GREEDY_NEW, repetition_penalty=penalty)[0]
+    assert penalised != torch_greedy(model, masks, prompt, GREEDY_NEW)[0]
     probe = torch.tensor([smollm2_tokenizer(TEXT)["input_ids"]])
-    out = export_model(ExportRequest(tiny_llama(), masks_keeping(UNIFORM), smollm2_tokenizer, {"model": "tiny"},
-                                     tmp_path / "pruned", format="gguf", probe=probe, threads=1,
-                                     repetition_penalty=1.15))
-    penalty = GGUFReader(out / GGUF_NAME).fields["general.sampling.penalty_repeat"].contents()
-    assert penalty == pytest.approx(1.15)
+    out = export_model(ExportRequest(model, masks, smollm2_tokenizer, {"model": "tiny"}, tmp_path / "pruned",
+                                     format="gguf", probe=probe, threads=1, repetition_penalty=penalty))
+    assert GGUFReader(out / GGUF_NAME).fields["general.sampling.penalty_repeat"].contents() == penalty
+
+    runtime = LlamaCpp(out / GGUF_NAME, context=256, threads=1)
+    try:  # a request that sets no penalty gets the file's, as transformers applies it to the same tokens
+        assert runtime.greedy(prompt, GREEDY_NEW, repeat_penalty=None).tokens == penalised
+    finally:
+        runtime.close()
 
 
 def test_rope_permutation_matches_llamacpp_converter_layout():

@@ -80,11 +80,14 @@ class LlamaCpp:
         self._process.stdin.close()
         self._process.stdout.close()
 
-    def greedy(self, prompt: list[int], new_tokens: int, candidates: int = 1) -> GreedyRun:
-        """Decode ``new_tokens`` greedily after ``prompt`` (token ids, no BOS added)."""
+    def greedy(self, prompt: list[int], new_tokens: int, candidates: int = 1,
+               repeat_penalty: float | None = 1.0) -> GreedyRun:
+        """Decode ``new_tokens`` greedily after ``prompt`` (token ids, no BOS added); ``repeat_penalty`` None
+        leaves it to llama.cpp's default, which a file's ``general.sampling.penalty_repeat`` sets."""
+        penalty = {} if repeat_penalty is None else {"repeat_penalty": repeat_penalty}
         result = self._post("/v1/completions", {
             "prompt": [int(t) for t in prompt], "n_predict": new_tokens, "temperature": 0.0,
-            "n_probs": candidates, "ignore_eos": True, "cache_prompt": False, "repeat_penalty": 1.0})
+            "n_probs": candidates, "ignore_eos": True, "cache_prompt": False, **penalty})
         if "choices" not in result:
             raise LoraPruneError(f"llama.cpp refused a completion: {result.get('message', result)}")
         content = result["choices"][0]["logprobs"]["content"]
