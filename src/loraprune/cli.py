@@ -339,9 +339,9 @@ def _print_decoding(decoding: dict) -> None:
     """The summary line of the repetition penalty the model ships with."""
     penalty = decoding["repetition_penalty"]
     if decoding["measured"]:
-        tried = ", ".join(f"{p} {decoding['tried'][p]:.3f} (+{over:.3f})" for p, over in decoding["excess"].items())
+        tried = ", ".join(f"{p}: {decoding['tried'][p]:.3f} +{over:.3f}" for p, over in decoding["excess"].items())
         chosen = (f"chosen on {decoding['n_prompts']} fixed prompts, not the ones above (dense: "
-                  f"{decoding['dense_repetition']:.3f}; tried {tried}, + the excess over dense prompt by prompt)")
+                  f"{decoding['dense_repetition']:.3f}; tried, with the excess over dense prompt by prompt: {tried})")
         if not decoding["reached_bar"]:
             chosen += ("; no candidate brought repetition down to dense's, so the strongest is kept: "
                        "check the samples below, or set --repetition-penalty")
