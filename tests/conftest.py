@@ -188,9 +188,9 @@ def tiny_prune_command(model_dir: Path, text: Path, out: Path, *extra: str) -> l
             "--no-progress", *extra]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def unexported_gguf_run(smollm2_tokenizer, tmp_path_factory) -> Path:
-    """A short run on a tiny model with SmolLM2's tokenizer, kept as a run folder (no export)."""
+    """A short run on a tiny model with SmolLM2's tokenizer, kept as a run folder (no export); tests only read it."""
     from loraprune.config import PruneConfig
     from loraprune.job import prune
 
@@ -202,9 +202,9 @@ def unexported_gguf_run(smollm2_tokenizer, tmp_path_factory) -> Path:
     return folder / "out.partial"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def uniform_gguf_file(unexported_gguf_run, tmp_path_factory) -> Path:
-    """That run exported as a GGUF file of one width (architecture llama)."""
+    """That run exported as a GGUF file of one width (architecture llama); tests only read it."""
     pytest.importorskip("xllamacpp")
     from loraprune.job import export_run
 

@@ -85,14 +85,24 @@ def test_the_cli_offers_exactly_the_types_the_writer_has():
     assert GGUF_TYPE_NAMES == tuple(GGUF_TYPES)
 
 
+@pytest.fixture(scope="module")
+def f32_reference(smollm2_tokenizer, tmp_path_factory):
+    """The same model and masks as an f32 file, and its greedy tokens: what every quantised file is held to."""
+    reference = export(smollm2_tokenizer, tmp_path_factory.mktemp("f32") / "f32", gguf_type="f32")
+    tokens = greedy_tokens(reference / GGUF_NAME, smollm2_tokenizer(TEXT)["input_ids"][:12])
+    assert len(set(tokens)) > 3  # a continuation, not one token repeated
+    return reference / GGUF_NAME, tokens
+
+
 @pytest.mark.parametrize("gguf_type", QUANTISED)
 def test_every_projection_has_the_requested_type_and_llamacpp_gives_the_f32_files_tokens(
-        gguf_type, smollm2_tokenizer, tmp_path):
+        gguf_type, smollm2_tokenizer, f32_reference, tmp_path):
     pytest.importorskip("llama_cpp")
-    reference = export(smollm2_tokenizer, tmp_path / "f32", gguf_type="f32")
+    reference, f32_tokens = f32_reference
     out = export(smollm2_tokenizer, tmp_path / gguf_type, gguf_type=gguf_type)
 
-    types = projection_types(out / GGUF_NAME)
+    reader = GGUFReader(out / GGUF_NAME)
+    types = projection_types(reader.tensors)
     assert len(types) == 7 * 4
     allowed = {t.name for t in GGUF_TYPES[gguf_type].projection_types}
     assert set(types.values()) <= allowed, types  # no silent fallback to Q8_0, Q5_0 or F16
@@ -102,14 +112,10 @@ def test_every_projection_has_the_requested_type_and_llamacpp_gives_the_f32_file
     report = json.loads((out / "loraprune.json").read_text())["export"]
     assert report["gguf_type"] == gguf_type and report["logit_check"]["passed"]
     assert report["logit_check"]["weight_type_floor"] > 1e-3  # the floor saw the quantised weights
-    assert report["file_bytes"] < (reference / GGUF_NAME).stat().st_size / 3.5
-    reader = GGUFReader(out / GGUF_NAME)
+    assert report["file_bytes"] < reference.stat().st_size / 3.5
     assert int(reader.fields["general.file_type"].contents()) == int(GGUF_TYPES[gguf_type].file_type)
 
-    prompt = smollm2_tokenizer(TEXT)["input_ids"][:12]
-    f32_tokens = greedy_tokens(reference / GGUF_NAME, prompt)
-    assert len(set(f32_tokens)) > 3  # a continuation, not one token repeated
-    assert greedy_tokens(out / GGUF_NAME, prompt) == f32_tokens
+    assert greedy_tokens(out / GGUF_NAME, smollm2_tokenizer(TEXT)["input_ids"][:12]) == f32_tokens
 
 
 def test_widths_the_type_cannot_hold_are_refused_before_anything_is_written(smollm2_tokenizer, tmp_path):

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gguf import GGMLQuantizationType as Q
-from gguf import GGUFReader, LlamaFileType
+from gguf import LlamaFileType, ReaderTensor
 
 from loraprune.errors import LoraPruneError
 from loraprune.pruning.groups import LayerShape
@@ -176,18 +176,17 @@ def quantize_gguf(source: Path, out: Path, gguf_type: str, threads: int | None =
         raise LoraPruneError(f"llama.cpp's quantizer failed on {source.name} ({last}); try --gguf-type f16")
 
 
-def projection_types(path: Path) -> dict[str, str]:
-    """GGUF tensor name -> stored type name, for every attention and FFN projection of the file."""
-    return {t.name: t.tensor_type.name for t in GGUFReader(path).tensors
-            if t.name.split(".")[-2] in PROJECTIONS}
+def projection_types(tensors: list[ReaderTensor]) -> dict[str, str]:
+    """GGUF tensor name -> stored type name, for every attention and FFN projection of a file's ``tensors``."""
+    return {t.name: t.tensor_type.name for t in tensors if t.name.split(".")[-2] in PROJECTIONS}
 
 
-def check_projection_types(path: Path, gguf_type: str) -> int:
+def check_projection_types(tensors: list[ReaderTensor], gguf_type: str) -> int:
     """Refuse a file in which llama.cpp stored some projection in a type the requested one does not allow;
     the number of projections in its fallback type (rows that hold no whole block, which the writer allowed)."""
     kind = check_gguf_type(gguf_type)
     fallbacks, wrong = 0, {}
-    for tensor in GGUFReader(path).tensors:
+    for tensor in tensors:
         if tensor.name.split(".")[-2] not in PROJECTIONS:
             continue
         fits = int(tensor.shape[0]) % kind.block == 0  # GGUF's first dimension: the row length

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter, RopeScalingType, quants
+from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter, ReaderTensor, RopeScalingType, quants
 from torch import nn
 from transformers import PreTrainedModel
 
@@ -71,16 +71,20 @@ class GgufWriter(ExportWriter):
         drop_quantizer(sliced)
         architecture = "llama" if len(set(widths)) == 1 else "deci"
         path = folder / GGUF_NAME
-        vocab_source, fallbacks = write_quantised_gguf(path, sliced.config, widths, architecture, request.gguf_type,
-                                                       request.tokenizer, request.source_gguf,
-                                                       gguf_tensors(sliced, request.spec, widths), request.threads,
-                                                       request.repetition_penalty or 1.0)
-        type_floor = weight_rounding_floor(sliced, request.spec, widths, path, reference.probe, reference.merged)
-        llama_logits, comparisons = llamacpp_run(path, sliced, reference, request.threads)
+        vocab_source = write_quantised_gguf(path, sliced.config, widths, architecture, request.gguf_type,
+                                            request.tokenizer, request.source_gguf,
+                                            gguf_tensors(sliced, request.spec, widths), request.threads,
+                                            request.repetition_penalty or 1.0)
+        # Read once: gguf's reader parses every vocabulary string anew, seconds each time for SmolLM2's 49k.
+        stored = GGUFReader(path).tensors
+        fallbacks = check_projection_types(stored, request.gguf_type) if GGUF_TYPES[request.gguf_type].by_llamacpp else 0
+        type_floor = weight_rounding_floor(sliced, request.spec, widths, stored, reference.probe, reference.merged)
+        llama_logits, comparisons = llamacpp_run(path, output_matrix(stored), sliced, reference, request.threads)
         summary = {"format": "gguf", "file": GGUF_NAME, "gguf_type": request.gguf_type,
                    "architecture": architecture, "tokenizer": vocab_source,
                    "parameters_after": sliced.num_parameters(), "file_bytes": path.stat().st_size,
-                   "dense_f16_bytes": dense_f16_bytes, "projection_types": dict(Counter(projection_types(path).values())),
+                   "dense_f16_bytes": dense_f16_bytes,
+                   "projection_types": dict(Counter(projection_types(stored).values())),
                    "fallback_projections": fallbacks, "fallback_rows": fallback_rows(request.gguf_type, request.shape),
                    "layers": layers_report(request.masks, request.shape)}
         return WrittenModel(summary, llama_logits, floors={"weight_type": type_floor}, comparisons=comparisons)
@@ -111,15 +115,14 @@ def check_architecture(model: PreTrainedModel, spec: ArchSpec) -> None:
 
 def write_quantised_gguf(path: Path, config, widths: list[LayerWidths], architecture: str, gguf_type: str,
                          tokenizer, source_gguf: Path | None, tensors: Iterable[tuple[str, np.ndarray]],
-                         threads: int | None = None, repetition_penalty: float = 1.0) -> tuple[str, int]:
-    """Write ``gguf_type`` directly, or f16 that llama.cpp's quantizer then converts; returns the tokenizer's origin
-    and how many projections llama.cpp stored in its fallback type (rows the model's layout fixes).
+                         threads: int | None = None, repetition_penalty: float = 1.0) -> str:
+    """Write ``gguf_type`` directly, or f16 that llama.cpp's quantizer then converts; returns the tokenizer's origin.
 
     ``tensors``: (GGUF name, float32 array) in the order :func:`gguf_tensors` gives them.
     """
     if not GGUF_TYPES[gguf_type].by_llamacpp:
         return write_gguf(path, config, widths, architecture, gguf_type, tokenizer, source_gguf, tensors,
-                          repetition_penalty), 0
+                          repetition_penalty)
     unquantised = path.with_name(UNQUANTISED_NAME)
     try:
         vocab_source = write_gguf(unquantised, config, widths, architecture, "f16", tokenizer, source_gguf, tensors,
@@ -127,7 +130,7 @@ def write_quantised_gguf(path: Path, config, widths: list[LayerWidths], architec
         quantize_gguf(unquantised, path, gguf_type, threads)
     finally:
         unquantised.unlink(missing_ok=True)
-    return vocab_source, check_projection_types(path, gguf_type)
+    return vocab_source
 
 
 def write_gguf(path: Path, config, widths: list[LayerWidths], architecture: str, gguf_type: str, tokenizer,
@@ -225,18 +228,23 @@ def stored_tensor(array: np.ndarray, gguf_type: str) -> tuple[np.ndarray, GGMLQu
     return array.astype(np.float16), GGMLQuantizationType.F16
 
 
-def stored_weights(path: Path) -> dict[str, np.ndarray]:
-    """Every 2-D weight of a GGUF file as the runtime computes with it: dequantised to float32."""
-    return {t.name: quants.dequantize(t.data, t.tensor_type).reshape(tuple(reversed(t.shape.tolist())))
-            for t in GGUFReader(path).tensors if len(t.shape) == 2}
+def dequantised(tensor: ReaderTensor) -> np.ndarray:
+    """A GGUF tensor as the runtime computes with it: float32, in PyTorch's (out, in) order."""
+    return quants.dequantize(tensor.data, tensor.tensor_type).reshape(tuple(reversed(tensor.shape.tolist())))
 
 
-def weight_rounding_floor(model: PreTrainedModel, spec: ArchSpec, widths: list[LayerWidths], path: Path,
-                          probe: torch.Tensor, reference: torch.Tensor) -> LogitComparison:
-    """How far logits move when the model computes with the weights as the file stores them."""
-    if all(t.tensor_type == GGMLQuantizationType.F32 for t in GGUFReader(path).tensors):
+def output_matrix(tensors: list[ReaderTensor]) -> np.ndarray:
+    """The output matrix as the file stores it (the token embedding when the model ties them)."""
+    by_name = {t.name: t for t in tensors}
+    return dequantised(by_name.get("output.weight", by_name["token_embd.weight"]))
+
+
+def weight_rounding_floor(model: PreTrainedModel, spec: ArchSpec, widths: list[LayerWidths],
+                          tensors: list[ReaderTensor], probe: torch.Tensor, reference: torch.Tensor) -> LogitComparison:
+    """How far logits move when the model computes with the weights as the file (``tensors``) stores them."""
+    if all(t.tensor_type == GGMLQuantizationType.F32 for t in tensors):
         return LogitComparison(0.0, 0.0, 1.0)
-    stored = stored_weights(path)
+    stored = {t.name: dequantised(t) for t in tensors if len(t.shape) == 2}
     rounded = copy.deepcopy(model)
     with torch.no_grad():
         for name, parameter, rope_heads in gguf_sources(rounded, spec, widths):
@@ -246,14 +254,15 @@ def weight_rounding_floor(model: PreTrainedModel, spec: ArchSpec, widths: list[L
     return compare_logits(logits_of(rounded, probe), reference)
 
 
-def llamacpp_run(path: Path, sliced: PreTrainedModel, reference: TrainedLogits,
+def llamacpp_run(path: Path, output: np.ndarray, sliced: PreTrainedModel, reference: TrainedLogits,
                  threads: int | None) -> tuple[torch.Tensor, dict]:
-    """Load the file in llama.cpp: its logits on the probe, and its comparisons with PyTorch (greedy too)."""
+    """Load the file in llama.cpp: its logits on the probe (its hidden states times ``output``, the file's output
+    matrix), and its comparisons with PyTorch (greedy too)."""
     ids = reference.probe[0].tolist()
     prompt = ids[:GREEDY_PROMPT_TOKENS]
     runtime = LlamaCpp(path, context=_context_for(len(ids) + GREEDY_NEW_TOKENS), threads=threads, embeddings=True)
     try:
-        llama_logits = logits_from_hidden(runtime.hidden_states(ids), path)
+        llama_logits = logits_from_hidden(runtime.hidden_states(ids), output)
         greedy = runtime.greedy(prompt, GREEDY_NEW_TOKENS, candidates=GREEDY_CANDIDATES)
     finally:
         runtime.close()
@@ -278,11 +287,9 @@ def greedy_comparison(model: nn.Module, prompt: list[int], greedy: GreedyRun) ->
             "max_logprob_difference": float(raw.max()), "max_relative_logprob_difference": relative}
 
 
-def logits_from_hidden(hidden: np.ndarray, path: Path) -> torch.Tensor:
+def logits_from_hidden(hidden: np.ndarray, output: np.ndarray) -> torch.Tensor:
     """llama.cpp's final hidden states times the output matrix as the file stores it: (1, tokens, vocab)."""
-    stored = stored_weights(path)
-    matrix = stored.get("output.weight", stored["token_embd.weight"])
-    return torch.from_numpy(hidden.astype(np.float64) @ matrix.astype(np.float64).T)[None]
+    return torch.from_numpy(hidden.astype(np.float64) @ output.astype(np.float64).T)[None]
 
 
 def _context_for(tokens: int) -> int:
