@@ -97,8 +97,8 @@ def test_smollm2_global_run_exports_a_deci_lm_folder_with_the_runs_perplexity_an
     assert 0 <= dense_health["repetition"] < 0.3  # the dense model does not loop on its own prompts
 
     decoding, penalty = report["decoding"], report["decoding"]["repetition_penalty"]
-    tried = [(float(p), repetition) for p, repetition in decoding["tried"].items()]
-    assert decoding["measured"] and decoding["n_prompts"] == 12 and tried[-1][0] == penalty
+    assert decoding["measured"] and decoding["n_prompts"] == len(decoding["dense_per_prompt"]) == 12
+    assert list(decoding["excess"]) == list(decoding["tried"]) and float(list(decoding["tried"])[-1]) == penalty
     excess = list(decoding["excess"].values())
     assert all(over > EXCESS_TOLERANCE for over in excess[:-1])  # mildest first
     assert decoding["reached_bar"] == (excess[-1] <= EXCESS_TOLERANCE)

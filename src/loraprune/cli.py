@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
 from loraprune import __version__
 from loraprune.errors import LoraPruneError, first_line
@@ -163,8 +165,9 @@ def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repetition-penalty", type=_parse_repetition_penalty, default=None, metavar="auto|off|X",
                         help="decoding default written with the model (generation_config.json; GGUF: "
                         "general.sampling.penalty_repeat): auto tries 1.05, 1.1, ... and keeps the mildest under "
-                        "which the pruned model repeats itself no more than the dense one (greedy, on 12 fixed "
-                        "prompts of prose, code, facts and chat); off ships none (default: auto)")
+                        "which the pruned model repeats itself no more than the dense one, prompt by prompt (within "
+                        "0.01 on average; greedy, on 12 fixed prompts of prose, code, facts and chat); off ships "
+                        "none (default: auto)")
     parser.add_argument("--austen-dir", default=None, help="folder with the Austen novels")
     parser.add_argument("--out", default=None, help="folder the pruned checkpoint is written to")
     parser.add_argument("--sparsity", type=float, default=None,
@@ -343,8 +346,8 @@ def _print_decoding(decoding: dict) -> None:
         chosen = (f"chosen on {decoding['n_prompts']} fixed prompts, not the ones above (dense: "
                   f"{decoding['dense_repetition']:.3f}; tried, with the excess over dense prompt by prompt: {tried})")
         if not decoding["reached_bar"]:
-            chosen += ("; no candidate brought repetition down to dense's, so the strongest is kept: "
-                       "check the samples below, or set --repetition-penalty")
+            chosen += ("; no candidate kept repetition within 0.01 of dense's, prompt by prompt, so the "
+                       "strongest is kept: check the samples below, or set --repetition-penalty")
     else:
         chosen = "given by --repetition-penalty"
     health = decoding["generation"]
@@ -494,7 +497,16 @@ def _run(args: argparse.Namespace) -> int:
             raise
         print(f"loraprune: error: another process of this {world_size}-process job died ({first_line(e)})"
               f"{_resume_hint(args, world_size)}", file=sys.stderr)
-        return EXIT_PEER_LOST
+        _exit_without_teardown(EXIT_PEER_LOST)
+
+
+def _exit_without_teardown(code: int) -> NoReturn:
+    """Exit at once: tearing down a process group whose peer is gone can abort the interpreter's exit in gloo's
+    threads ("terminate called without an active exception", SIGABRT) after the one line was printed; the run's
+    checkpoint is already on disk, so there is nothing left to save."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 # What gloo and NCCL say when a peer process is gone (killed, crashed or out of memory).

@@ -40,7 +40,8 @@ def test_the_mildest_penalty_repeating_no_more_than_dense_is_chosen_and_stronger
     choice = choose_repetition_penalty(None, None, ["a prompt", "another"], view)
     assert (choice.repetition_penalty, choice.measured, choice.reached_bar) == (1.1, True, True)
     assert asked == [1.0, 1.05, 1.1]
-    assert choice.dense_repetition == 0.1 and list(choice.tried) == ["1.0", "1.05", "1.1"]
+    assert choice.dense_repetition == 0.1 and choice.dense_per_prompt == [0.2, 0.0]
+    assert list(choice.tried) == ["1.0", "1.05", "1.1"]
     assert choice.excess == pytest.approx({"1.0": 0.5, "1.05": 0.025, "1.1": 0.005})
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass
+from statistics import fmean
 
 from torch import nn
 
@@ -55,6 +56,7 @@ class DecodingChoice:
     measured: bool  # False: given by --repetition-penalty
     reached_bar: bool  # the chosen penalty's excess is within EXCESS_TOLERANCE (else: the strongest tried)
     dense_repetition: float | None  # the dense model's mean on the tuning prompts, decoded as its config says
+    dense_per_prompt: list[float]  # ... and on each of them
     tried: dict[str, float]  # penalty -> the pruned model's mean repetition on the tuning prompts
     excess: dict[str, float]  # penalty -> its repetition beyond dense's, prompt by prompt (excess_repetition)
     n_prompts: int
@@ -79,8 +81,7 @@ def repetition_per_prompt(model: nn.Module, tokenizer, prompts: list[str],
 
 def repetition_on(model: nn.Module, tokenizer, prompts: list[str], repetition_penalty: float | None = None) -> float:
     """Mean share of repeated 4-grams in the greedy continuations of ``prompts``."""
-    scores = repetition_per_prompt(model, tokenizer, prompts, repetition_penalty)
-    return sum(scores) / len(scores)
+    return fmean(repetition_per_prompt(model, tokenizer, prompts, repetition_penalty))
 
 
 def excess_repetition(pruned: list[float], dense: list[float]) -> float:
@@ -108,15 +109,14 @@ def choose_repetition_penalty(model: nn.Module, tokenizer, prompts: list[str], d
     tried, excess = {}, {}
     for penalty in candidates:
         scores = repetition_per_prompt(model, tokenizer, prompts, penalty)
-        tried[str(penalty)] = sum(scores) / len(scores)
+        tried[str(penalty)] = fmean(scores)
         excess[str(penalty)] = excess_repetition(scores, dense_scores)
         if excess[str(penalty)] <= EXCESS_TOLERANCE:
             break
-    return DecodingChoice(penalty, True, excess[str(penalty)] <= EXCESS_TOLERANCE,
-                          sum(dense_scores) / len(dense_scores), tried, excess, len(prompts),
-                          time.perf_counter() - started)
+    return DecodingChoice(penalty, True, excess[str(penalty)] <= EXCESS_TOLERANCE, fmean(dense_scores),
+                          dense_scores, tried, excess, len(prompts), time.perf_counter() - started)
 
 
 def given_repetition_penalty(penalty: float) -> DecodingChoice:
     """A penalty the user set: nothing is measured."""
-    return DecodingChoice(penalty, False, True, None, {}, {}, 0, 0.0)
+    return DecodingChoice(penalty, False, True, None, [], {}, {}, 0, 0.0)

@@ -77,7 +77,8 @@ class GgufWriter(ExportWriter):
                                             request.repetition_penalty or 1.0)
         # Read once: gguf's reader parses every vocabulary string anew, seconds each time for SmolLM2's 49k.
         stored = GGUFReader(path).tensors
-        fallbacks = check_projection_types(stored, request.gguf_type) if GGUF_TYPES[request.gguf_type].by_llamacpp else 0
+        quantised_by_llamacpp = GGUF_TYPES[request.gguf_type].by_llamacpp
+        fallbacks = check_projection_types(stored, request.gguf_type) if quantised_by_llamacpp else 0
         type_floor = weight_rounding_floor(sliced, request.spec, widths, stored, reference.probe, reference.merged)
         llama_logits, comparisons = llamacpp_run(path, output_matrix(stored), sliced, reference, request.threads)
         summary = {"format": "gguf", "file": GGUF_NAME, "gguf_type": request.gguf_type,
