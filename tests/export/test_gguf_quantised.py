@@ -33,7 +33,7 @@ CONFIG = {"hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 8, 
 # Per layer: kept query heads (whole KV groups of four) and kept FFN channels of 768.
 PER_LAYER = [(list(range(8)), 768), ([0, 1, 2, 3], 512), (list(range(8)), 256), ([4, 5, 6, 7], 768)]
 QUANTISED = ["q6_k", "q5_k_m", "q4_k_m", "q4_0"]
-GREEDY_NEW = 8
+GREEDY_PROMPT, GREEDY_NEW = 12, 8
 
 
 def confident_model():
@@ -90,7 +90,7 @@ def f32_reference(smollm2_tokenizer, tmp_path_factory):
     """The same model and masks as an f32 file, and its greedy tokens: what every quantised file is held to."""
     pytest.importorskip("llama_cpp")  # the quantizer: without it there is nothing to compare
     reference = export(smollm2_tokenizer, tmp_path_factory.mktemp("f32") / "f32", gguf_type="f32")
-    tokens = greedy_tokens(reference / GGUF_NAME, smollm2_tokenizer(TEXT)["input_ids"][:12])
+    tokens = greedy_tokens(reference / GGUF_NAME, smollm2_tokenizer(TEXT)["input_ids"][:GREEDY_PROMPT])
     assert len(set(tokens)) > 3  # a continuation, not one token repeated
     return reference / GGUF_NAME, tokens
 
@@ -116,7 +116,7 @@ def test_every_projection_has_the_requested_type_and_llamacpp_gives_the_f32_file
     assert report["file_bytes"] < reference.stat().st_size / 3.5
     assert int(reader.fields["general.file_type"].contents()) == int(GGUF_TYPES[gguf_type].file_type)
 
-    assert greedy_tokens(out / GGUF_NAME, smollm2_tokenizer(TEXT)["input_ids"][:12]) == f32_tokens
+    assert greedy_tokens(out / GGUF_NAME, smollm2_tokenizer(TEXT)["input_ids"][:GREEDY_PROMPT]) == f32_tokens
 
 
 def test_widths_the_type_cannot_hold_are_refused_before_anything_is_written(smollm2_tokenizer, tmp_path):

@@ -181,9 +181,7 @@ def test_the_runs_repetition_penalty_is_the_files_llamacpp_sampling_default(smol
     prompt = smollm2_tokenizer(TEXT)["input_ids"][:GREEDY_PROMPT]
     penalised = torch_greedy(model, masks, prompt, GREEDY_NEW, repetition_penalty=penalty)[0]
     assert penalised != torch_greedy(model, masks, prompt, GREEDY_NEW)[0]
-    probe = torch.tensor([smollm2_tokenizer(TEXT)["input_ids"]])
-    out = export_model(ExportRequest(model, masks, smollm2_tokenizer, {"model": "tiny"}, tmp_path / "pruned",
-                                     format="gguf", probe=probe, threads=1, repetition_penalty=penalty))
+    out = export(model, smollm2_tokenizer, masks, tmp_path / "pruned", repetition_penalty=penalty)
     assert GGUFReader(out / GGUF_NAME).fields["general.sampling.penalty_repeat"].contents() == penalty
 
     runtime = LlamaCpp(out / GGUF_NAME, context=256, threads=1)
