@@ -30,7 +30,7 @@ def _worker(mode: str, steps: int, seq_len: int) -> dict:
     """Run one mode in this process and report its training peak RSS and step times."""
     import torch
 
-    from loraprune.config import PruneConfig, calibration_corpora
+    from loraprune.config import PruneConfig, calibration_sources
     from loraprune.data import load_text, token_blocks
     from loraprune.models.loading import load_model
     from loraprune.pruning.masks import ModelMasks
@@ -41,7 +41,7 @@ def _worker(mode: str, steps: int, seq_len: int) -> dict:
                          warmup_fraction=0.0, cooldown_fraction=0.0, **MODES[mode])
     fixed = ModelMasks.for_model(model) if mode == "finetune" else None
     calibration = [token_blocks(tokenizer, load_text(name, "train"), seq_len)[:64]
-                   for name in (calibration_corpora(config.calibration) if config.calibration else [])]
+                   for name in (calibration_sources(config.calibration) if config.calibration else [])]
     measured = measured_training(model, blocks, config, fixed, interval=0.02, calibration_blocks=calibration)
     return {"mode": mode, **measured.row(), "steps": steps, "seq_len": seq_len, "threads": torch.get_num_threads()}
 

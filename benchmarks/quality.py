@@ -21,11 +21,11 @@ from pathlib import Path
 
 import torch
 
-from loraprune.config import PruneConfig, calibration_corpora
+from loraprune.config import PruneConfig, calibration_sources
 from loraprune.data import load_text, token_blocks
 from loraprune.data.blocks import corpus_ids
 from loraprune.data.corpora import load_corpus
-from loraprune.data.generated import GeneratedText, generate_text, parse_data, self_block_count
+from loraprune.data.generated import SELF, GeneratedText, generate_text, parse_data, scoring_text, self_block_count
 from loraprune.evaluation.fidelity import dense_view, fidelity
 from loraprune.evaluation.generation import generation_health
 from loraprune.evaluation.perplexity import perplexity
@@ -34,6 +34,7 @@ from loraprune.models import count_parameters, projection_biases, spec_for
 from loraprune.models.loading import load_model
 from loraprune.pruning.groups import LayerShape
 from loraprune.pruning.masks import ModelMasks, removed_parameters
+from loraprune.pruning.schedule import PruningSchedule
 from loraprune.pruning.target import solve_model_target
 from loraprune.training.oneshot import one_shot_masks
 from loraprune.training.recipe import train_while_pruning
@@ -61,7 +62,7 @@ class Method:
     @property
     def scored_on_pydoc(self) -> bool:
         """Its units were scored on pydoc's training split, so pydoc is no longer unseen text for it."""
-        return "pydoc" in calibration_corpora(self.settings.get("calibration") or "")
+        return "pydoc" in calibration_sources(self.settings.get("calibration") or "")
 
 
 # LLM-Pruner's element-wise first-order criterion as published: |∇W ⊙ W| summed over each group,
@@ -104,6 +105,10 @@ METHODS: dict[str, Method] = {
     "fisher+global/cal:austen+pydoc": Method({"criterion": "fisher", "allocation": "global",
                                               "calibration": "austen+pydoc"}),
     "fisher+global/cal:pydoc": Method({"criterion": "fisher", "allocation": "global", "calibration": "pydoc"}),
+    # "self": text the dense model samples from BOS (prune --calibration self); pydoc stays unseen.
+    **{f"fisher+global/cal:{text}{at}": Method({"criterion": "fisher", "allocation": "global", "calibration": text,
+                                                **lr})
+       for text in ("self", "austen+self") for at, lr in (("", {}), ("/lr:8e-4", {"lr": 8e-4}))},
     # The same run at another learning rate than the suite's (Settings.lr): what chose prune's --lr default.
     **{f"fisher+global/lr:{lr}": Method({"criterion": "fisher", "allocation": "global", "lr": float(lr)})
        for lr in ("1e-4", "4e-4", "8e-4", "1.6e-3", "3.2e-3")},
@@ -145,6 +150,8 @@ class Settings:
         ("fisher+global/cal:austen+pydoc", 0.5, 0), ("fisher+global/cal:pydoc", 0.2, 0),
         ("fisher+global/lr:4e-4", None, 0), ("fisher+global/lr:1e-4", None, 0), ("fisher+global/lr:8e-4", None, 0),
         ("fisher+global/lr:1.6e-3", None, 0), ("fisher+global/lr:3.2e-3", None, 0),
+        ("fisher+global/cal:self/lr:8e-4", None, 0), ("fisher+global/cal:self", None, 0),
+        ("fisher+global/cal:austen+self/lr:8e-4", 0.2, 0),
     )
 
 
@@ -210,12 +217,27 @@ def recovery_blocks(base, tokenizer, settings: Settings, method: Method, seed: i
     return sources
 
 
-def calibration_blocks(config: PruneConfig, tokenizer) -> list[torch.Tensor] | None:
+def calibration_blocks(config: PruneConfig, base, tokenizer) -> list[torch.Tensor] | None:
     """The --calibration text's training blocks, as ``prune`` makes them; None scores on the recovery text."""
     if config.calibration is None:
         return None
-    return [token_blocks(tokenizer, load_text(name, "train"), config.seq_len)
-            for name in calibration_corpora(config.calibration)]
+    return [scoring_samples(config, base, tokenizer) if name == SELF
+            else token_blocks(tokenizer, load_text(name, "train"), config.seq_len)
+            for name in calibration_sources(config.calibration)]
+
+
+def scoring_samples(config: PruneConfig, base, tokenizer) -> torch.Tensor:
+    """``--calibration self``: the blocks ``prune`` samples from BOS, one per scored step, generated once and cached."""
+    scored_steps = PruningSchedule.build(config.steps, config.warmup_fraction, config.cooldown_fraction,
+                                         config.prune_every).end_step
+    folder = SELF_TEXT / f"bos-prompts-seed{config.seed}-len{config.seq_len}-blocks{scored_steps}"
+    cached = GeneratedText.load(folder)
+    if cached is None:
+        blocks = scoring_text(base, tokenizer, scored_steps, config.seq_len, config.seed)
+        cached = GeneratedText(blocks, blocks[:0])
+        folder.mkdir(parents=True, exist_ok=True)
+        cached.save(folder)
+    return cached.train
 
 
 def run_one(base, name: str, sparsity: float, seed: int, settings: Settings, train_blocks: torch.Tensor,
@@ -238,7 +260,8 @@ def run_one(base, name: str, sparsity: float, seed: int, settings: Settings, tra
         if method.recovered:
             with tempfile.TemporaryDirectory() as run_dir:
                 outcome = train_while_pruning(model, sources, config, Path(run_dir), progress=True,
-                                              fixed_masks=fixed, calibration_blocks=calibration_blocks(config, tokenizer))
+                                              fixed_masks=fixed,
+                                              calibration_blocks=calibration_blocks(config, base, tokenizer))
                 log = [json.loads(line) for line in (Path(run_dir) / "log.jsonl").read_text().splitlines()]
             model, achieved, steps = outcome.model, outcome.achieved_sparsity, outcome.steps
         else:
@@ -439,13 +462,16 @@ def _recovery_text_lines(pruned: list[dict], dense: dict) -> list[str]:
 
 
 def _beside_twins(pruned: list[dict], separator: str, is_twin) -> list[tuple[dict, dict, str, str]]:
-    """(row, its twin, the variant, the method) for each row named METHOD + separator + VARIANT whose twin ran."""
+    """(row, its twin, the variant, the twin's method) for each row named METHOD + separator + VARIANT (+ /REST)
+    whose twin METHOD (+ /REST) ran: fisher+global/cal:self/lr:8e-4 is fisher+global/lr:8e-4 scored on self."""
     twins = {r["method"]: r for r in pruned if is_twin(r)}
     pairs = []
     for row in pruned:
-        method, _, variant = row["method"].partition(separator)
-        if variant and method in twins:
-            pairs.append((row, twins[method], variant, method))
+        method, _, after = row["method"].partition(separator)
+        variant, slash, rest = after.partition("/")
+        twin = method + slash + rest
+        if variant and twin in twins:
+            pairs.append((row, twins[twin], variant, twin))
     return pairs
 
 

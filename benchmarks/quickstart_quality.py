@@ -28,6 +28,9 @@ VARIANTS = {
     "pydoc+self": ("--data", "pydoc+self"),
     "pydoc+self+distill": ("--data", "pydoc+self", "--distill", "0.5"),
     "austen": ("--data", "austen"),  # the "default 20 % Austen run", at the quickstart's budget
+    # Units scored on text the dense model samples from BOS, LoRA still on the run's text.
+    "cal:self": ("--calibration", "self"),
+    "austen+cal:self": ("--data", "austen", "--calibration", "self"),
 }
 TARGET_RATIO = 1.8  # the target: pydoc ≤ 1.8× dense ...
 TARGET_REPETITION = 0.05  # ... and a repetition score within 0.05 of dense

@@ -84,6 +84,41 @@ def test_a_run_at_its_own_learning_rate_trains_at_it_is_reported_beside_its_twin
     assert lines[-1].startswith("  - lr 4e-4 against 2e-4 for `fisher+global`: geometric mean 1.62 against 1.70 (-4.3%)")
 
 
+def test_a_self_scored_run_at_its_own_rate_stands_beside_the_run_at_that_rate_and_can_be_picked():
+    dense = _row("dense", 0.0, 30.0, 10.0, 0.05)
+    at_rate = _row("fisher+global/lr:8e-4", 0.2, 36.0, 24.0, 0.6)
+    self_scored = _row("fisher+global/cal:self/lr:8e-4", 0.2, 39.0, 18.0, 0.5)
+    assert not METHODS[self_scored["method"]].scored_on_pydoc
+    results = {"settings": {"seed": 0, "sparsities": [0.2], "lr": 2e-4},
+               "runs": {r["method"]: r for r in (dense, at_rate, self_scored)}}
+    lines = summary_lines(results)
+    assert "picks `fisher+global/cal:self/lr:8e-4`:" in lines[1]
+    assert any(line.startswith("  - Scored on `self` (`--calibration`), recovered on Austen, against "
+                               "`fisher+global/lr:8e-4`: Northanger Abbey 1.30× against 1.20×, pydoc 1.80× against "
+                               "2.40×") for line in lines)
+
+
+def test_suite_scores_self_on_the_blocks_prune_samples_from_bos_once(tmp_path, monkeypatch):
+    import quality
+
+    from loraprune.data.generated import scoring_text
+    from tests.conftest import build_tiny_model, build_word_tokenizer
+
+    model, tokenizer = build_tiny_model("llama"), build_word_tokenizer([f"w{i}" for i in range(100)], bos=True)
+    monkeypatch.setattr(quality, "SELF_TEXT", tmp_path)
+    config = _config(Settings(steps=10, seq_len=24), METHODS["fisher+global/cal:self"], 0.2, seed=0)
+    (blocks,) = quality.calibration_blocks(config, model, tokenizer)
+    scored_steps = 9  # steps before the cool-down (the last 10 %): one sample each
+    assert torch.equal(blocks, scoring_text(model, tokenizer, scored_steps, 24, seed=0, progress=False))
+    assert (blocks[:, 0] == tokenizer.bos_token_id).all()
+
+    def no_second_sampling(*args, **kwargs):
+        raise AssertionError("the suite sampled again instead of reading its cached scoring text")
+
+    monkeypatch.setattr(quality, "scoring_text", no_second_sampling)
+    assert torch.equal(quality.calibration_blocks(config, model, tokenizer)[0], blocks)
+
+
 def test_every_method_of_the_suite_is_a_valid_run():
     """The quick run takes a few methods; every other row must at least be a configuration prune accepts."""
     for method in METHODS.values():

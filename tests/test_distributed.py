@@ -24,7 +24,7 @@ def test_two_process_run_shares_batches_and_exports_once(tiny_run_inputs, tmp_pa
                "--steps", "8", "--prune-every", "2", "--seq-len", "32", "--eval-seq-len", "32",
                "--eval-tokens", "640", "--lr", "1e-3", "--no-progress"]
     if calibrated:  # a separate scoring pass per step must not upset the data-parallel gradient sync
-        command += ["--calibration", f"text:{text}+text:{text}"]
+        command += ["--calibration", f"text:{text}+self"]  # self: sampled once, on the main process
     done = subprocess.run(command, check=False, capture_output=True, text=True, timeout=600,
                           env={"PATH": str(Path(sys.executable).parent), "OMP_NUM_THREADS": "1",
                                "HOME": str(tmp_path)})
@@ -36,3 +36,8 @@ def test_two_process_run_shares_batches_and_exports_once(tiny_run_inputs, tmp_pa
     assert AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).num_parameters() > 0
     assert done.stdout.count("pruned model written to") == 1
     assert done.stdout.count("achieved whole-model sparsity") == 1
+    if calibrated:
+        from loraprune.data.generated import CALIBRATION_FILE, GeneratedText
+
+        scoring = GeneratedText.load(out / "run", CALIBRATION_FILE).train
+        assert scoring.shape == (7 * 2, 32)  # a sample per process for each of the 7 steps before the cool-down

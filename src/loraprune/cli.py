@@ -158,10 +158,12 @@ def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
                         help="tokens the model samples for --data self / NAME+self (default: one block per "
                         "sample trained on: steps x batch x grad-accumulation x processes, half when mixed)")
     parser.add_argument("--calibration", default=None,
-                        help="text the units are scored on, if not --data: corpora joined by '+' (e.g. "
-                        "austen+pydoc). The units that survive are the ones this text needs, so give it "
-                        "everything the pruned model must keep doing; LoRA still trains on --data only "
-                        "(criterion fisher; default: --data)")
+                        help="text the units are scored on, if not --data: corpora and 'self' joined by '+' "
+                        "(e.g. austen+pydoc, austen+self). The units that survive are the ones this text needs, "
+                        "so give it everything the pruned model must keep doing; 'self' is text the dense model "
+                        "samples from BOS before training (one block per scored sample, kept in the run "
+                        "folder), a stand-in for everything it was trained on. LoRA still trains on --data "
+                        "only (criterion fisher; default: --data)")
     parser.add_argument("--repetition-penalty", type=_parse_repetition_penalty, default=None, metavar="auto|off|X",
                         help="decoding default written with the model (generation_config.json; GGUF: "
                         "general.sampling.penalty_repeat): auto tries 1.05, 1.1, ... and keeps the mildest under "

@@ -195,10 +195,10 @@ class PruneConfig:
     def _validate_calibration(self) -> None:
         from loraprune.pruning.scorers import scorer_class  # the scorers import this module
 
-        corpora = calibration_corpora(self.calibration)
-        if not all(corpora) or "self" in corpora:
-            raise LoraPruneError(f"--calibration {self.calibration!r}: name corpora joined by '+', e.g. austen+pydoc "
-                                 "(text the model generates is not one)")
+        sources = calibration_sources(self.calibration)
+        if not all(sources) or sources.count("self") > 1:
+            raise LoraPruneError(f"--calibration {self.calibration!r}: name corpora or self joined by '+', "
+                                 "e.g. austen+pydoc or austen+self")
         if not scorer_class(self.criterion).takes_scoring_loss:
             raise LoraPruneError(f"--calibration needs a criterion that scores a separate pass (fisher); "
                                  f"--criterion {self.criterion} reads the training step's own gradients")
@@ -212,7 +212,7 @@ class PruneConfig:
         return sorted(k for k in mine if k not in harmless and mine[k] != theirs[k])
 
 
-def calibration_corpora(calibration: str) -> list[str]:
-    """The corpus names of a --calibration value, in the order their blocks alternate."""
+def calibration_sources(calibration: str) -> list[str]:
+    """The sources of a --calibration value (corpus names, or self), in the order their blocks alternate."""
     return calibration.split("+")
 

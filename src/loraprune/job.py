@@ -21,15 +21,19 @@ from accelerate import PartialState
 from accelerate.utils import broadcast_object_list
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
-from loraprune.config import EXPORT_FORMATS, PruneConfig, calibration_corpora
+from loraprune.config import EXPORT_FORMATS, PruneConfig, calibration_sources
 from loraprune.data.blocks import corpus_blocks, corpus_ids
 from loraprune.data.corpora import load_corpus
 from loraprune.data.generated import (
+    CALIBRATION_FILE,
+    SELF,
+    SELF_FILE,
     VALIDATION_FRACTION,
     DataSpec,
     GeneratedText,
     generate_text,
     parse_data,
+    scoring_text,
     self_block_count,
 )
 from loraprune.destination import check_creatable
@@ -149,20 +153,47 @@ def _generated_text(model, tokenizer, config: PruneConfig, spec: DataSpec, run_d
     if not spec.with_self:
         return None
     if resuming:
-        saved = GeneratedText.load(run_dir)
-        if saved is None:
-            raise LoraPruneError(f"the run in {run_dir} has no self-generated text to resume with; start it again")
-        return saved
-    generated = None
-    if processes.is_main_process:
+        return _saved_samples(run_dir, SELF_FILE)
+
+    def sample() -> GeneratedText:
         samples_per_step = config.batch_size * config.grad_accumulation * processes.num_processes
         n_train = self_block_count(config.steps, samples_per_step, spec.corpus is not None, config.self_tokens,
                                    config.seq_len)
         n_validation = max(1, round(n_train * VALIDATION_FRACTION)) if spec.validation_generated else 0
         user_ids = corpus_ids(tokenizer, load_corpus(spec.corpus, "train", config.austen_dir)) if spec.corpus else None
-        generated = generate_text(model, tokenizer, n_train, n_validation, config.seq_len, config.seed, user_ids,
-                                  progress)
-    if processes.num_processes > 1:  # every process trains on the main process's samples
+        return generate_text(model, tokenizer, n_train, n_validation, config.seq_len, config.seed, user_ids, progress)
+
+    return _sampled_on_main(sample, processes)
+
+
+def _scoring_samples(model, tokenizer, config: PruneConfig, schedule: PruningSchedule, run_dir: Path,
+                     resuming: bool, processes: PartialState, progress: bool) -> GeneratedText | None:
+    """``--calibration self``: one block from BOS per sample the ramp scores; read back on --resume."""
+    if config.calibration is None or SELF not in calibration_sources(config.calibration):
+        return None
+    if resuming:
+        return _saved_samples(run_dir, CALIBRATION_FILE)
+
+    def sample() -> GeneratedText:
+        scored = max(1, schedule.end_step * config.batch_size * config.grad_accumulation * processes.num_processes)
+        blocks = scoring_text(model, tokenizer, scored, config.seq_len, config.seed, progress)
+        return GeneratedText(blocks, blocks[:0])  # nothing held out: no one validates on scoring text
+
+    return _sampled_on_main(sample, processes)
+
+
+def _saved_samples(run_dir: Path, name: str) -> GeneratedText:
+    saved = GeneratedText.load(run_dir, name)
+    if saved is None:
+        raise LoraPruneError(f"the run in {run_dir} has no self-generated text to resume with; start it again "
+                             f"({name} is missing)")
+    return saved
+
+
+def _sampled_on_main(sample, processes: PartialState) -> GeneratedText:
+    """The main process samples; under torchrun every process then works on the same blocks."""
+    generated = sample() if processes.is_main_process else None
+    if processes.num_processes > 1:
         shared = [generated]
         broadcast_object_list(shared)
         generated = shared[0]
@@ -272,7 +303,8 @@ def prune(config: PruneConfig | None = None, out: str | Path | None = None, *,
     config.validate()
     export, export_format, gguf_type = config.export, config.export_format, config.gguf_type or DEFAULT_GGUF_TYPE
     check_base_precision(config)
-    PruningSchedule.build(config.steps, config.warmup_fraction, config.cooldown_fraction, config.prune_every)
+    schedule = PruningSchedule.build(config.steps, config.warmup_fraction, config.cooldown_fraction,
+                                     config.prune_every)
     _check_folders(out_path, run_dir, resuming, overwrite)
     check_creatable(out_path)
 
@@ -281,8 +313,9 @@ def prune(config: PruneConfig | None = None, out: str | Path | None = None, *,
     if spec.corpus is not None:
         train_corpus = load_corpus(spec.corpus, "train", config.austen_dir)
         load_corpus(spec.corpus, "validation", config.austen_dir)
-    calibration_texts = [load_corpus(name, "train", config.austen_dir)
-                         for name in (calibration_corpora(config.calibration) if config.calibration else [])]
+    calibration_names = calibration_sources(config.calibration) if config.calibration else []
+    calibration_texts = {name: load_corpus(name, "train", config.austen_dir)
+                         for name in calibration_names if name != SELF}
     model, tokenizer = load_model(config.model, config.dtype, config.base_bits)
     spec_for(model.config)
     if export:
@@ -300,6 +333,8 @@ def prune(config: PruneConfig | None = None, out: str | Path | None = None, *,
               "launch; this is one process, so it runs unsharded", file=sys.stderr)
     main_progress = progress and processes.is_main_process
     generated = _generated_text(model, tokenizer, config, spec, run_dir, resuming, processes, main_progress)
+    scoring_samples = _scoring_samples(model, tokenizer, config, schedule, run_dir, resuming, processes,
+                                       main_progress)
     dense = _evaluate(model, tokenizer, config, main_progress, generated)
     seen_text = config.data + (f"+{config.calibration}" if config.calibration else "")
     ood = out_of_domain_blocks(tokenizer, seen_text, config.eval_seq_len, config.eval_tokens, config.austen_dir)
@@ -311,9 +346,13 @@ def prune(config: PruneConfig | None = None, out: str | Path | None = None, *,
         run_dir.mkdir(parents=True, exist_ok=True)
         if generated is not None and not resuming:
             generated.save(run_dir)
+        if scoring_samples is not None and not resuming:
+            scoring_samples.save(run_dir, CALIBRATION_FILE)
     processes.wait_for_everyone()
     sources = [blocks for blocks in (train_blocks, generated.train if generated else None) if blocks is not None]
-    calibration = [corpus_blocks(tokenizer, text, config.seq_len) for text in calibration_texts]
+    calibration = [scoring_samples.train if name == SELF else corpus_blocks(tokenizer, calibration_texts[name],
+                                                                            config.seq_len)
+                   for name in calibration_names]
     outcome = train_while_pruning(model, sources, config, run_dir, checkpoint, progress, calibration_blocks=calibration)
     outcome.model.eval()
     pruned = _evaluate(outcome.model, tokenizer, config, main_progress, generated)

@@ -98,10 +98,58 @@ def test_a_run_interrupted_and_resumed_reads_the_same_calibration_blocks(tiny_ll
 def test_calibration_needs_a_criterion_that_scores_a_separate_pass():
     with pytest.raises(LoraPruneError, match="--calibration needs a criterion"):
         PruneConfig(criterion="lora", calibration="pydoc").validate()
-    with pytest.raises(LoraPruneError, match="name corpora joined by"):
+    with pytest.raises(LoraPruneError, match="name corpora or self joined by"):
         PruneConfig(calibration="austen+").validate()
-    with pytest.raises(LoraPruneError, match="name corpora joined by"):
-        PruneConfig(calibration="austen+self").validate()
+    with pytest.raises(LoraPruneError, match="name corpora or self joined by"):
+        PruneConfig(calibration="self+austen+self").validate()
+    PruneConfig(calibration="austen+self").validate()
+    PruneConfig(calibration="self").validate()
+
+
+def _self_scored_config(model_dir, text) -> PruneConfig:
+    return PruneConfig(model=str(model_dir), data=f"text:{text}", calibration=f"text:{text}+self", sparsity=0.3,
+                       steps=8, prune_every=2, seq_len=32, eval_seq_len=32, eval_tokens=320, save_every=1, lr=1e-3)
+
+
+def test_self_calibration_scores_bos_samples_cached_in_the_run_and_reused_on_resume(tmp_path, monkeypatch):
+    from loraprune import job
+    from loraprune.data.generated import CALIBRATION_FILE, GeneratedText
+    from tests.conftest import save_tiny_run_inputs
+
+    model_dir, text = save_tiny_run_inputs(tmp_path)
+    config = _self_scored_config(model_dir, text)
+    scored_on, real_training = [], job.train_while_pruning
+
+    def spy(*args, calibration_blocks=None, **kwargs):
+        scored_on.append(calibration_blocks)
+        return real_training(*args, calibration_blocks=calibration_blocks, **kwargs)
+
+    monkeypatch.setattr(job, "train_while_pruning", spy)
+    reference = job.prune(config, tmp_path / "reference", progress=False)
+    samples = GeneratedText.load(reference.output_dir / "run", CALIBRATION_FILE)
+    end_step = 7  # 8 steps, the last 10 % (one step) a cool-down: one sample scored per step before it
+    assert samples.train.shape == (end_step, 32) and (samples.train[:, 0] == 1).all()  # every one from BOS <s>
+    text_blocks, self_blocks = scored_on[0]
+    assert torch.equal(self_blocks, samples.train) and not torch.equal(text_blocks[:end_step], samples.train)
+
+    def stop_at_step_five(self, start):
+        if self.step == 5:
+            raise KeyboardInterrupt
+        return real_forward_backward(self, start)
+
+    real_forward_backward = PruningRecipe.forward_backward
+    monkeypatch.setattr(PruningRecipe, "forward_backward", stop_at_step_five)
+    with pytest.raises(RunInterrupted):
+        job.prune(config, tmp_path / "out", progress=False)
+    monkeypatch.setattr(PruningRecipe, "forward_backward", real_forward_backward)
+
+    def no_sampling_on_resume(*args, **kwargs):
+        raise AssertionError("a resumed run must reuse its cached scoring samples")
+
+    monkeypatch.setattr(job, "generate_text", no_sampling_on_resume)
+    resumed = job.prune(config, tmp_path / "out", resume=True, progress=False)
+    assert torch.equal(GeneratedText.load(tmp_path / "out" / "run", CALIBRATION_FILE).train, samples.train)
+    assert resumed.report["kept_per_layer"] == reference.report["kept_per_layer"]
 
 
 def test_cli_refuses_an_unknown_calibration_corpus_before_writing_anything(tiny_run_inputs, tmp_path):

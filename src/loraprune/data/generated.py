@@ -1,9 +1,12 @@
-"""Recovery text from the model itself: ``--data self`` alone or mixed with a corpus (``austen+self``).
+"""Text from the model itself: recovery text (``--data self``, alone or mixed as ``austen+self``) and
+scoring text (``--calibration self``).
 
-The frozen dense model samples blocks at temperature 1 before training starts, from short prompts
-(BOS, or the start of a chat turn when the tokenizer has a chat template, plus a few tokens drawn
-from the user's text when there is one). Each sequence is exactly one training block and does not
-stop at EOS: a chat model goes on with the next turn, a base model with the next document.
+The frozen dense model samples blocks at temperature 1 before training starts. Recovery text starts
+from short prompts (BOS, or the start of a chat turn when the tokenizer has a chat template, plus a
+few tokens drawn from the user's text when there is one). Scoring text starts from BOS alone: the
+model's unconditioned distribution, all the kinds of text it was trained on, which is what the
+units that survive must keep serving. Each sequence is exactly one block and does not stop at EOS:
+a chat model goes on with the next turn, a base model with the next document.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ if TYPE_CHECKING:
 
 SELF = "self"
 SELF_FILE = "self_generated.npz"
+CALIBRATION_FILE = "self_calibration.npz"  # --calibration self: the scoring samples, apart from recovery text
 PROMPT_TOKENS = 8  # tokens of the user's text that start each sampled sequence
 GENERATION_BATCH = 16  # sequences sampled at once (KV cache per sequence)
 VALIDATION_FRACTION = 0.1  # held-out generated blocks, the validation text of --data self alone
@@ -66,16 +70,16 @@ class GeneratedText:
     train: torch.Tensor
     validation: torch.Tensor
 
-    def save(self, run_dir: Path) -> None:
+    def save(self, run_dir: Path, name: str = SELF_FILE) -> None:
         """Write both parts into the run folder atomically, so --resume reads the same tokens."""
         with tempfile.NamedTemporaryFile(dir=run_dir, suffix=".tmp", delete=False) as f:
             np.savez(f, train=self.train.numpy().astype(np.int32), validation=self.validation.numpy().astype(np.int32))
-        os.replace(f.name, run_dir / SELF_FILE)
+        os.replace(f.name, run_dir / name)
 
     @classmethod
-    def load(cls, run_dir: Path) -> GeneratedText | None:
+    def load(cls, run_dir: Path, name: str = SELF_FILE) -> GeneratedText | None:
         """The text a run generated earlier, or None if it has none."""
-        path = run_dir / SELF_FILE
+        path = run_dir / name
         if not path.is_file():
             return None
         with np.load(path) as saved:
@@ -93,9 +97,12 @@ def self_block_count(steps: int, samples_per_step: int, mixed: bool, self_tokens
 
 def generate_text(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, n_train: int, n_validation: int,
                   seq_len: int, seed: int, user_ids: np.ndarray | None = None,
-                  progress: bool = True) -> GeneratedText:
-    """Sample n_train + n_validation blocks of seq_len tokens from the model, seeded and batched."""
-    prefix = prompt_prefix(tokenizer)
+                  progress: bool = True, prefix: list[int] | None = None) -> GeneratedText:
+    """Sample n_train + n_validation blocks of seq_len tokens from the model, seeded and batched.
+
+    Every sequence starts with ``prefix`` (default: ``prompt_prefix``, a chat turn's opening).
+    """
+    prefix = prompt_prefix(tokenizer) if prefix is None else prefix
     prompt_len = len(prefix) + (PROMPT_TOKENS if user_ids is not None else 0)
     if prompt_len >= seq_len:
         raise LoraPruneError(f"--seq-len {seq_len} leaves no room to generate after a {prompt_len}-token prompt; "
@@ -121,14 +128,27 @@ def generate_text(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, n_
     return GeneratedText(tokens[:n_train], tokens[n_train:])
 
 
+def scoring_text(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, n_blocks: int, seq_len: int, seed: int,
+                 progress: bool = True) -> torch.Tensor:
+    """``--calibration self``: (n_blocks, seq_len) blocks sampled from BOS, seeded apart from the recovery text."""
+    return generate_text(model, tokenizer, n_blocks, 0, seq_len, seed + 1, progress=progress,
+                         prefix=unconditioned_prefix(tokenizer)).train
+
+
 def prompt_prefix(tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    """Ids every sampled sequence starts with: the opening of a user turn, else BOS, else EOS."""
+    """Ids every sampled recovery sequence starts with: the opening of a user turn, else BOS, else EOS."""
     if tokenizer.chat_template:
         rendered = tokenizer.apply_chat_template([{"role": "user", "content": _CONTENT_MARK}], tokenize=False)
         return tokenizer(rendered.split(_CONTENT_MARK)[0], add_special_tokens=False)["input_ids"]
+    return unconditioned_prefix(tokenizer)
+
+
+def unconditioned_prefix(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """BOS (else EOS): a start after which the model samples whatever it was trained on."""
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     if start is None:
-        raise LoraPruneError("--data self needs a tokenizer with a BOS or EOS token or a chat template")
+        raise LoraPruneError("text the model samples (--data self, --calibration self) needs a tokenizer with a "
+                             "BOS or EOS token")
     return [start]
 
 
