@@ -16,6 +16,7 @@ from loraprune.data.generated import (
     generate_text,
     parse_data,
     prompt_prefix,
+    scoring_text,
     self_block_count,
 )
 from loraprune.data.sampling import BlockStream
@@ -188,3 +189,16 @@ def test_smollm2_samples_chat_turns_from_austen_prompts_as_likely_as_its_entropy
     # The model's own temperature-1 samples are, on average, as likely as its entropy: far from
     # uniform (ln 49152 = 10.8 nats) and not degenerate repetition (near 0).
     assert 1.0 < generated_nll.item() < 6.0
+
+
+@pytest.mark.slow
+def test_smollm2_scoring_text_starts_at_bos_not_in_a_chat_turn(smollm2):
+    model, tokenizer = smollm2
+    blocks = scoring_text(model, tokenizer, 2, seq_len=32, seed=0, progress=False)
+    assert blocks.shape == (2, 32) and (blocks[:, 0] == tokenizer.bos_token_id).all()
+    chat_opening = prompt_prefix(tokenizer)
+    assert len(chat_opening) > 1 and not (blocks[:, : len(chat_opening)] == torch.tensor(chat_opening)).all(-1).any()
+    with torch.no_grad():
+        logits = model(input_ids=blocks).logits
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), blocks[:, 1:].flatten())
+    assert 1.0 < nll.item() < 6.0  # the model's own temperature-1 text, neither uniform noise nor a loop
