@@ -108,7 +108,8 @@ METHODS: dict[str, Method] = {
     # "self": text the dense model samples from BOS (prune --calibration self); pydoc stays unseen.
     **{f"fisher+global/cal:{text}{at}": Method({"criterion": "fisher", "allocation": "global", "calibration": text,
                                                 **lr})
-       for text in ("self", "austen+self") for at, lr in (("", {}), ("/lr:8e-4", {"lr": 8e-4}))},
+       for text in ("self", "austen+self") for at, lr in (("", {}), ("/lr:8e-4", {"lr": 8e-4}),
+                                                           ("/lr:1.6e-3", {"lr": 1.6e-3}))},
     # The same run at another learning rate than the suite's (Settings.lr): what chose prune's --lr default.
     **{f"fisher+global/lr:{lr}": Method({"criterion": "fisher", "allocation": "global", "lr": float(lr)})
        for lr in ("1e-4", "4e-4", "8e-4", "1.6e-3", "3.2e-3")},
@@ -151,7 +152,7 @@ class Settings:
         ("fisher+global/lr:4e-4", None, 0), ("fisher+global/lr:1e-4", None, 0), ("fisher+global/lr:8e-4", None, 0),
         ("fisher+global/lr:1.6e-3", None, 0), ("fisher+global/lr:3.2e-3", None, 0),
         ("fisher+global/cal:self/lr:8e-4", None, 0), ("fisher+global/cal:self", None, 0),
-        ("fisher+global/cal:austen+self/lr:8e-4", 0.2, 0),
+        ("fisher+global/cal:austen+self/lr:8e-4", 0.2, 0), ("fisher+global/cal:self/lr:1.6e-3", None, 0),
     )
 
 
@@ -522,7 +523,11 @@ def quality_section(results: dict, command: str) -> str:
          "like `llm-pruner`. `/cal:TEXT` scores the units on TEXT's training split (`--calibration TEXT`; "
          "corpora joined by `+` alternate block by block, one scoring pass per step of the ramp) while LoRA "
          "still trains on Austen alone; with pydoc in TEXT, pydoc is text the run scored on, so those rows "
-         "are not judged out of domain and cannot be picked. In domain: perplexity on Northanger Abbey "
+         "are not judged out of domain and cannot be picked. `self` in TEXT is text the dense model samples "
+         "from BOS alone, as `prune --calibration self` does (temperature 1, one block per step before the "
+         "cool-down; sampled once per seed and shared, runs/benchmarks/self-text, its sampling time not in the "
+         "wall times): it holds no pydoc, so those rows are judged out of domain. In domain: perplexity on "
+         "Northanger Abbey "
          f"({ev['austen']['tokens']} tokens in {ev['austen']['windows']} windows of {ev['austen']['seq_len']}); "
          f"out of domain: CPython's pydoc topics, validation part ({ev['pydoc']['tokens']} tokens in "
          f"{ev['pydoc']['windows']} windows of {ev['pydoc']['seq_len']}). `in`/`out` are those perplexities "

@@ -61,7 +61,8 @@ def measure(name: str) -> dict:
             "repetition": {"before": before["generation"]["repetition"], "after": after["generation"]["repetition"]},
             "samples_after": after["generation"]["samples"], "summary_samples": report["greedy_samples"],
             "decoding": report["decoding"], "wall_seconds": seconds,
-            "load_average": os.getloadavg()}
+            "load_average": os.getloadavg(),
+            "threads": int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count())}  # the prune process's torch threads
 
 
 def ratios(row: dict) -> tuple[float, float, float]:
@@ -139,6 +140,11 @@ def section(results: dict) -> str:
                      f"{row['repetition']['after']:.3f} ({row['repetition']['before']:.3f}) | {decoded} | "
                      f"{row['wall_seconds']:.0f} |")
     lines.append("")
+    one_thread = [name for name, row in rows.items() if row.get("threads") == 1]
+    if one_thread:
+        named = ", ".join(f"`{name}`" for name in one_thread)
+        lines += [(f"Wall times: {named} ran two at once on one thread each (OMP_NUM_THREADS=1), the others on "
+                   "both cores, so only rows of the same kind compare."), ""]
     lines += [f"- `{name}`: {verdict(row)}." for name, row in rows.items()]
     lines += summary_samples(rows)
     missing = [name for name in VARIANTS if name not in rows]
