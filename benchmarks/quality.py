@@ -158,8 +158,10 @@ class Settings:
 
 BUDGET_STEPS = (128, 512, 2048)  # the budget curve: the default method after each many steps
 BUDGET_PLAN = (("dense", 0.0, 0), ("fisher+global", 0.2, 0), ("fisher+global", 0.5, 0),
-               ("fisher+global/cal:austen+pydoc", 0.2, 0), ("fisher+global/cal:austen+pydoc", 0.5, 0))
-BUDGET_METHODS = ("fisher+global", "fisher+global/cal:austen+pydoc")  # the budget table's rows, per steps
+               ("fisher+global/cal:austen+pydoc", 0.2, 0), ("fisher+global/cal:austen+pydoc", 0.5, 0),
+               ("fisher+global/cal:self", 0.2, 0), ("fisher+global/cal:self", 0.5, 0))
+# The budget table's rows, per steps.
+BUDGET_METHODS = ("fisher+global", "fisher+global/cal:austen+pydoc", "fisher+global/cal:self")
 # The smoke run takes each path through run_one once (not every row: CI's budget): the dense model as it is,
 # unpruned training with distillation, the default (pruning while training) and a one-shot baseline. The
 # criteria and losses themselves are tested in tests/; every method's settings are checked as a PruneConfig
@@ -630,7 +632,9 @@ def budget_section(folder: Path) -> str:
              ("`fisher` with global allocation, cross-entropy on Austen, at each budget (`python benchmarks/quality.py "
              "--steps N`; 128 is the main suite's run); otherwise the protocol of the section above. "
              "`/cal:austen+pydoc` scores the units on Austen and pydoc's training split alternately "
-             "(`--calibration austen+pydoc`), so its pydoc column is text the run scored on, not unseen text."), "",
+             "(`--calibration austen+pydoc`), so its pydoc column is text the run scored on, not unseen text; "
+             "`/cal:self` scores them on text the dense model samples from BOS (`--calibration self`: one block "
+             "per step before the cool-down), so pydoc stays unseen."), "",
              "| method | steps | target | ppl Northanger | ppl pydoc | in | out | geo | repetition |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     missing, base_seconds = [], {}

@@ -8,11 +8,13 @@ import subprocess
 import pytest
 import torch
 
+from loraprune import job
 from loraprune.config import LoraSettings, PruneConfig
+from loraprune.data.generated import CALIBRATION_FILE, GeneratedText
 from loraprune.errors import LoraPruneError
 from loraprune.training.checkpoint import capture_rng, load_checkpoint
 from loraprune.training.recipe import PruningRecipe, RunInterrupted, StepStart
-from tests.conftest import tiny_prune_command
+from tests.conftest import save_tiny_run_inputs, tiny_prune_command
 
 
 def _blocks(seed: int, count: int = 4) -> torch.Tensor:
@@ -112,10 +114,6 @@ def _self_scored_config(model_dir, text) -> PruneConfig:
 
 
 def test_self_calibration_scores_bos_samples_cached_in_the_run_and_reused_on_resume(tmp_path, monkeypatch):
-    from loraprune import job
-    from loraprune.data.generated import CALIBRATION_FILE, GeneratedText
-    from tests.conftest import save_tiny_run_inputs
-
     model_dir, text = save_tiny_run_inputs(tmp_path)
     config = _self_scored_config(model_dir, text)
     scored_on, real_training = [], job.train_while_pruning
@@ -132,12 +130,13 @@ def test_self_calibration_scores_bos_samples_cached_in_the_run_and_reused_on_res
     text_blocks, self_blocks = scored_on[0]
     assert torch.equal(self_blocks, samples.train) and not torch.equal(text_blocks[:end_step], samples.train)
 
+    real_forward_backward = PruningRecipe.forward_backward
+
     def stop_at_step_five(self, start):
         if self.step == 5:
             raise KeyboardInterrupt
         return real_forward_backward(self, start)
 
-    real_forward_backward = PruningRecipe.forward_backward
     monkeypatch.setattr(PruningRecipe, "forward_backward", stop_at_step_five)
     with pytest.raises(RunInterrupted):
         job.prune(config, tmp_path / "out", progress=False)
@@ -146,7 +145,7 @@ def test_self_calibration_scores_bos_samples_cached_in_the_run_and_reused_on_res
     def no_sampling_on_resume(*args, **kwargs):
         raise AssertionError("a resumed run must reuse its cached scoring samples")
 
-    monkeypatch.setattr(job, "generate_text", no_sampling_on_resume)
+    monkeypatch.setattr(job, "scoring_text", no_sampling_on_resume)
     resumed = job.prune(config, tmp_path / "out", resume=True, progress=False)
     assert torch.equal(GeneratedText.load(tmp_path / "out" / "run", CALIBRATION_FILE).train, samples.train)
     assert resumed.report["kept_per_layer"] == reference.report["kept_per_layer"]
