@@ -25,7 +25,15 @@ from loraprune.config import PruneConfig, calibration_sources
 from loraprune.data import load_text, token_blocks
 from loraprune.data.blocks import corpus_ids
 from loraprune.data.corpora import load_corpus
-from loraprune.data.generated import SELF, GeneratedText, generate_text, parse_data, scoring_text, self_block_count
+from loraprune.data.generated import (
+    SELF,
+    GeneratedText,
+    generate_text,
+    parse_data,
+    scoring_block_count,
+    scoring_text,
+    self_block_count,
+)
 from loraprune.evaluation.fidelity import dense_view, fidelity
 from loraprune.evaluation.generation import generation_health
 from loraprune.evaluation.perplexity import perplexity
@@ -233,10 +241,11 @@ def scoring_samples(config: PruneConfig, base, tokenizer) -> torch.Tensor:
     """``--calibration self``: the blocks ``prune`` samples from BOS, one per scored step, generated once and cached."""
     scored_steps = PruningSchedule.build(config.steps, config.warmup_fraction, config.cooldown_fraction,
                                          config.prune_every).end_step
-    folder = SELF_TEXT / f"bos-prompts-seed{config.seed}-len{config.seq_len}-blocks{scored_steps}"
+    count = scoring_block_count(scored_steps, config.batch_size * config.grad_accumulation)  # one process
+    folder = SELF_TEXT / f"bos-prompts-seed{config.seed}-len{config.seq_len}-blocks{count}"
     cached = GeneratedText.load(folder)
     if cached is None:
-        blocks = scoring_text(base, tokenizer, scored_steps, config.seq_len, config.seed)
+        blocks = scoring_text(base, tokenizer, count, config.seq_len, config.seed)
         cached = GeneratedText(blocks, blocks[:0])
         folder.mkdir(parents=True, exist_ok=True)
         cached.save(folder)

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 from transformers import AutoModelForCausalLM
 
+from loraprune.data.generated import CALIBRATION_FILE, GeneratedText
+
 
 @pytest.mark.skipif(shutil.which("torchrun", path=str(Path(sys.executable).parent)) is None,
                     reason="torchrun not installed beside this Python")
@@ -37,7 +39,5 @@ def test_two_process_run_shares_batches_and_exports_once(tiny_run_inputs, tmp_pa
     assert done.stdout.count("pruned model written to") == 1
     assert done.stdout.count("achieved whole-model sparsity") == 1
     if calibrated:
-        from loraprune.data.generated import CALIBRATION_FILE, GeneratedText
-
         scoring = GeneratedText.load(out / "run", CALIBRATION_FILE).train
         assert scoring.shape == (7 * 2, 32)  # a sample per process for each of the 7 steps before the cool-down

@@ -33,6 +33,7 @@ from loraprune.data.generated import (
     GeneratedText,
     generate_text,
     parse_data,
+    scoring_block_count,
     scoring_text,
     self_block_count,
 )
@@ -175,7 +176,8 @@ def _scoring_samples(model, tokenizer, config: PruneConfig, schedule: PruningSch
         return _saved_samples(run_dir, CALIBRATION_FILE)
 
     def sample() -> GeneratedText:
-        scored = max(1, schedule.end_step * config.batch_size * config.grad_accumulation * processes.num_processes)
+        scored = scoring_block_count(schedule.end_step,
+                                     config.batch_size * config.grad_accumulation * processes.num_processes)
         blocks = scoring_text(model, tokenizer, scored, config.seq_len, config.seed, progress)
         return GeneratedText(blocks, blocks[:0])  # nothing held out: no one validates on scoring text
 

@@ -95,6 +95,11 @@ def self_block_count(steps: int, samples_per_step: int, mixed: bool, self_tokens
     return max(1, math.ceil(samples / 2) if mixed else samples)
 
 
+def scoring_block_count(scored_steps: int, samples_per_step: int) -> int:
+    """Blocks to sample for --calibration self: one per sample the ramp scores."""
+    return max(1, scored_steps * samples_per_step)
+
+
 def generate_text(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, n_train: int, n_validation: int,
                   seq_len: int, seed: int, user_ids: np.ndarray | None = None,
                   progress: bool = True, prefix: list[int] | None = None) -> GeneratedText:
