@@ -125,7 +125,7 @@ PRUNE_SETTINGS = (
     "warmup_fraction", "cooldown_fraction", "prune_every", "lr", "lr_schedule", "batch_size",
     "grad_accumulation", "seq_len", "seed", "lora_rank", "lora_alpha", "lora_dropout", "eval_tokens",
     "eval_seq_len", "save_every", "lora_columns", "distill", "distill_temperature", "distill_top_k", "allocation",
-    "parallel", "bias_compensation", "calibration", "repetition_penalty",
+    "parallel", "bias_compensation", "calibration", "calibration_every", "repetition_penalty",
 )
 
 
@@ -164,6 +164,10 @@ def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
                         "samples from BOS before training (one block per scored sample, kept in the run "
                         "folder), a stand-in for everything it was trained on. LoRA still trains on --data "
                         "only (criterion fisher; default: --data)")
+    parser.add_argument("--calibration-every", type=int, default=None, metavar="K",
+                        help="score the --calibration text on every K-th step of the ramp only: its extra "
+                        "forward and backward then cost 1/K as much, and self samples 1/K as many blocks "
+                        f"(default: {d.calibration_every})")
     parser.add_argument("--repetition-penalty", type=_parse_repetition_penalty, default=None, metavar="auto|off|X",
                         help="decoding default written with the model (generation_config.json; GGUF: "
                         "general.sampling.penalty_repeat): auto tries 1.05, 1.1, ... and keeps the mildest under "

@@ -45,6 +45,9 @@ class PruneConfig:
     # "+" (e.g. "austen+pydoc", alternating block by block). Which units survive follows the scoring
     # text, so it should cover everything the pruned model must keep doing; None scores on --data.
     calibration: str | None = None
+    # Score the --calibration text on every k-th step of the ramp only: its scoring pass is a forward and
+    # a backward more, so 2 halves that cost (and the samples --calibration self draws); scores hold between.
+    calibration_every: int = 1
     dtype: str = "float32"
     base_bits: int | None = None  # 8 or 4: the frozen projections quantised (bitsandbytes); None: dtype
 
@@ -126,7 +129,8 @@ class PruneConfig:
         positive = {"steps": self.steps, "prune-every": self.prune_every, "batch-size": self.batch_size,
                     "grad-accumulation": self.grad_accumulation, "seq-len": self.seq_len,
                     "round-to": 1 if self.round_to is None else self.round_to, "eval-tokens": self.eval_tokens,
-                    "eval-seq-len": self.eval_seq_len, "save-every": self.save_every, "lora-rank": self.lora.rank}
+                    "eval-seq-len": self.eval_seq_len, "save-every": self.save_every, "lora-rank": self.lora.rank,
+                    "calibration-every": self.calibration_every}
         for flag, value in positive.items():
             if value <= 0:
                 raise LoraPruneError(f"--{flag} must be a positive integer, got {value}")
@@ -150,6 +154,9 @@ class PruneConfig:
             raise LoraPruneError(f"--parallel must be replicate or fsdp, got '{self.parallel}'")
         if self.calibration is not None:
             self._validate_calibration()
+        elif self.calibration_every != 1:
+            raise LoraPruneError("--calibration-every needs --calibration (without it every step of the ramp "
+                                 "scores its own training text, at no extra cost)")
         if self.base_bits not in (None, 8, 4):
             raise LoraPruneError(f"--base-bits must be 8 or 4, got {self.base_bits}")
         if self.lr <= 0:

@@ -176,7 +176,7 @@ def _scoring_samples(model, tokenizer, config: PruneConfig, schedule: PruningSch
         return _saved_samples(run_dir, CALIBRATION_FILE)
 
     def sample() -> GeneratedText:
-        scored = scoring_block_count(schedule.end_step,
+        scored = scoring_block_count(schedule.scored_steps(every=config.calibration_every),
                                      config.batch_size * config.grad_accumulation * processes.num_processes)
         blocks = scoring_text(model, tokenizer, scored, config.seq_len, config.seed, progress)
         return GeneratedText(blocks, blocks[:0])  # nothing held out: no one validates on scoring text
@@ -305,8 +305,7 @@ def prune(config: PruneConfig | None = None, out: str | Path | None = None, *,
     config.validate()
     export, export_format, gguf_type = config.export, config.export_format, config.gguf_type or DEFAULT_GGUF_TYPE
     check_base_precision(config)
-    schedule = PruningSchedule.build(config.steps, config.warmup_fraction, config.cooldown_fraction,
-                                     config.prune_every)
+    schedule = PruningSchedule.for_config(config)
     _check_folders(out_path, run_dir, resuming, overwrite)
     check_creatable(out_path)
 

@@ -27,6 +27,15 @@ def test_cubic_ramp_reaches_the_full_target_exactly_at_the_end_of_the_ramp():
     assert updates[-1] == 90 and 17 in updates and all(11 <= s <= 90 for s in updates)
 
 
+def test_scored_steps_count_every_kth_step_until_the_ramp_ends():
+    schedule = PruningSchedule.build(total_steps=100, warmup_fraction=0.1, cooldown_fraction=0.1, prune_every=7)
+    scored = [s for s in range(100) if schedule.scores_after(s, every=3)]
+    assert scored == list(range(0, 90, 3))
+    assert schedule.scored_steps(every=3) == len(scored) == 30
+    assert schedule.scored_steps(before=10, every=3) == 4  # steps 0, 3, 6, 9
+    assert schedule.scored_steps() == 90 and not schedule.scores_after(90)
+
+
 def test_too_few_steps_for_the_schedule_is_an_error_naming_the_fix():
     with pytest.raises(LoraPruneError, match="--steps"):
         PruningSchedule.build(total_steps=2, warmup_fraction=0.4, cooldown_fraction=0.4, prune_every=1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import subprocess
 
 import pytest
@@ -69,11 +70,31 @@ def test_smollm2_scores_pydoc_while_learning_austen(smollm2, austen_dir, tmp_pat
     assert not torch.equal(*ranks)  # the two texts would cut different channels
 
 
-def test_a_run_interrupted_and_resumed_reads_the_same_calibration_blocks(tiny_llama, tmp_path, monkeypatch):
+def test_scoring_every_other_step_scores_half_the_ramp_on_the_calibration_text(tiny_llama, tmp_path):
+    training, calibration = _blocks(1, 16), _blocks(2, 16)
+    recipe = PruningRecipe(copy.deepcopy(tiny_llama), training, _config(calibration_every=2), tmp_path,
+                           progress=False, calibration_blocks=[calibration])
+    scored, real_update = [], recipe.scores.update
+
+    def counting_update(fresh):
+        scored.append(recipe.step)
+        return real_update(fresh)
+
+    recipe.scores.update = counting_update
+    outcome = recipe.run()
+    end_step = recipe.schedule.end_step  # 9 of 10 steps: no warm-up, one step of cool-down
+    assert scored == list(range(0, end_step, 2))  # steps 0, 2, …, 8 (completed before the scored one)
+    assert recipe.calibration.samples_seen == len(scored) == recipe.schedule.scored_steps(every=2) == 5
+    assert outcome.achieved_sparsity == pytest.approx(0.3, abs=0.05)
+
+
+@pytest.mark.parametrize("every", [1, 2])
+def test_a_run_interrupted_and_resumed_reads_the_same_calibration_blocks(tiny_llama, tmp_path, monkeypatch, every):
     training, calibration = _blocks(1, 16), _blocks(2, 16)
     for folder in ("reference", "interrupted"):
         (tmp_path / folder).mkdir()
-    reference = PruningRecipe(copy.deepcopy(tiny_llama), training, _config(), tmp_path / "reference",
+    config = _config(calibration_every=every)
+    reference = PruningRecipe(copy.deepcopy(tiny_llama), training, config, tmp_path / "reference",
                               progress=False, calibration_blocks=[calibration]).run()
 
     original = PruningRecipe.forward_backward
@@ -86,10 +107,10 @@ def test_a_run_interrupted_and_resumed_reads_the_same_calibration_blocks(tiny_ll
     run_dir = tmp_path / "interrupted"
     monkeypatch.setattr(PruningRecipe, "forward_backward", stop_at_step_five)
     with pytest.raises(RunInterrupted):
-        PruningRecipe(copy.deepcopy(tiny_llama), training, _config(), run_dir, progress=False,
+        PruningRecipe(copy.deepcopy(tiny_llama), training, config, run_dir, progress=False,
                       calibration_blocks=[calibration]).run()
     monkeypatch.setattr(PruningRecipe, "forward_backward", original)
-    resumed = PruningRecipe(copy.deepcopy(tiny_llama), training, _config(), run_dir, load_checkpoint(run_dir),
+    resumed = PruningRecipe(copy.deepcopy(tiny_llama), training, config, run_dir, load_checkpoint(run_dir),
                             progress=False, calibration_blocks=[calibration]).run()
 
     assert resumed.steps == reference.steps == 10
@@ -106,6 +127,10 @@ def test_calibration_needs_a_criterion_that_scores_a_separate_pass():
         PruneConfig(calibration="self+austen+self").validate()
     PruneConfig(calibration="austen+self").validate()
     PruneConfig(calibration="self").validate()
+    with pytest.raises(LoraPruneError, match="--calibration-every needs --calibration"):
+        PruneConfig(calibration_every=2).validate()
+    with pytest.raises(LoraPruneError, match="--calibration-every must be a positive integer"):
+        PruneConfig(calibration="self", calibration_every=0).validate()
 
 
 def _self_scored_config(model_dir, text) -> PruneConfig:
@@ -149,6 +174,14 @@ def test_self_calibration_scores_bos_samples_cached_in_the_run_and_reused_on_res
     resumed = job.prune(config, tmp_path / "out", resume=True, progress=False)
     assert torch.equal(GeneratedText.load(tmp_path / "out" / "run", CALIBRATION_FILE).train, samples.train)
     assert resumed.report["kept_per_layer"] == reference.report["kept_per_layer"]
+
+
+def test_self_calibration_every_other_step_samples_half_the_blocks(tmp_path):
+    model_dir, text = save_tiny_run_inputs(tmp_path)
+    config = dataclasses.replace(_self_scored_config(model_dir, text), calibration_every=2)
+    result = job.prune(config, tmp_path / "out", progress=False)
+    samples = GeneratedText.load(result.output_dir / "run", CALIBRATION_FILE)
+    assert samples.train.shape == (4, 32)  # the ramp's 7 steps, every other one scored: steps 0, 2, 4, 6
 
 
 def test_cli_refuses_an_unknown_calibration_corpus_before_writing_anything(tiny_run_inputs, tmp_path):

@@ -7,8 +7,12 @@ target exactly at ``end_step``, and masks stay frozen during the cool-down that 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from loraprune.errors import LoraPruneError
+
+if TYPE_CHECKING:
+    from loraprune.config import PruneConfig
 
 
 @dataclass(frozen=True)
@@ -32,6 +36,20 @@ class PruningSchedule:
                 f"--steps {total_steps} leaves no step for pruning between warm-up and cool-down; "
                 f"use --steps {needed} or more")
         return cls(total_steps, start, end, prune_every)
+
+    @classmethod
+    def for_config(cls, config: PruneConfig) -> PruningSchedule:
+        """The schedule a run with ``config`` follows."""
+        return cls.build(config.steps, config.warmup_fraction, config.cooldown_fraction, config.prune_every)
+
+    def scores_after(self, completed: int, every: int = 1) -> bool:
+        """Whether the step that follows ``completed`` steps is scored: every ``every``-th until the ramp ends."""
+        return completed < self.end_step and completed % every == 0
+
+    def scored_steps(self, before: int | None = None, every: int = 1) -> int:
+        """How many of the first ``before`` steps (default: all) are scored, scoring every ``every``-th."""
+        steps = self.end_step if before is None else min(before, self.end_step)
+        return -(-steps // every)
 
     def fraction(self, step: int) -> float:
         """Share of the final target pruned after ``step`` optimizer steps (0 → 1)."""

@@ -119,8 +119,7 @@ class PruningRecipe:
         self.total_parameters = count_parameters(model)
         self.pruning = fixed_masks is None
         self.target = solve_model_target(model, config) if self.pruning else None
-        self.schedule = PruningSchedule.build(config.steps, config.warmup_fraction, config.cooldown_fraction,
-                                              config.prune_every) if self.pruning else None
+        self.schedule = PruningSchedule.for_config(config) if self.pruning else None
         if self.pruning:
             self.accelerator.print(f"target: {self.target.describe(self.shape)}")
 
@@ -155,11 +154,11 @@ class PruningRecipe:
         self.scorer = self._attached_scorer()
         self.stream = BlockStream(train_blocks, config.seed, config.batch_size, self.accelerator.process_index,
                                   self.accelerator.num_processes, samples_seen)
-        # Every step of the ramp draws one calibration batch per micro-batch, so the step fixes where a resumed run is.
+        # Every scored step draws one calibration batch per micro-batch, so the step fixes where a resumed run is.
         per_step = config.batch_size * config.grad_accumulation * self.accelerator.num_processes
         self.calibration = None if not calibration_blocks or not self.pruning else BlockStream(
             calibration_blocks, config.seed, config.batch_size, self.accelerator.process_index,
-            self.accelerator.num_processes, self.step * per_step)
+            self.accelerator.num_processes, self.schedule.scored_steps(self.step, config.calibration_every) * per_step)
 
     def _frozen_bytes(self, model: torch.nn.Module) -> tuple[int, int]:
         """(most frozen-weight bytes any process holds, bytes of all frozen weights)."""
@@ -270,7 +269,8 @@ class PruningRecipe:
             torch.autograd.grad(loss / accumulation, watched)
 
     def _scoring_this_step(self) -> bool:
-        return self.pruning and self.step < self.schedule.end_step
+        every = self.config.calibration_every if self.calibration is not None else 1
+        return self.pruning and self.schedule.scores_after(self.step, every)
 
     def _autocast(self):
         """On CUDA with a half-precision base, autocast the float32 LoRA path too; elsewhere nothing.
