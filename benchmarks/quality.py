@@ -118,6 +118,14 @@ METHODS: dict[str, Method] = {
                                                 **lr})
        for text in ("self", "austen+self") for at, lr in (("", {}), ("/lr:8e-4", {"lr": 8e-4}),
                                                            ("/lr:1.6e-3", {"lr": 1.6e-3}))},
+    # The paper's λ = 0.9 (--ema) averages about ten steps: with one 128-token block a step, few tokens
+    # to score on; a slower average has more of them, a faster one follows the pruned model sooner.
+    **{f"fisher+global{cal}/lr:8e-4/ema:{ema}": Method({"criterion": "fisher", "allocation": "global", "lr": 8e-4,
+                                                       "ema": float(ema), **calibration})
+       for cal, calibration, ema in (("", {}, "0.7"), ("", {}, "0.99"), ("/cal:self", {"calibration": "self"}, "0.99"))},
+    # Scored on self every other step of the ramp (--calibration-every 2): half the extra pass and half the samples.
+    "fisher+global/cal:self/lr:8e-4/every:2": Method({"criterion": "fisher", "allocation": "global", "lr": 8e-4,
+                                                      "calibration": "self", "calibration_every": 2}),
     # The same run at another learning rate than the suite's (Settings.lr): what chose prune's --lr default.
     **{f"fisher+global/lr:{lr}": Method({"criterion": "fisher", "allocation": "global", "lr": float(lr)})
        for lr in ("1e-4", "4e-4", "8e-4", "1.6e-3", "3.2e-3")},
@@ -161,6 +169,9 @@ class Settings:
         ("fisher+global/lr:1.6e-3", None, 0), ("fisher+global/lr:3.2e-3", None, 0),
         ("fisher+global/cal:self/lr:8e-4", None, 0), ("fisher+global/cal:self", None, 0),
         ("fisher+global/cal:austen+self/lr:8e-4", 0.2, 0), ("fisher+global/cal:self/lr:1.6e-3", None, 0),
+        ("fisher+global/cal:self/lr:8e-4/ema:0.99", None, 0), ("fisher+global/lr:8e-4/ema:0.99", None, 0),
+        ("fisher+global/lr:8e-4/ema:0.7", None, 0),
+        ("fisher+global/cal:self/lr:8e-4/every:2", None, 0),
     )
 
 
@@ -239,8 +250,7 @@ def calibration_blocks(config: PruneConfig, base, tokenizer) -> list[torch.Tenso
 
 def scoring_samples(config: PruneConfig, base, tokenizer) -> torch.Tensor:
     """``--calibration self``: the blocks ``prune`` samples from BOS, one per scored step, generated once and cached."""
-    scored_steps = PruningSchedule.build(config.steps, config.warmup_fraction, config.cooldown_fraction,
-                                         config.prune_every).end_step
+    scored_steps = PruningSchedule.for_config(config).scored_steps(every=config.calibration_every)
     count = scoring_block_count(scored_steps, config.batch_size * config.grad_accumulation)  # one process
     folder = SELF_TEXT / f"bos-prompts-seed{config.seed}-len{config.seq_len}-blocks{count}"
     cached = GeneratedText.load(folder)
@@ -428,6 +438,7 @@ def summary_lines(results: dict) -> list[str]:
         lines += _recovery_text_lines(pruned, dense)
         lines += _calibration_lines(every_pruned, dense, TARGETS.get(sparsity))
         lines += _learning_rate_lines(pruned, dense, results["settings"].get("lr", Settings().lr))
+        lines += _setting_lines(pruned, dense)
     return lines
 
 
@@ -440,6 +451,22 @@ def _learning_rate_lines(pruned: list[dict], dense: dict, suite_lr: float) -> li
                      f"({geo / twin_geo - 1:+.1%}); Northanger Abbey {inside:.2f}× against {twin_in:.2f}×, pydoc "
                      f"{outside:.2f}× against {twin_out:.2f}×, repetition {row['generation']['repetition']:.3f} "
                      f"against {twin['generation']['repetition']:.3f}.")
+    return lines
+
+
+def _setting_lines(pruned: list[dict], dense: dict) -> list[str]:
+    """Each run named METHOD/SETTING:X beside METHOD, which runs that setting at its default."""
+    lines = []
+    for separator, setting, against in (("/ema:", "ema", "Scores averaged with λ = {} against 0.9"),
+                                        ("/every:", "calibration_every",
+                                         "The calibration text scored every {} steps against every step")):
+        is_twin = lambda r, setting=setting: setting not in METHODS[r["method"]].settings
+        for row, twin, value, method in _beside_twins(pruned, separator, is_twin):
+            (inside, outside, geo), (twin_in, twin_out, twin_geo) = ratios_to_dense(row, dense), ratios_to_dense(twin, dense)
+            lines.append(f"  - {against.format(value)} for `{method}`: geometric mean {geo:.2f} against "
+                         f"{twin_geo:.2f} ({geo / twin_geo - 1:+.1%}); Northanger Abbey {inside:.2f}× against "
+                         f"{twin_in:.2f}×, pydoc {outside:.2f}× against {twin_out:.2f}×, repetition "
+                         f"{row['generation']['repetition']:.3f} against {twin['generation']['repetition']:.3f}.")
     return lines
 
 
@@ -537,7 +564,9 @@ def quality_section(results: dict, command: str) -> str:
          "are not judged out of domain and cannot be picked. `self` in TEXT is text the dense model samples "
          "from BOS alone, as `prune --calibration self` does (temperature 1, one block per step before the "
          "cool-down; sampled once per seed and shared, runs/benchmarks/self-text, its sampling time not in the "
-         "wall times): it holds no pydoc, so those rows are judged out of domain. In domain: perplexity on "
+         "wall times): it holds no pydoc, so those rows are judged out of domain. `/every:K` scores the "
+         "calibration text on every K-th step of the ramp only (`--calibration-every K`, K times fewer samples); "
+         "`/ema:X` averages the scores with λ = X (`--ema X`) instead of 0.9. In domain: perplexity on "
          "Northanger Abbey "
          f"({ev['austen']['tokens']} tokens in {ev['austen']['windows']} windows of {ev['austen']['seq_len']}); "
          f"out of domain: CPython's pydoc topics, validation part ({ev['pydoc']['tokens']} tokens in "

@@ -31,7 +31,8 @@ class TrainingMeasurement:
         """The JSON fields every memory benchmark records."""
         return {"rss_after_load_bytes": self.rss_after_load_bytes, "peak_rss_bytes": self.peak_rss_bytes,
                 "training_increase_bytes": self.peak_rss_bytes - self.rss_after_load_bytes,
-                "step_seconds_median": statistics.median(self.step_seconds)}
+                "step_seconds_median": statistics.median(self.step_seconds),
+                "step_seconds_mean": statistics.fmean(self.step_seconds)}
 
 
 def measured_training(model, blocks, config, fixed_masks=None, interval: float = 0.02,
