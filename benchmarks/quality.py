@@ -437,27 +437,15 @@ def summary_lines(results: dict) -> list[str]:
             lines.append("  " + _target_verdict(inside, outside, TARGETS[sparsity]))
         lines += _recovery_text_lines(pruned, dense)
         lines += _calibration_lines(every_pruned, dense, TARGETS.get(sparsity))
-        lines += _learning_rate_lines(pruned, dense, results["settings"].get("lr", Settings().lr))
-        lines += _setting_lines(pruned, dense)
+        lines += _setting_lines(pruned, dense, results["settings"].get("lr", Settings().lr))
     return lines
 
 
-def _learning_rate_lines(pruned: list[dict], dense: dict, suite_lr: float) -> list[str]:
-    """Each run at its own learning rate beside the same method at the suite's."""
+def _setting_lines(pruned: list[dict], dense: dict, suite_lr: float) -> list[str]:
+    """Each run named METHOD/SETTING:X beside METHOD, which runs that setting at the suite's value or the default."""
     lines, suite = [], f"{suite_lr:.0e}".replace("e-0", "e-")  # 2e-4, as the rows' names spell rates
-    for row, twin, lr, method in _beside_twins(pruned, "/lr:", lambda r: "lr" not in METHODS[r["method"]].settings):
-        (inside, outside, geo), (twin_in, twin_out, twin_geo) = ratios_to_dense(row, dense), ratios_to_dense(twin, dense)
-        lines.append(f"  - lr {lr} against {suite} for `{method}`: geometric mean {geo:.2f} against {twin_geo:.2f} "
-                     f"({geo / twin_geo - 1:+.1%}); Northanger Abbey {inside:.2f}× against {twin_in:.2f}×, pydoc "
-                     f"{outside:.2f}× against {twin_out:.2f}×, repetition {row['generation']['repetition']:.3f} "
-                     f"against {twin['generation']['repetition']:.3f}.")
-    return lines
-
-
-def _setting_lines(pruned: list[dict], dense: dict) -> list[str]:
-    """Each run named METHOD/SETTING:X beside METHOD, which runs that setting at its default."""
-    lines = []
-    for separator, setting, against in (("/ema:", "ema", "Scores averaged with λ = {} against 0.9"),
+    for separator, setting, against in (("/lr:", "lr", f"lr {{}} against {suite}"),
+                                        ("/ema:", "ema", "Scores averaged with λ = {} against 0.9"),
                                         ("/every:", "calibration_every",
                                          "The calibration text scored every {} steps against every step")):
         is_twin = lambda r, setting=setting: setting not in METHODS[r["method"]].settings
