@@ -211,6 +211,8 @@ def test_auto_allocation_is_global_for_every_export_format_and_uniform_without_e
         assert resolved_allocation(auto.with_overrides({"export_format": export_format})).allocation == "global"
     assert resolved_allocation(auto.with_overrides({"export": False})).allocation == "uniform"
     assert resolved_allocation(PruneConfig(allocation="uniform", export_format="gguf")).allocation == "uniform"
+    capped = auto.with_overrides({"export": False, "max_layer_sparsity": 0.5})  # a cap asks for global allocation
+    assert resolved_allocation(capped).allocation == "global"
 
 
 @pytest.mark.parametrize("allocation", ["uniform", "global"])

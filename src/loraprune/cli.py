@@ -126,6 +126,7 @@ PRUNE_SETTINGS = (
     "grad_accumulation", "seq_len", "seed", "lora_rank", "lora_alpha", "lora_dropout", "eval_tokens",
     "eval_seq_len", "save_every", "lora_columns", "distill", "distill_temperature", "distill_top_k", "allocation",
     "parallel", "bias_compensation", "calibration", "calibration_every", "repetition_penalty",
+    "fisher_window", "max_layer_sparsity",
 )
 
 
@@ -210,6 +211,9 @@ def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
                         "for every --format (transformers: a DeciLM folder), uniform with --no-export; uniform "
                         "gives a plain Llama folder that needs no remote code "
                         f"(default: {d.allocation})")
+    parser.add_argument("--max-layer-sparsity", type=float, default=None, metavar="F",
+                        help="global allocation: no pruned layer loses more than this share of its attention and FFN "
+                        "parameters (default: no cap beyond one attention unit and --round-to channels kept)")
     parser.add_argument("--skip-first", dest="skip_first_layers", type=int, default=None,
                         help="leave the first N layers unpruned (per-layer widths)")
     parser.add_argument("--skip-last", dest="skip_last_layers", type=int, default=None,
@@ -224,6 +228,9 @@ def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
                         help="fraction of steps after the target is reached (masks frozen)")
     parser.add_argument("--prune-every", type=int, default=None, help="steps between mask updates")
     parser.add_argument("--ema", type=float, default=None, help="moving-average decay of scores")
+    parser.add_argument("--fisher-window", type=int, default=None, metavar="N",
+                        help="fisher: square the mask gradient of every N tokens instead of every sequence "
+                        "(default: whole sequences)")
     parser.add_argument("--lr", type=float, default=None, help=f"peak learning rate (default: {d.lr})")
     parser.add_argument("--lr-schedule", default=None, choices=["linear", "cosine", "constant"])
     parser.add_argument("--batch-size", type=int, default=None)

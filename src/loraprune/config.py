@@ -63,6 +63,9 @@ class PruneConfig:
     # all layers compete on score per parameter, so each layer keeps its own widths (GGUF deci, vLLM
     # nemotron-nas). auto: global when the export format holds per-layer widths, else uniform.
     allocation: Literal["auto", "uniform", "global"] = "auto"
+    # Global allocation only: no pruned layer loses more than this share of its attention and FFN
+    # parameters (None: a layer may narrow to one attention unit and round-to FFN channels).
+    max_layer_sparsity: float | None = None
 
     # Importance (paper Eqs. 8-11).
     criterion: Criterion = "fisher"  # chosen by benchmarks/quality.py; "lora" is the paper's
@@ -70,6 +73,9 @@ class PruneConfig:
     normalise_scores: bool = True
     lora_columns: bool = True  # lora also scores o_proj/down_proj columns, as the paper; False: rows only
     ema: float = 0.9
+    # fisher: square the mask gradient of every window of this many tokens, not of whole sequences,
+    # so a unit that matters much to a few tokens is not averaged away by the rest (None: sequences).
+    fisher_window: int | None = None
 
     # Recovery loss: weight w of self-distillation from the unpruned base (0: cross-entropy only).
     distill: float = 0.0
@@ -134,6 +140,17 @@ class PruneConfig:
         for flag, value in positive.items():
             if value <= 0:
                 raise LoraPruneError(f"--{flag} must be a positive integer, got {value}")
+        if self.fisher_window is not None and self.fisher_window <= 0:
+            raise LoraPruneError(f"--fisher-window must be a positive number of tokens, got {self.fisher_window}")
+        if self.fisher_window is not None and self.criterion != "fisher":
+            raise LoraPruneError(f"--fisher-window sets how the fisher criterion squares its mask gradients; "
+                                 f"--criterion {self.criterion} has none: drop it or use --criterion fisher")
+        if self.max_layer_sparsity is not None:
+            if not 0.0 < self.max_layer_sparsity <= 1.0:
+                raise LoraPruneError(f"--max-layer-sparsity must be in (0, 1], got {self.max_layer_sparsity}")
+            if self.allocation == "uniform":
+                raise LoraPruneError("--max-layer-sparsity caps global allocation; uniform allocation prunes every "
+                                     "layer alike already: drop one of the two")
         if self.skip_first_layers < 0 or self.skip_last_layers < 0:
             raise LoraPruneError("--skip-first and --skip-last must be ≥ 0")
         if self.repetition_penalty is not None and not 1.0 <= self.repetition_penalty <= 2.0:

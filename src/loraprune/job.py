@@ -204,10 +204,11 @@ def _sampled_on_main(sample, processes: PartialState) -> GeneratedText:
 
 def resolved_allocation(config: PruneConfig) -> PruneConfig:
     """Settle ``allocation="auto"``: global for every export format (it wins on quality, see
-    benchmarks/quality.py; transformers gets a DeciLM folder), uniform with no export."""
+    benchmarks/quality.py; transformers gets a DeciLM folder) and under --max-layer-sparsity (a cap
+    on it), uniform with no export."""
     if config.allocation != "auto":
         return config
-    per_layer = config.export and config.export_format in PER_LAYER_FORMATS
+    per_layer = (config.export and config.export_format in PER_LAYER_FORMATS) or config.max_layer_sparsity is not None
     return config.with_overrides({"allocation": "global" if per_layer else "uniform"})
 
 

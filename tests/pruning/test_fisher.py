@@ -10,6 +10,7 @@ from loraprune.config import PruneConfig
 from loraprune.models import spec_for
 from loraprune.pruning.groups import LayerShape
 from loraprune.pruning.scorers import ScoringPlan, build_scorer
+from loraprune.pruning.scorers.fisher import per_sequence_mask_gradients
 from loraprune.pruning.target import PruneTarget
 from loraprune.training.oneshot import calibration_scores
 from tests.conftest import build_tiny_model
@@ -37,9 +38,9 @@ def _loss(model, ids: torch.Tensor) -> torch.Tensor:
     return model(input_ids=ids, labels=ids).loss
 
 
-def _fisher_scores(model, unit: str, batches: list[torch.Tensor], scale: float = 1.0):
+def _fisher_scores(model, unit: str, batches: list[torch.Tensor], scale: float = 1.0, window: int | None = None):
     plan = ScoringPlan(spec_for(model.config), LayerShape.from_config(model.config), unit, LAYERS)
-    scorer = build_scorer(PruneConfig(criterion="fisher"), plan)
+    scorer = build_scorer(PruneConfig(criterion="fisher", fisher_window=window), plan)
     scorer.attach(model)
     for batch in batches:
         (_loss(model, batch) * scale).backward()
@@ -100,6 +101,29 @@ def test_micro_batches_accumulate_to_the_full_batch_scores():
     for i in LAYERS:
         torch.testing.assert_close(split[i].attention, whole[i].attention, rtol=1e-6, atol=0)
         torch.testing.assert_close(split[i].ffn, whole[i].ffn, rtol=1e-6, atol=0)
+
+
+def test_a_window_squares_the_mask_gradient_of_each_run_of_tokens_the_last_one_shorter():
+    generator = torch.Generator().manual_seed(3)
+    activation, gradient = torch.randn(2, 5, 6, generator=generator), torch.randn(2, 5, 6, generator=generator)
+    per_token = (activation * gradient).view(2, 5, 3, 2).sum(dim=3)  # 3 units of width 2
+    expected = torch.stack([per_token[:, :2].sum(dim=1), per_token[:, 2:4].sum(dim=1), per_token[:, 4:].sum(dim=1)],
+                           dim=1).flatten(0, 1)
+    torch.testing.assert_close(per_sequence_mask_gradients(activation, gradient, 2, window=2), expected)
+    torch.testing.assert_close(per_sequence_mask_gradients(activation, gradient, 2, window=5), per_token.sum(dim=1))
+
+
+def test_the_fisher_window_setting_reaches_the_scorer():
+    model = _adapted_double_llama()
+    ids = _sequences()  # 12 tokens each
+    whole = _fisher_scores(model, "kv_group", [ids])
+    model.zero_grad(set_to_none=True)
+    same = _fisher_scores(model, "kv_group", [ids], window=12)
+    model.zero_grad(set_to_none=True)
+    windows = _fisher_scores(model, "kv_group", [ids], window=3)
+    for i in LAYERS:
+        torch.testing.assert_close(same[i].ffn, whole[i].ffn)
+        assert not torch.allclose(windows[i].ffn, whole[i].ffn)
 
 
 def test_fisher_scoring_never_creates_frozen_weight_gradients():

@@ -19,9 +19,10 @@ SHAPE = LayerShape(hidden_size=8, num_heads=6, num_kv_heads=3, head_dim=2, inter
 SIZES = UnitSizes.of(SHAPE, "kv_group", attention_bias=False, mlp_bias=False)  # a KV group: 96, a channel: 24
 
 
-def global_target(budget: int, layers=(0, 1, 2), unit="kv_group", round_to=1) -> GlobalTarget:
+def global_target(budget: int, layers=(0, 1, 2), unit="kv_group", round_to=1, layer_cap=None) -> GlobalTarget:
     sizes = UnitSizes.of(SHAPE, unit, attention_bias=False, mlp_bias=False)
-    return GlobalTarget(layers, unit, sizes, round_to, total_parameters=10_000, removed_parameters=budget)
+    return GlobalTarget(layers, unit, sizes, round_to, total_parameters=10_000, removed_parameters=budget,
+                        layer_cap=layer_cap)
 
 
 def removed(masks: ModelMasks, target: GlobalTarget) -> int:
@@ -52,6 +53,27 @@ def test_the_budget_goes_to_the_layer_whose_units_cost_least():
     # The rest came from layer 1's two cheapest channels: per parameter they cost less than its
     # cheapest KV group (10/24 and 10.9/24 against 50/96).
     assert masks.layers[1].ffn.tolist()[:2] == [False, False] and masks.layers[2].ffn.all()
+
+
+def test_a_layer_cap_stops_the_cheapest_layer_and_the_budget_is_met_elsewhere():
+    # A layer holds 3 KV groups of 96 and 12 channels of 24: 576 parameters; the cap is half of them.
+    budget = 2 * 96 + 13 * 24
+    uncapped, capped = ModelMasks.full(SHAPE, 3), ModelMasks.full(SHAPE, 3)
+    shrink_masks(uncapped, scores_where_layer_zero_matters_least(), SHAPE, global_target(budget), 1.0)
+    target = global_target(budget, layer_cap=288)
+    for fraction in (0.5, 1.0):  # the cap holds across ramp steps too
+        shrink_masks(capped, scores_where_layer_zero_matters_least(), SHAPE, target, fraction)
+    per_layer = [removed(capped, global_target(0, layers=(i,))) for i in range(3)]
+    assert removed(uncapped, global_target(0, layers=(0,))) > 288
+    assert max(per_layer) <= 288 and per_layer[0] > 0
+    assert 0 <= budget - sum(per_layer) < SIZES.ffn_channel
+
+
+def test_a_layer_cap_too_low_for_the_sparsity_is_refused_naming_the_lowest_that_works():
+    with pytest.raises(LoraPruneError, match=r"--max-layer-sparsity 0.1 .* raise it to 0\.2"):
+        solve_target(SMOLLM2, 30, SMOLLM2_PARAMETERS, 0.2, allocation="global", max_layer_sparsity=0.1)
+    capped = solve_target(SMOLLM2, 30, SMOLLM2_PARAMETERS, 0.2, allocation="global", max_layer_sparsity=0.4)
+    assert capped.layer_cap is not None and capped.layer_cap * 30 >= capped.removed_parameters
 
 
 def test_budget_is_met_to_within_one_ffn_channel_and_masks_never_grow():

@@ -83,9 +83,12 @@ def shrink_globally(masks: ModelMasks, scores: dict[int, LayerScores], shape: La
 
     Units are ranked by score per parameter removed. Steps within a layer go from its lowest score
     up, so a layer only ever narrows; a step too large for what is left of the budget is passed
-    over (with every later step of its layer and kind), which lands within one FFN channel.
+    over (with every later step of its layer and kind), which lands within one FFN channel. So is
+    a step that would take its layer past ``target.layer_cap``.
     """
-    budget = round(fraction * target.removed_parameters) - _removed_by_masks(masks, shape, target)
+    removed_per_layer = {index: _removed_from_layer(masks.layers[index], shape, target)
+                         for index in target.pruned_layers}
+    budget = round(fraction * target.removed_parameters) - sum(removed_per_layer.values())
     removals = []
     for index in target.pruned_layers:
         mask, layer_scores = masks.layers[index], scores[index]
@@ -97,23 +100,22 @@ def shrink_globally(masks: ModelMasks, scores: dict[int, LayerScores], shape: La
         key = (removal.layer, removal.kind)
         if removal.position != taken.get(key, 0) or removal.parameters > budget:
             continue
+        if target.layer_cap is not None and removed_per_layer[removal.layer] + removal.parameters > target.layer_cap:
+            continue
         layer_mask = masks.layers[removal.layer]
         kept = layer_mask.heads if removal.kind == "attention" else layer_mask.ffn
         kept.index_fill_(0, torch.tensor(removal.indices, device=kept.device), False)
         budget -= removal.parameters
+        removed_per_layer[removal.layer] += removal.parameters
         taken[key] = removal.position + 1
 
 
-def _removed_by_masks(masks: ModelMasks, shape: LayerShape, target: GlobalTarget) -> int:
-    removed = 0
-    for index in target.pruned_layers:
-        mask = masks.layers[index]
-        if target.attention_unit == "kv_group":
-            removed += int((~mask.kv_heads(shape)).sum()) * target.sizes.attention_unit
-        else:
-            removed += int((~mask.heads).sum()) * target.sizes.attention_unit
-        removed += int((~mask.ffn).sum()) * target.sizes.ffn_channel
-    return removed
+def _removed_from_layer(mask: LayerMask, shape: LayerShape, target: GlobalTarget) -> int:
+    if target.attention_unit == "kv_group":
+        attention = int((~mask.kv_heads(shape)).sum()) * target.sizes.attention_unit
+    else:
+        attention = int((~mask.heads).sum()) * target.sizes.attention_unit
+    return attention + int((~mask.ffn).sum()) * target.sizes.ffn_channel
 
 
 def _attention_removals(layer: int, mask: LayerMask, scores: torch.Tensor, shape: LayerShape,

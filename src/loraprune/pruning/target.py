@@ -85,6 +85,7 @@ class GlobalTarget:
     round_to: int
     total_parameters: int
     removed_parameters: int  # the budget; masks reach it to within one FFN channel
+    layer_cap: int | None = None  # the most parameters one layer may lose (--max-layer-sparsity)
 
     @property
     def achieved_sparsity(self) -> float:
@@ -95,7 +96,15 @@ class GlobalTarget:
         return (f"global allocation over {len(self.pruned_layers)} layers: {self.removed_parameters:,} of "
                 f"{self.total_parameters:,} parameters removed where they cost least (whole-model sparsity "
                 f"{self.achieved_sparsity:.4f}; every layer keeps at least one attention unit and "
-                f"{min(self.round_to, shape.intermediate_size)} FFN channels)")
+                f"{min(self.round_to, shape.intermediate_size)} FFN channels"
+                + ("" if self.layer_cap is None else f", and loses at most {self.layer_cap:,} parameters")
+                + ")")
+
+
+def layer_parameters(shape: LayerShape, sizes: UnitSizes, unit: AttentionUnit) -> int:
+    """Parameters of one layer that pruning can remove: all attention units and FFN channels."""
+    units = shape.num_kv_heads if unit == "kv_group" else shape.num_heads
+    return units * sizes.attention_unit + shape.intermediate_size * sizes.ffn_channel
 
 
 def pruned_layer_indices(num_layers: int, skip_first: int, skip_last: int) -> tuple[int, ...]:
@@ -117,6 +126,7 @@ def solve_target(
     unit: AttentionUnit = "kv_group", attention_fraction: float | None = None,
     skip_first: int = 0, skip_last: int = 0, round_to: int = 1,
     attention_bias: bool = False, mlp_bias: bool = False, allocation: Allocation = "uniform",
+    max_layer_sparsity: float | None = None,
 ) -> PruneTarget | GlobalTarget:
     """Per-layer removal counts (uniform) or a whole-model budget (global) closest to ``sparsity``."""
     layers = pruned_layer_indices(num_layers, skip_first, skip_last)
@@ -132,7 +142,14 @@ def solve_target(
             raise LoraPruneError("--attention-fraction fixes the attention share of every layer; global "
                                  "allocation chooses it by score, so drop one of the two")
         _check_reachable(sparsity, shape, layers, num_layers, total_parameters, unit, round_to, sizes)
-        target = GlobalTarget(layers, unit, sizes, round_to, total_parameters, round(sparsity * total_parameters))
+        budget = round(sparsity * total_parameters)
+        cap = None if max_layer_sparsity is None else int(max_layer_sparsity * layer_parameters(shape, sizes, unit))
+        if cap is not None and cap * len(layers) < budget:
+            lowest = budget / (len(layers) * layer_parameters(shape, sizes, unit))
+            raise LoraPruneError(f"--max-layer-sparsity {max_layer_sparsity} lets the {len(layers)} pruned layers "
+                                 f"lose {cap * len(layers):,} parameters, fewer than the {budget:,} that --sparsity "
+                                 f"{sparsity} removes; raise it to {lowest:.3f} or more")
+        target = GlobalTarget(layers, unit, sizes, round_to, total_parameters, budget, cap)
         _warn_if_nothing_removed(sparsity, target.removed_parameters, min(sizes.ffn_channel, sizes.attention_unit),
                                  total_parameters)
         return target
@@ -202,7 +219,8 @@ def solve_model_target(model: nn.Module, config: PruneConfig) -> PruneTarget | G
         config.sparsity, unit=config.attention_unit, attention_fraction=config.attention_fraction,
         skip_first=config.skip_first_layers, skip_last=config.skip_last_layers,
         round_to=1 if config.round_to is None else config.round_to,
-        attention_bias=attention_bias, mlp_bias=mlp_bias, allocation=config.allocation)
+        attention_bias=attention_bias, mlp_bias=mlp_bias, allocation=config.allocation,
+        max_layer_sparsity=config.max_layer_sparsity)
 
 
 def maximum_sparsity(shape: LayerShape, pruned_layers: int, total_parameters: int, unit: AttentionUnit,

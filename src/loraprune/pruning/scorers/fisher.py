@@ -25,14 +25,20 @@ from loraprune.pruning.scorers.base import Scorer, ScoringPlan, register_scorer
 from loraprune.pruning.scores import LayerScores
 
 
-def per_sequence_mask_gradients(activation: torch.Tensor, gradient: torch.Tensor, width: int) -> torch.Tensor:
-    """∂L/∂m per sequence and unit: Σ over tokens and the unit's ``width`` features of a·∂L/∂a.
+def per_sequence_mask_gradients(activation: torch.Tensor, gradient: torch.Tensor, width: int,
+                                window: int | None = None) -> torch.Tensor:
+    """∂L/∂m per sequence (or window of ``window`` tokens) and unit: Σ of a·∂L/∂a over its tokens and features.
 
-    activation, gradient: (batch, tokens, units · width) → (batch, units), float32.
+    activation, gradient: (batch, tokens, units · width) → (batch · windows, units), float32.
     """
     batch, tokens, features = activation.shape
     products = activation.float() * gradient.float()
-    return products.view(batch, tokens, features // width, width).sum(dim=(1, 3))
+    per_token = products.view(batch, tokens, features // width, width).sum(dim=3)
+    if window is None or window >= tokens:
+        return per_token.sum(dim=1)
+    padding = -tokens % window  # zeros add nothing to a window's sum
+    per_token = torch.nn.functional.pad(per_token, (0, 0, 0, padding))
+    return per_token.view(batch, -1, window, features // width).sum(dim=2).flatten(0, 1)
 
 
 @register_scorer("fisher")
@@ -117,7 +123,7 @@ class FisherScorer(Scorer):
         return scores
 
     def _observer(self, index: int, kind: str):
-        shape = self.plan.shape
+        shape, window = self.plan.shape, self.config.fisher_window
 
         def read_gradient(gradient: torch.Tensor, activation: torch.Tensor) -> None:
             if not self._reading:
@@ -126,9 +132,9 @@ class FisherScorer(Scorer):
                 unit_means = getattr(self._means[index], "ffn" if kind == "ffn" else "attention")
                 activation = activation.float() - unit_means.mean()
             if kind == "ffn":
-                per_sequence = per_sequence_mask_gradients(activation, gradient, 1)
+                per_sequence = per_sequence_mask_gradients(activation, gradient, 1, window)
             else:
-                per_sequence = per_sequence_mask_gradients(activation, gradient, shape.head_dim)
+                per_sequence = per_sequence_mask_gradients(activation, gradient, shape.head_dim, window)
                 if self.plan.unit == "kv_group":  # a KV group goes with all its query heads at once
                     per_sequence = per_sequence.view(-1, shape.num_kv_heads, shape.queries_per_kv).sum(dim=2)
             store = self._ffn if kind == "ffn" else self._attention
