@@ -76,6 +76,18 @@ def test_a_layer_cap_too_low_for_the_sparsity_is_refused_naming_the_lowest_that_
     assert capped.layer_cap is not None and capped.layer_cap * 30 >= capped.removed_parameters
 
 
+@pytest.mark.parametrize(("settings", "message"), [
+    ({"allocation": "uniform", "max_layer_sparsity": 0.5}, "--max-layer-sparsity caps global allocation"),
+    ({"max_layer_sparsity": 0.0}, r"--max-layer-sparsity must be in \(0, 1\]"),
+    ({"fisher_window": 0}, "--fisher-window must be a positive number of tokens"),
+    ({"fisher_window": 16, "criterion": "lora"}, "--criterion lora has none: drop it or use --criterion fisher"),
+])
+def test_a_layer_cap_or_fisher_window_that_would_do_nothing_is_refused(settings, message):
+    # The CLI turns these into one line and exit 2 like every other LoraPruneError (tests/test_bad_input.py).
+    with pytest.raises(LoraPruneError, match=message):
+        PruneConfig(**settings).validate()
+
+
 def test_budget_is_met_to_within_one_ffn_channel_and_masks_never_grow():
     target = global_target(budget=700)
     masks = ModelMasks.full(SHAPE, 3)
