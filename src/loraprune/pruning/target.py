@@ -9,6 +9,7 @@ spent wherever units cost the least estimated loss per parameter (per-layer widt
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -143,9 +144,10 @@ def solve_target(
                                  "allocation chooses it by score, so drop one of the two")
         _check_reachable(sparsity, shape, layers, num_layers, total_parameters, unit, round_to, sizes)
         budget = round(sparsity * total_parameters)
-        cap = None if max_layer_sparsity is None else int(max_layer_sparsity * layer_parameters(shape, sizes, unit))
+        per_layer = layer_parameters(shape, sizes, unit)
+        cap = None if max_layer_sparsity is None else int(max_layer_sparsity * per_layer)
         if cap is not None and cap * len(layers) < budget:
-            lowest = budget / (len(layers) * layer_parameters(shape, sizes, unit))
+            lowest = math.ceil(1000 * budget / (len(layers) * per_layer)) / 1000  # rounded up: the value named works
             raise LoraPruneError(f"--max-layer-sparsity {max_layer_sparsity} lets the {len(layers)} pruned layers "
                                  f"lose {cap * len(layers):,} parameters, fewer than the {budget:,} that --sparsity "
                                  f"{sparsity} removes; raise it to {lowest:.3f} or more")
