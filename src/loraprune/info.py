@@ -92,9 +92,9 @@ def _block_widths(block: dict, heads: int, head_dim: int) -> dict:
 
 def gguf_info(path: Path) -> dict:
     """Parameters, size, architecture and per-layer widths of a GGUF file, read from its header."""
-    from gguf import GGUFReader
+    from loraprune.export.gguf_header import read_gguf
 
-    reader = GGUFReader(path)
+    reader = read_gguf(path)
 
     def field(key: str):
         value = reader.get_field(key)

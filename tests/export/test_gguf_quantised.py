@@ -7,12 +7,12 @@ import json
 
 import pytest
 import torch
-from gguf import GGUFReader
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from loraprune.config import GGUF_TYPE_NAMES, PruneConfig
 from loraprune.errors import LoraPruneError
 from loraprune.export import ExportRequest, export_model
+from loraprune.export.gguf_header import read_gguf
 from loraprune.export.gguf_types import GGUF_TYPES, check_reachable_widths_fit, check_widths_fit, projection_types
 from loraprune.export.gguf_writer import GGUF_NAME
 from loraprune.export.llamacpp import LlamaCpp
@@ -102,7 +102,7 @@ def test_every_projection_has_the_requested_type_and_llamacpp_gives_the_f32_file
     reference, f32_tokens = f32_reference
     out = export(smollm2_tokenizer, tmp_path / gguf_type, gguf_type=gguf_type)
 
-    reader = GGUFReader(out / GGUF_NAME)
+    reader = read_gguf(out / GGUF_NAME)
     types = projection_types(reader.tensors)
     assert len(types) == 7 * 4
     allowed = {t.name for t in GGUF_TYPES[gguf_type].projection_types}

@@ -8,8 +8,8 @@ import subprocess
 import sys
 
 import pytest
-from gguf import GGUFReader
 
+from loraprune.export.gguf_header import read_gguf
 from loraprune.export.gguf_types import PROJECTIONS
 
 pytest.importorskip("xllamacpp")
@@ -37,7 +37,7 @@ def test_smollm2_prune_to_q4_k_m_writes_a_file_llamacpp_runs_with_fallback_only_
     assert report["config"]["round_to"] == 256  # what K-quant blocks need, not set by hand
     assert all(layer["ffn"] % 256 == 0 for layer in report["export"]["layers"])
     assert report["export"]["logit_check"]["passed"]  # llama.cpp's logits against the trained model's
-    reader = GGUFReader(out / "model.gguf")
+    reader = read_gguf(out / "model.gguf")
     stored = {t.name: (int(t.shape[0]), t.tensor_type.name) for t in reader.tensors
               if t.name.split(".")[-2] in PROJECTIONS}
     assert len(stored) == 30 * 7

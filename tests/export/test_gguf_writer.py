@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from gguf import GGUFReader
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, LlamaConfig, RepetitionPenaltyLogitsProcessor
 
 from loraprune.errors import LoraPruneError
 from loraprune.export import ExportRequest, export_model
+from loraprune.export.gguf_header import read_gguf
 from loraprune.export.gguf_writer import GGUF_NAME, rope_permuted
 from loraprune.export.llamacpp import LlamaCpp
 from loraprune.export.slicing import LayerWidths, slice_model, sliced_layer_widths
@@ -117,7 +117,7 @@ def test_gguf_gives_the_masked_models_greedy_tokens_and_logprobs_in_llamacpp(
             gap = float(expected_logprobs[step, token] - expected_logprobs[step, top[0][0]])
             assert logprob - top[0][1] == pytest.approx(gap, abs=1e-4)
 
-    reader = GGUFReader(out / GGUF_NAME)
+    reader = read_gguf(out / GGUF_NAME)
     assert reader.fields["general.architecture"].contents() == architecture
     heads = reader.fields[f"{architecture}.attention.head_count"].contents()
     kept = [LayerWidths(len(h), len({i // 2 for i in h}), f) for h, f in layers]
@@ -153,7 +153,7 @@ def test_untied_lora_model_in_f32_f16_and_q8_0_passes_its_check_and_shrinks_the_
             assert check["weight_type_floor"] > 1e-4
         sizes[gguf_type] = (out / GGUF_NAME).stat().st_size
     assert sizes["q8_0"] < sizes["f16"] < sizes["f32"] / 1.9
-    tensors = {t.name: t.tensor_type.name for t in GGUFReader(out / GGUF_NAME).tensors}
+    tensors = {t.name: t.tensor_type.name for t in read_gguf(out / GGUF_NAME).tensors}
     assert {kind for name, kind in tensors.items() if "norm" not in name} == {"Q8_0"}  # no silent F16 fallback
     assert tensors["blk.0.attn_norm.weight"] == "F32"
 
@@ -169,7 +169,7 @@ def test_source_gguf_tokenizer_keys_are_copied(smollm2_tokenizer, tmp_path):
 
     out = export(tiny_llama(), smollm2_tokenizer, masks_keeping(UNIFORM), tmp_path / "pruned",
                  source_gguf=builtin_gguf_path())
-    source, written = GGUFReader(builtin_gguf_path()), GGUFReader(out / GGUF_NAME)
+    source, written = read_gguf(builtin_gguf_path()), read_gguf(out / GGUF_NAME)
     keys = [k for k in source.fields if k.startswith("tokenizer.")]
     assert "tokenizer.ggml.merges" in keys and written.fields["tokenizer.ggml.pre"].contents() == "smollm"
     for key in keys:
@@ -182,7 +182,7 @@ def test_the_runs_repetition_penalty_is_the_files_llamacpp_sampling_default(smol
     penalised = torch_greedy(model, masks, prompt, GREEDY_NEW, repetition_penalty=penalty)[0]
     assert penalised != torch_greedy(model, masks, prompt, GREEDY_NEW)[0]
     out = export(model, smollm2_tokenizer, masks, tmp_path / "pruned", repetition_penalty=penalty)
-    assert GGUFReader(out / GGUF_NAME).fields["general.sampling.penalty_repeat"].contents() == penalty
+    assert read_gguf(out / GGUF_NAME).fields["general.sampling.penalty_repeat"].contents() == penalty
 
     runtime = LlamaCpp(out / GGUF_NAME, context=256, threads=1)
     try:  # a request that sets no penalty gets the file's, as transformers applies it to the same tokens

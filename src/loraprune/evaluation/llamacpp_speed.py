@@ -12,10 +12,11 @@ import tempfile
 from pathlib import Path
 
 import torch
-from gguf import GGUFReader, LlamaFileType
+from gguf import LlamaFileType
 
 from loraprune.errors import LoraPruneError
 from loraprune.evaluation.speed import _load_average, machine_info
+from loraprune.export.gguf_header import GGUFHeader, read_gguf
 from loraprune.export.gguf_types import GGUF_TYPES
 from loraprune.export.llamacpp import LlamaCpp
 
@@ -69,7 +70,7 @@ def _benchmark(files: dict[str, Path], prompt_tokens: int, new_tokens: int, repe
 
 def file_stats(path: Path) -> dict:
     """Architecture, weight type, bytes a decode step reads and linear multiply-adds per token."""
-    reader = GGUFReader(path)
+    reader = read_gguf(path)
     tensors = {t.name: t for t in reader.tensors}
     tied = "output.weight" not in tensors
     # Decode reads every weight once per token; the embedding table only as one row, unless tied.
@@ -107,10 +108,10 @@ def gguf_file(path: str | Path) -> Path:
 
 def gguf_type_of(path: Path) -> str:
     """The --gguf-type name of a file written by loraprune (from general.file_type)."""
-    return gguf_type_of_reader(GGUFReader(path))
+    return gguf_type_of_reader(read_gguf(path))
 
 
-def gguf_type_of_reader(reader: GGUFReader) -> str:
+def gguf_type_of_reader(reader: GGUFHeader) -> str:
     names = {t.file_type: name for name, t in GGUF_TYPES.items()}
     field = reader.fields.get("general.file_type")
     file_type = LlamaFileType(int(field.contents())) if field is not None else None

@@ -18,9 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gguf import GGMLQuantizationType as Q
-from gguf import LlamaFileType, ReaderTensor
+from gguf import LlamaFileType
 
 from loraprune.errors import LoraPruneError
+from loraprune.export.gguf_header import GGUFTensor
 from loraprune.pruning.groups import LayerShape
 
 PROJECTIONS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
@@ -176,12 +177,12 @@ def quantize_gguf(source: Path, out: Path, gguf_type: str, threads: int | None =
         raise LoraPruneError(f"llama.cpp's quantizer failed on {source.name} ({last}); try --gguf-type f16")
 
 
-def projection_types(tensors: list[ReaderTensor]) -> dict[str, str]:
+def projection_types(tensors: list[GGUFTensor]) -> dict[str, str]:
     """GGUF tensor name -> stored type name, for every attention and FFN projection of a file's ``tensors``."""
     return {t.name: t.tensor_type.name for t in tensors if t.name.split(".")[-2] in PROJECTIONS}
 
 
-def check_projection_types(tensors: list[ReaderTensor], gguf_type: str) -> int:
+def check_projection_types(tensors: list[GGUFTensor], gguf_type: str) -> int:
     """Refuse a file in which llama.cpp stored some projection in a type the requested one does not allow;
     the number of projections in its fallback type (rows that hold no whole block, which the writer allowed)."""
     kind = check_gguf_type(gguf_type)

@@ -10,9 +10,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from gguf import GGUFReader, GGUFWriter, TokenType
+from gguf import GGUFWriter, TokenType
 
 from loraprune.errors import LoraPruneError
+from loraprune.export.gguf_header import read_gguf
 
 # llama.cpp picks its pre-tokenizer regex by name; these are the names of the two byte-level BPE
 # layouts we recognise from a tokenizer.json, checked against llama.cpp's tokenization on export.
@@ -37,7 +38,7 @@ def check_vocab(tokenizer, source_gguf: Path | None) -> None:
 
 def copy_tokenizer_keys(writer: GGUFWriter, source_gguf: Path, vocab_size: int) -> None:
     """Copy every ``tokenizer.*`` key of the source GGUF file with its value type."""
-    reader = GGUFReader(source_gguf)
+    reader = read_gguf(source_gguf)
     for key, field in reader.fields.items():
         if not key.startswith("tokenizer."):
             continue

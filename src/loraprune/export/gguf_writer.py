@@ -15,11 +15,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter, ReaderTensor, RopeScalingType, quants
+from gguf import GGMLQuantizationType, GGUFWriter, RopeScalingType, quants
 from torch import nn
 from transformers import PreTrainedModel
 
 from loraprune.errors import LoraPruneError
+from loraprune.export.gguf_header import GGUFTensor, read_gguf
 from loraprune.export.gguf_types import (
     GGUF_TYPES,
     check_gguf_type,
@@ -75,8 +76,7 @@ class GgufWriter(ExportWriter):
                                             request.tokenizer, request.source_gguf,
                                             gguf_tensors(sliced, request.spec, widths), request.threads,
                                             request.repetition_penalty or 1.0)
-        # Read once: gguf's reader parses every vocabulary string anew, seconds each time for SmolLM2's 49k.
-        stored = GGUFReader(path).tensors
+        stored = read_gguf(path).tensors
         quantised_by_llamacpp = GGUF_TYPES[request.gguf_type].by_llamacpp
         fallbacks = check_projection_types(stored, request.gguf_type) if quantised_by_llamacpp else 0
         type_floor = weight_rounding_floor(sliced, request.spec, widths, stored, reference.probe, reference.merged)
@@ -229,19 +229,19 @@ def stored_tensor(array: np.ndarray, gguf_type: str) -> tuple[np.ndarray, GGMLQu
     return array.astype(np.float16), GGMLQuantizationType.F16
 
 
-def dequantised(tensor: ReaderTensor) -> np.ndarray:
+def dequantised(tensor: GGUFTensor) -> np.ndarray:
     """A GGUF tensor as the runtime computes with it: float32, in PyTorch's (out, in) order."""
     return quants.dequantize(tensor.data, tensor.tensor_type).reshape(tuple(reversed(tensor.shape.tolist())))
 
 
-def output_matrix(tensors: list[ReaderTensor]) -> np.ndarray:
+def output_matrix(tensors: list[GGUFTensor]) -> np.ndarray:
     """The output matrix as the file stores it (the token embedding when the model ties them)."""
     by_name = {t.name: t for t in tensors}
     return dequantised(by_name.get("output.weight", by_name["token_embd.weight"]))
 
 
 def weight_rounding_floor(model: PreTrainedModel, spec: ArchSpec, widths: list[LayerWidths],
-                          tensors: list[ReaderTensor], probe: torch.Tensor, reference: torch.Tensor) -> LogitComparison:
+                          tensors: list[GGUFTensor], probe: torch.Tensor, reference: torch.Tensor) -> LogitComparison:
     """How far logits move when the model computes with the weights as the file (``tensors``) stores them."""
     if all(t.tensor_type == GGMLQuantizationType.F32 for t in tensors):
         return LogitComparison(0.0, 0.0, 1.0)

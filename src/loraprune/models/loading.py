@@ -151,9 +151,9 @@ def load_causal_lm(folder: Path, dtype: torch.dtype | None = None) -> PreTrained
 
 def gguf_architecture(gguf_path: Path) -> str | None:
     """general.architecture of a GGUF file, read from its header."""
-    from gguf import GGUFReader
+    from loraprune.export.gguf_header import read_gguf
 
-    field = GGUFReader(gguf_path).get_field("general.architecture")
+    field = read_gguf(gguf_path).get_field("general.architecture")
     return field.contents() if field is not None else None
 
 
