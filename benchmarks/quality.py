@@ -135,6 +135,14 @@ METHODS: dict[str, Method] = {
     **{f"fisher+global{cal}/lr:8e-4/cap:{cap}": Method({"criterion": "fisher", "allocation": "global", "lr": 8e-4,
                                                        "max_layer_sparsity": float(cap), **calibration})
        for cal, calibration in (("", {}), ("/cal:self", {"calibration": "self"})) for cap in ("0.3", "0.35", "0.4", "0.8")},
+    # More adapter capacity for the same 128 steps (--lora-rank R, alpha 2R so LoRA's scale stays 2).
+    **{f"fisher+global{cal}/lr:8e-4/rank:{rank}": Method({"criterion": "fisher", "allocation": "global", "lr": 8e-4,
+                                                         "lora_rank": rank, "lora_alpha": 2 * rank, **calibration})
+       for cal, calibration in (("", {}), ("/cal:self", {"calibration": "self"})) for rank in (32, 64)},
+    # Half distillation (--distill 0.5) on a run scored on the model's own text.
+    **{f"fisher+global+distill/cal:self/lr:8e-4{at}": Method({"criterion": "fisher", "allocation": "global",
+                                                              "lr": 8e-4, "calibration": "self", **DISTILL, **lora})
+       for at, lora in (("", {}), ("/rank:32", {"lora_rank": 32, "lora_alpha": 64}))},
     # The same run at another learning rate than the suite's (Settings.lr): what chose prune's --lr default.
     **{f"fisher+global/lr:{lr}": Method({"criterion": "fisher", "allocation": "global", "lr": float(lr)})
        for lr in ("1e-4", "4e-4", "8e-4", "1.6e-3", "3.2e-3")},
@@ -189,6 +197,10 @@ class Settings:
         ("fisher+global/cal:self/lr:8e-4/cap:0.3", 0.2, 0),
         # A second seed of the two leading runs: how far a row moves by chance alone.
         ("fisher+global/lr:8e-4", None, 1), ("fisher+global/cal:self/lr:8e-4", None, 1),
+        ("fisher+global/cal:self/lr:8e-4/rank:32", None, 0), ("fisher+global/lr:8e-4/rank:32", None, 0),
+        ("fisher+global+distill/cal:self/lr:8e-4", None, 0),
+        ("fisher+global/cal:self/lr:8e-4/rank:32", 0.5, 1), ("fisher+global/cal:self/lr:8e-4/rank:64", 0.5, 0),
+        ("fisher+global/lr:8e-4/rank:32", None, 1), ("fisher+global+distill/cal:self/lr:8e-4/rank:32", None, 0),
     )
 
 
@@ -216,7 +228,7 @@ def run_key(method: str, sparsity: float, seed: int) -> str:
 def _config(settings: Settings, method: Method, sparsity: float, seed: int) -> PruneConfig:
     suite = {"data": method.data, "sparsity": sparsity or 0.5, "steps": settings.steps, "seq_len": settings.seq_len,
              "lr": settings.lr, "prune_every": settings.prune_every, "seed": seed, "save_every": 10 ** 9}
-    return PruneConfig(**{**suite, **method.settings})  # a method may set its own learning rate
+    return PruneConfig(**suite).with_overrides(method.settings)  # a method may set its own learning rate
 
 
 def _calibration(train_blocks: torch.Tensor, settings: Settings, seed: int) -> torch.Tensor:
@@ -469,7 +481,8 @@ def _setting_lines(pruned: list[dict], dense: dict, suite_lr: float) -> list[str
                                         ("/window:", "fisher_window",
                                          "Mask gradients squared per {}-token window against per 128-token sequence"),
                                         ("/cap:", "max_layer_sparsity",
-                                         "No layer losing more than {} of its parameters against no cap")):
+                                         "No layer losing more than {} of its parameters against no cap"),
+                                        ("/rank:", "lora_rank", "LoRA rank {} against 8")):
         is_twin = lambda r, setting=setting: setting not in METHODS[r["method"]].settings
         for row, twin, value, method in _beside_twins(pruned, separator, is_twin):
             (inside, outside, geo), (twin_in, twin_out, twin_geo) = ratios_to_dense(row, dense), ratios_to_dense(twin, dense)

@@ -125,6 +125,8 @@ def test_every_method_of_the_suite_is_a_valid_run():
         for sparsity in Settings().sparsities:
             _config(Settings(), method, sparsity, seed=0).validate()
     assert set(QUICK_METHODS) <= set(METHODS) and len(QUICK.plan) == len(QUICK_METHODS)
+    wide = _config(Settings(), METHODS["fisher+global/lr:8e-4/rank:32"], 0.2, seed=0)
+    assert (wide.lora.rank, wide.lora.alpha, wide.lr) == (32, 64, 8e-4)  # the LoRA part is reached, not dropped
 
 
 def test_suite_trains_on_the_data_each_method_names_and_samples_self_text_once(tmp_path, monkeypatch):
