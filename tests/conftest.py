@@ -5,6 +5,7 @@ Tiny models build in well under a second; the `smollm2` fixture converts the GGU
 
 from __future__ import annotations
 
+import os
 import random
 import sys
 from pathlib import Path
@@ -38,6 +39,14 @@ TINY_CONFIGS = {
     "mistral": lambda: MistralConfig(**TINY_SIZES, sliding_window=None),
     "qwen2": lambda: Qwen2Config(**TINY_SIZES),
 }
+
+
+def pytest_configure(config) -> None:
+    """Two pytest-xdist workers share the machine's cores: one thread each (and in the processes they
+    start), so neither waits on the other's spinning threads."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
 
 
 def build_tiny_model(family: str, seed: int = 0):
