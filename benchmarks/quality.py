@@ -140,8 +140,9 @@ METHODS: dict[str, Method] = {
                                                          "lora_rank": rank, "lora_alpha": 2 * rank, **calibration})
        for cal, calibration in (("", {}), ("/cal:self", {"calibration": "self"})) for rank in (32, 64)},
     # Half distillation (--distill 0.5) on a run scored on the model's own text.
-    **{f"fisher+global+distill/cal:self/lr:8e-4{at}": Method({"criterion": "fisher", "allocation": "global",
-                                                              "lr": 8e-4, "calibration": "self", **DISTILL, **lora})
+    **{f"fisher+global+{loss}/cal:self/lr:8e-4{at}": Method({"criterion": "fisher", "allocation": "global",
+                                                             "lr": 8e-4, "calibration": "self", **distill, **lora})
+       for loss, distill in (("distill", DISTILL), ("kl", {"distill": 1.0}))
        for at, lora in (("", {}), ("/rank:32", {"lora_rank": 32, "lora_alpha": 64}))},
     # The same run at another learning rate than the suite's (Settings.lr): what chose prune's --lr default.
     **{f"fisher+global/lr:{lr}": Method({"criterion": "fisher", "allocation": "global", "lr": float(lr)})
@@ -201,6 +202,8 @@ class Settings:
         ("fisher+global+distill/cal:self/lr:8e-4", None, 0),
         ("fisher+global/cal:self/lr:8e-4/rank:32", 0.5, 1), ("fisher+global/cal:self/lr:8e-4/rank:64", 0.5, 0),
         ("fisher+global/lr:8e-4/rank:32", None, 1), ("fisher+global+distill/cal:self/lr:8e-4/rank:32", None, 0),
+        ("fisher+global+distill/cal:self/lr:8e-4/rank:32", None, 1), ("fisher+global+kl/cal:self/lr:8e-4/rank:32", 0.5, 0),
+        ("fisher+global+kl/cal:self/lr:8e-4/rank:32", 0.5, 1), ("fisher+global+kl/cal:self/lr:8e-4/rank:32", 0.2, 0),
     )
 
 
@@ -583,7 +586,7 @@ def quality_section(results: dict, command: str) -> str:
         "",
         (f"Every method: Austen training split (Emma, Mansfield Park, Pride and Prejudice, Sense and "
          f"Sensibility), {s['steps']} optimizer steps of 1×{s['seq_len']} tokens, LoRA rank 8 on all "
-         f"projections, lr {s['lr']} (rows named `/lr:X`: X), cubic schedule (masks every {s['prune_every']} "
+         f"projections (rows named `/rank:R`: rank R, alpha 2R), lr {s['lr']} (rows named `/lr:X`: X), cubic schedule (masks every {s['prune_every']} "
          "steps), global allocation (one whole-model budget spent on the units with the least score per parameter in any layer). "
          "Recovery text: Austen, except where the method's name says `@austen+self` (training samples alternate "
          "between Austen blocks and blocks the dense model sampled, as `prune --data austen+self` does: "
