@@ -140,9 +140,10 @@ METHODS: dict[str, Method] = {
                                                          "lora_rank": rank, "lora_alpha": 2 * rank, **calibration})
        for cal, calibration in (("", {}), ("/cal:self", {"calibration": "self"})) for rank in (32, 64)},
     # Half distillation (--distill 0.5) on a run scored on the model's own text.
-    **{f"fisher+global+{loss}/cal:self/lr:8e-4{at}": Method({"criterion": "fisher", "allocation": "global",
-                                                             "lr": 8e-4, "calibration": "self", **distill, **lora})
-       for loss, distill in (("distill", DISTILL), ("kl", {"distill": 1.0}))
+    **{f"fisher+global+{loss}/cal:self/lr:{lr}{at}": Method({"criterion": "fisher", "allocation": "global",
+                                                             "lr": float(lr), "calibration": "self", **distill,
+                                                             **lora})
+       for loss, distill in (("distill", DISTILL), ("kl", {"distill": 1.0})) for lr in ("8e-4", "1.6e-3")
        for at, lora in (("", {}), ("/rank:32", {"lora_rank": 32, "lora_alpha": 64}))},
     # The same run at another learning rate than the suite's (Settings.lr): what chose prune's --lr default.
     **{f"fisher+global/lr:{lr}": Method({"criterion": "fisher", "allocation": "global", "lr": float(lr)})
@@ -204,6 +205,7 @@ class Settings:
         ("fisher+global/lr:8e-4/rank:32", None, 1), ("fisher+global+distill/cal:self/lr:8e-4/rank:32", None, 0),
         ("fisher+global+distill/cal:self/lr:8e-4/rank:32", None, 1), ("fisher+global+kl/cal:self/lr:8e-4/rank:32", 0.5, 0),
         ("fisher+global+kl/cal:self/lr:8e-4/rank:32", 0.5, 1), ("fisher+global+kl/cal:self/lr:8e-4/rank:32", 0.2, 0),
+        ("fisher+global+kl/cal:self/lr:1.6e-3/rank:32", 0.5, 0), ("fisher+global+kl/cal:self/lr:1.6e-3/rank:32", 0.5, 1),
     )
 
 
@@ -562,7 +564,8 @@ def _beside_twins(pruned: list[dict], separator: str, is_twin) -> list[tuple[dic
 def _target_verdict(inside: float, outside: float, target: tuple[float, float]) -> str:
     parts = []
     for text, ratio, limit in (("Northanger Abbey", inside, target[0]), ("pydoc", outside, target[1])):
-        verdict = "met" if ratio <= limit else f"missed by {ratio / limit - 1:.0%}"
+        miss = ratio / limit - 1
+        verdict = "met" if miss <= 0 else f"missed by {miss:.0%}" if miss >= 0.01 else f"missed by {miss:.1%}"
         parts.append(f"{text} ≤ {limit}×: {ratio:.2f}×, {verdict}")
     return "Targets: " + "; ".join(parts) + "."
 
