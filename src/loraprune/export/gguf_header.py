@@ -16,7 +16,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGUF_MAGIC, GGMLQuantizationType, GGUFValueType, quant_shape_to_byte_shape
+from gguf import (
+    GGML_QUANT_SIZES,
+    GGUF_DEFAULT_ALIGNMENT,
+    GGUF_MAGIC,
+    GGMLQuantizationType,
+    GGUFValueType,
+    quant_shape_to_byte_shape,
+)
 
 from loraprune.errors import LoraPruneError
 
@@ -29,7 +36,6 @@ _PLAIN_TENSORS = {GGMLQuantizationType.F16: np.float16, GGMLQuantizationType.F32
                   GGMLQuantizationType.F64: np.float64, GGMLQuantizationType.I8: np.int8,
                   GGMLQuantizationType.I16: np.int16, GGMLQuantizationType.I32: np.int32,
                   GGMLQuantizationType.I64: np.int64}
-_DEFAULT_ALIGNMENT = 32
 
 
 @dataclass(frozen=True)
@@ -112,7 +118,7 @@ def read_gguf(path: str | Path) -> GGUFHeader:
             table.append((name, shape, GGMLQuantizationType(tensor_type), offset))
     except (struct.error, ValueError, UnicodeDecodeError) as error:
         raise LoraPruneError(f"{path} is not a readable GGUF file ({error})") from error
-    alignment = fields.get("general.alignment", GGUFField(_DEFAULT_ALIGNMENT, [])).value
+    alignment = fields["general.alignment"].value if "general.alignment" in fields else GGUF_DEFAULT_ALIGNMENT
     start = -(-cursor.offset // alignment) * alignment
     return GGUFHeader(fields, [_tensor(data, start, *entry) for entry in table])
 
