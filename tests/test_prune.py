@@ -82,7 +82,8 @@ def test_self_distillation_run_exports_and_records_its_setting(tiny_run_inputs, 
 
 def test_report_holds_greedy_samples_and_out_of_domain_measures_before_and_after(tiny_run_inputs, tmp_path):
     model_dir, text = tiny_run_inputs
-    result = prune(_config(model_dir, text), tmp_path / "out", progress=False)
+    # The paper's late ramp end leaves this tiny model's top-1 tokens visibly changed (half time: all recovered).
+    result = prune(_config(model_dir, text, cooldown_fraction=0.1), tmp_path / "out", progress=False)
     report = json.loads((tmp_path / "out" / "loraprune.json").read_text())
     ood = report["out_of_domain"]
     assert ood == result.out_of_domain

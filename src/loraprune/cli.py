@@ -223,9 +223,10 @@ def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
                         "q4_0, 256 for the K-quants, else 1)")
     parser.add_argument("--steps", type=int, default=None, help=f"optimizer steps (default: {d.steps})")
     parser.add_argument("--warmup", dest="warmup_fraction", type=float, default=None,
-                        help="fraction of steps before pruning starts")
+                        help=f"fraction of steps before pruning starts (default: {d.warmup_fraction})")
     parser.add_argument("--cooldown", dest="cooldown_fraction", type=float, default=None,
-                        help="fraction of steps after the target is reached (masks frozen)")
+                        help="fraction of steps after the target is reached (masks frozen; default: "
+                        f"{d.cooldown_fraction})")
     parser.add_argument("--prune-every", type=int, default=None, help="steps between mask updates")
     parser.add_argument("--ema", type=float, default=None, help="moving-average decay of scores")
     parser.add_argument("--fisher-window", type=int, default=None, metavar="N",

@@ -23,8 +23,8 @@ def _blocks(seed: int, count: int = 4) -> torch.Tensor:
 
 
 def _config(**overrides) -> PruneConfig:
-    return PruneConfig(criterion="fisher", steps=10, sparsity=0.3, warmup_fraction=0.0, prune_every=2,
-                       lora=LoraSettings(dropout=0.0), save_every=1, **overrides)
+    return PruneConfig(criterion="fisher", steps=10, sparsity=0.3, warmup_fraction=0.0, cooldown_fraction=0.1,
+                       prune_every=2, lora=LoraSettings(dropout=0.0), save_every=1, **overrides)
 
 
 def _first_step(model, training: torch.Tensor, folder, calibration: torch.Tensor | None = None):
@@ -135,7 +135,8 @@ def test_calibration_needs_a_criterion_that_scores_a_separate_pass():
 
 def _self_scored_config(model_dir, text) -> PruneConfig:
     return PruneConfig(model=str(model_dir), data=f"text:{text}", calibration=f"text:{text}+self", sparsity=0.3,
-                       steps=8, prune_every=2, seq_len=32, eval_seq_len=32, eval_tokens=320, save_every=1, lr=1e-3)
+                       steps=8, prune_every=2, seq_len=32, eval_seq_len=32, eval_tokens=320, save_every=1, lr=1e-3,
+                       cooldown_fraction=0.1)  # a long ramp: the interruption below falls inside it
 
 
 def test_self_calibration_scores_bos_samples_cached_in_the_run_and_reused_on_resume(tmp_path, monkeypatch):
