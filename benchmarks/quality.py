@@ -233,6 +233,8 @@ class Settings:
         ("fisher+global+kl/cal:self/lr:1.6e-3/rank:32/cool:0.5", 0.5, 1), ("fisher+global/lr:8e-4/cool:0.7", None, 0),
         ("fisher+global/lr:8e-4/cool:0.3", None, 0), ("fisher+global+distill/cal:self/lr:8e-4/rank:32/cool:0.7", 0.2, 0),
         ("fisher+global/lr:8e-4/cool:0.5", None, 1), ("fisher+global/cal:self/lr:8e-4/cool:0.5", None, 1),
+        ("fisher+global+kl/cal:self/lr:1.6e-3/rank:32/cool:0.5", 0.5, 2),
+        ("fisher+global+distill/cal:self/lr:8e-4/rank:32/cool:0.5", 0.2, 1),
     )
 
 
