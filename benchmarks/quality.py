@@ -519,7 +519,8 @@ def _setting_lines(pruned: list[dict], dense: dict, suite_lr: float) -> list[str
                                          "No layer losing more than {} of its parameters against no cap"),
                                         ("/rank:", "lora_rank", "LoRA rank {} against 8"),
                                         ("/cool:", "cooldown_fraction",
-                                         "Masks final for the last {} of the steps against the last 0.1")):
+                                         ("Masks final for the last {} of the steps against the last "
+                                          f"{SUITE_SCHEDULE['cooldown_fraction']}"))):
         is_twin = lambda r, setting=setting: setting not in METHODS[r["method"]].settings
         for row, twin, value, method in _beside_twins(pruned, separator, is_twin):
             (inside, outside, geo), (twin_in, twin_out, twin_geo) = ratios_to_dense(row, dense), ratios_to_dense(twin, dense)
@@ -623,7 +624,8 @@ def quality_section(results: dict, command: str) -> str:
         (f"Every method: Austen training split (Emma, Mansfield Park, Pride and Prejudice, Sense and "
          f"Sensibility), {s['steps']} optimizer steps of 1×{s['seq_len']} tokens, LoRA rank 8 on all "
          f"projections (rows named `/rank:R`: rank R, alpha 2R), lr {s['lr']} (rows named `/lr:X`: X), cubic schedule (masks every {s['prune_every']} "
-         "steps) from 10 % to 90 % of the steps (rows named `/cool:F`: to 1 − F, then masks frozen), global allocation (one whole-model budget spent on the units with the least score per parameter in any layer). "
+         f"steps) from {100 * SUITE_SCHEDULE['warmup_fraction']:.0f} % to {100 * (1 - SUITE_SCHEDULE['cooldown_fraction']):.0f} % of the "
+         "steps (rows named `/cool:F`: to 1 − F, then masks frozen), global allocation (one whole-model budget spent on the units with the least score per parameter in any layer). "
          "Recovery text: Austen, except where the method's name says `@austen+self` (training samples alternate "
          "between Austen blocks and blocks the dense model sampled, as `prune --data austen+self` does: "
          "temperature 1, each from SmolLM2's chat-turn opening plus 8 Austen tokens; "
